@@ -1,0 +1,17 @@
+"""Shifter: run Docker/OCI images as Slurm jobs (Python core, SPANK plugin, gateway)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="shifter-core",
+    version="0.1.0",
+    description="Shifter rebuilt in Python: image gateway, container runtime, Slurm plugin",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.11",
+    install_requires=["pyyaml>=6", "cffi>=1.15"],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "ruff"],
+    },
+    entry_points={"console_scripts": []},
+)

@@ -1,0 +1,252 @@
+"""The site configuration: one YAML file for gateway, runtime and Slurm plugin.
+
+The schema is a tree of frozen dataclasses; each field's ``metadata["doc"]`` documents it
+(``slurm_conf/shifter.yaml.example`` shows every key). Loading is strict: an unknown key,
+a wrong type or a bad value is a :class:`ConfigError` naming the key, the file and the
+line. Privileged readers (prolog, slurmstepd, the gateway) refuse a file that a user
+could have written.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/shifter/shifter.yaml"
+ENV_VAR = "SHIFTER_CONFIG"
+
+T = TypeVar("T")
+
+
+def _doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _absolute(value: str) -> str | None:
+    return None if value.startswith("/") else "must be an absolute path"
+
+
+def _url(value: str) -> str | None:
+    if value.startswith(("http://", "https://")):
+        return None
+    return "must be an http:// or https:// URL"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Where the image gateway is and how it runs."""
+
+    url: str = field(
+        default="http://127.0.0.1:7080",
+        metadata={"doc": "URL clients (shifterimg, plugin) use to reach the gateway", "check": _url},
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file."""
+
+    image_path: str = field(
+        default="/var/lib/shifter/images",
+        metadata={
+            "doc": "image store: <id>.squashfs and <id>.json, read-only to users",
+            "check": _absolute,
+        },
+    )
+    default_image_type: typing.Literal["docker", "id"] = _doc(
+        "type assumed for --image=NAME without a TYPE: prefix", "docker"
+    )
+    gateway: GatewayConfig = _doc("image gateway settings", factory=GatewayConfig)
+
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+
+class _Located:
+    """A value with the line it came from, for error messages."""
+
+    def __init__(self, source: str, node: Any) -> None:
+        self.source = source
+        self.node = node
+
+    def where(self, node: Any | None = None) -> str:
+        mark = (node or self.node).start_mark
+        return f"{self.source}, line {mark.line + 1}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if is_dataclass(tp):
+        return "a mapping"
+    return {str: "a string", int: "an integer", bool: "true or false", float: "a number"}.get(
+        tp, str(tp)
+    )
+
+
+def _convert(node: Any, tp: Any, key: str, loc: _Located) -> Any:
+    """Turn a YAML node into a value of type ``tp`` or raise a ConfigError."""
+    import yaml
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(f"{loc.where(node)}: {key}: {problem}")
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(node, inner, key, loc)
+    if is_dataclass(tp):
+        if not isinstance(node, yaml.MappingNode):
+            raise fail(f"expected {_type_name(tp)}")
+        return _build(tp, node, key, loc)
+    if origin is dict:
+        if not isinstance(node, yaml.MappingNode):
+            raise fail("expected a mapping")
+        _, value_tp = typing.get_args(tp)
+        out = {}
+        for knode, vnode in node.value:
+            name = _convert(knode, str, key, loc)
+            out[name] = _convert(vnode, value_tp, f"{key}.{name}", loc)
+        return out
+    if origin in (list, tuple):
+        if not isinstance(node, yaml.SequenceNode):
+            raise fail("expected a list")
+        (item_tp, *_) = typing.get_args(tp)
+        items = [_convert(n, item_tp, f"{key}[{i}]", loc) for i, n in enumerate(node.value)]
+        return tuple(items) if origin is tuple else items
+    if not isinstance(node, yaml.ScalarNode):
+        raise fail(f"expected {_type_name(tp)}")
+    value = yaml.SafeLoader("").construct_object(node)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise fail(f"{value!r} is not {_type_name(tp)}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise fail(f"expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], node: Any, prefix: str, loc: _Located) -> T:
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for knode, vnode in node.value:
+        name = str(knode.value)
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in known:
+            hint = ", ".join(sorted(known))
+            raise ConfigError(f"{loc.where(knode)}: unknown key {key!r}; known keys here: {hint}")
+        if name in values:
+            raise ConfigError(f"{loc.where(knode)}: key {key!r} is given twice")
+        value = _convert(vnode, hints[name], key, loc)
+        check = known[name].metadata.get("check")
+        problem = check(value) if check and value is not None else None
+        if problem:
+            raise ConfigError(f"{loc.where(vnode)}: {key}: {value!r} {problem}")
+        values[name] = value
+    return cls(**values)
+
+
+def parse(text: str, source: str = "<string>") -> Config:
+    """Parse and validate the YAML text of a configuration file."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if node is None:
+        return Config(source=source)
+    loc = _Located(source, node)
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{loc.where()}: the file must be a mapping of keys to values")
+    config = _build(Config, node, "", loc)
+    return _with_source(config, source)
+
+
+def _with_source(config: Config, source: str) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, source=source)
+
+
+def check_privileged_file(path: Path) -> None:
+    """Refuse a file (or a directory above it) that a non-root user could have changed."""
+    for p in [path, *path.parents]:
+        try:
+            st = p.stat()
+        except OSError as err:
+            raise ConfigError(f"cannot read the configuration {path}: {err.strerror}") from None
+        if st.st_uid != 0:
+            raise ConfigError(
+                f"refusing the configuration {path}: {p} is not owned by root",
+                hint="chown root it",
+            )
+        writable_by_group = st.st_mode & stat.S_IWGRP and st.st_gid != 0
+        writable_by_others = st.st_mode & stat.S_IWOTH and not (
+            p != path and st.st_mode & stat.S_ISVTX
+        )
+        if writable_by_group or writable_by_others:
+            raise ConfigError(
+                f"refusing the configuration {path}: {p} is writable by other users",
+                hint="chmod go-w it",
+            )
+
+
+def config_path(explicit: str | None = None, *, privileged: bool = False) -> Path:
+    """The file to read: an explicit path, else ``$SHIFTER_CONFIG`` (never for privileged
+    readers, whose environment a user may control), else ``/etc/shifter/shifter.yaml``."""
+    if explicit:
+        return Path(explicit)
+    if not privileged and os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    return Path(DEFAULT_PATH)
+
+
+def load(path: str | None = None, *, privileged: bool = False) -> Config:
+    """Read and validate the configuration file."""
+    file = config_path(path, privileged=privileged)
+    if privileged:
+        check_privileged_file(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"configuration file {file} does not exist",
+            hint=f"create it (see slurm_conf/shifter.yaml.example) or set {ENV_VAR}",
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read the configuration {file}: {err}") from None
+    return parse(text, str(file))
+
+
+def documented_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str]]:
+    """Every key of the schema with its documentation (for the example file's test)."""
+    out = []
+    for f in fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        key = f"{prefix}{f.name}"
+        out.append((key, f.metadata.get("doc", "")))
+        tp = typing.get_type_hints(cls)[f.name]
+        if is_dataclass(tp):
+            out.extend(documented_keys(tp, key + "."))
+    return out

@@ -1,0 +1,142 @@
+"""Image references: what a user types after ``--image=`` and what it means.
+
+Two layers:
+
+- :class:`ImageRequest` is the user's request: a *type* (``docker`` or ``id``) and a
+  *tag*, as Shifter spells them (``docker:ubuntu:22.04``, ``ubuntu:22.04``, ``id:3f2a…``).
+- :class:`DockerReference` is a parsed Docker/OCI reference with Docker Hub's naming
+  rules applied (``ubuntu`` is ``docker.io/library/ubuntu:latest``).
+
+The grammar follows the distribution project's reference grammar; anything else is
+refused with a message that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import OptionError
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+IMAGE_TYPES = ("docker", "id")
+UNSUPPORTED_TYPES = ("custom", "local")
+
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+_REFERENCE_RE = re.compile(
+    rf"^(?P<name>(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$",
+    re.ASCII,
+)
+_ID_RE = re.compile(r"^(?:sha256:)?(?P<hex>[0-9a-f]{12,64})$", re.ASCII)
+MAX_NAME_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class DockerReference:
+    """A Docker/OCI image reference, normalised to registry, repository, tag, digest."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DockerReference:
+        """Parse ``[registry/]repo[:tag][@digest]``; Docker Hub rules apply."""
+        match = _REFERENCE_RE.match(text)
+        if match is None:
+            raise OptionError(
+                f"invalid image reference {text!r}",
+                hint="expected [REGISTRY/]NAME[:TAG][@sha256:DIGEST] with a lower-case NAME, "
+                "e.g. ubuntu:22.04",
+            )
+        name = match.group("name")
+        if len(name) > MAX_NAME_LENGTH:
+            raise OptionError(f"invalid image reference {text!r}: name longer than 255 characters")
+        first, sep, rest = name.partition("/")
+        if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+            registry, repository = first, rest
+        else:
+            registry, repository = DOCKER_HUB, name
+        if registry in DOCKER_HUB_ALIASES:
+            registry = DOCKER_HUB
+            if "/" not in repository:
+                repository = f"library/{repository}"
+        tag = match.group("tag")
+        digest = match.group("digest")
+        if tag is None and digest is None:
+            tag = "latest"
+        return cls(registry=registry, repository=repository, tag=tag, digest=digest)
+
+    @property
+    def reference(self) -> str:
+        """What to ask the registry's manifest endpoint for: the digest, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """An image as a user asked for it: ``type`` is ``docker`` or ``id``."""
+
+    type: str
+    tag: str
+
+    @classmethod
+    def parse(cls, text: str, default_type: str = "docker") -> ImageRequest:
+        """Parse ``[TYPE:]TAG`` as Shifter does; a bare tag gets ``default_type``."""
+        if not text or not text.strip():
+            raise OptionError(
+                "empty image name", hint="give an image such as --image=docker:ubuntu:22.04"
+            )
+        if text != text.strip() or any(ch.isspace() or not ch.isprintable() for ch in text):
+            raise OptionError(
+                f"invalid image reference {text!r}: it contains white space or control "
+                "characters",
+                hint="image names are like docker:ubuntu:22.04",
+            )
+        prefix, sep, rest = text.partition(":")
+        if sep and prefix in UNSUPPORTED_TYPES:
+            raise OptionError(
+                f"image type {prefix!r} is not supported",
+                hint=f"use one of: {', '.join(IMAGE_TYPES)}",
+            )
+        if sep and prefix in IMAGE_TYPES:
+            image_type, tag = prefix, rest
+        else:
+            image_type, tag = default_type, text
+        if image_type == "id":
+            match = _ID_RE.match(tag)
+            if match is None:
+                raise OptionError(
+                    f"invalid image id {tag!r}",
+                    hint="an id is 12 to 64 lower-case hexadecimal digits (see shifterimg lookup)",
+                )
+            return cls("id", match.group("hex"))
+        if not tag:
+            raise OptionError("empty image name", hint="e.g. --image=docker:ubuntu:22.04")
+        DockerReference.parse(tag)
+        return cls("docker", tag)
+
+    @property
+    def docker(self) -> DockerReference:
+        """The parsed reference of a ``docker`` request."""
+        if self.type != "docker":
+            raise ValueError(f"{self} is not a docker image request")
+        return DockerReference.parse(self.tag)
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.tag}"
