@@ -1,0 +1,36 @@
+# Shifter (Python): build, box, demo, tests, benchmarks.
+ROOT   := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+VENV   := $(ROOT)/.venv
+PYTHON := $(VENV)/bin/python
+PLUGIN := $(ROOT)/build/shifter_spank.so
+
+.PHONY: plugin box box-down demo test lint bench bench-spank clean
+
+plugin: $(PLUGIN)
+
+$(PLUGIN): spank/shifter_spank.c cffi_build/build_spank.py
+	$(PYTHON) cffi_build/build_spank.py --out $(PLUGIN)
+
+box:
+	bash tools/box/setup.sh
+	$(PYTHON) tools/box/box.py up
+
+box-down:
+	@if [ -x $(PYTHON) ]; then $(PYTHON) tools/box/box.py down; else python3 tools/box/box.py down; fi
+
+demo: box
+	$(PYTHON) tools/demo.py
+
+test: box
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(VENV)/bin/ruff check src tests tools cffi_build
+
+bench: bench-spank
+
+bench-spank: box
+	$(PYTHON) tools/bench/bench_spank.py
+
+clean:
+	rm -rf build
