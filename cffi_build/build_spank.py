@@ -82,7 +82,8 @@ def py_spank_ready():
 
 @ffi.def_extern(error=-1)
 def py_spank_hook(hook, sp, ac, av):
-    return _spank.on_hook(ffi.string(hook).decode(), sp, [ffi.string(av[i]).decode() for i in range(ac)])
+    args = [ffi.string(av[i]).decode() for i in range(ac)]
+    return _spank.on_hook(ffi.string(hook).decode(), sp, args)
 
 @ffi.def_extern(error=-1)
 def py_spank_option(val, optarg, remote):

@@ -13,7 +13,7 @@ import os
 import stat
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,12 +23,6 @@ DEFAULT_PATH = "/etc/shifter/shifter.yaml"
 ENV_VAR = "SHIFTER_CONFIG"
 
 T = TypeVar("T")
-
-
-def _doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
-    if factory is not MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
 
 
 def _absolute(value: str) -> str | None:
@@ -47,7 +41,10 @@ class GatewayConfig:
 
     url: str = field(
         default="http://127.0.0.1:7080",
-        metadata={"doc": "URL clients (shifterimg, plugin) use to reach the gateway", "check": _url},
+        metadata={
+            "doc": "URL clients (shifterimg, plugin) use to reach the gateway",
+            "check": _url,
+        },
     )
 
 
@@ -62,10 +59,12 @@ class Config:
             "check": _absolute,
         },
     )
-    default_image_type: typing.Literal["docker", "id"] = _doc(
-        "type assumed for --image=NAME without a TYPE: prefix", "docker"
+    default_image_type: typing.Literal["docker", "id"] = field(
+        default="docker", metadata={"doc": "type assumed for --image=NAME without a TYPE: prefix"}
     )
-    gateway: GatewayConfig = _doc("image gateway settings", factory=GatewayConfig)
+    gateway: GatewayConfig = field(
+        default_factory=GatewayConfig, metadata={"doc": "image gateway settings"}
+    )
 
     source: str = field(default="<defaults>", metadata={"internal": True})
 

@@ -42,7 +42,9 @@ def parse_size(text: str) -> int:
     """``512``, ``10k``, ``200M``, ``1G``, ``2T`` → bytes."""
     match = _SIZE_RE.match(text)
     if match is None:
-        raise OptionError(f"invalid size {text!r}", hint="use a number with an optional k, M, G or T")
+        raise OptionError(
+            f"invalid size {text!r}", hint="use a number with an optional k, M, G or T"
+        )
     return int(match.group("num")) * _SIZE_UNITS[match.group("unit").lower()]
 
 
@@ -84,7 +86,9 @@ def parse_volume(spec: str) -> Volume:
     """Parse one ``SRC:DST[:FLAG]``."""
     parts = spec.split(":")
     if len(parts) < 2 or len(parts) > 3:
-        raise OptionError(f"invalid volume {spec!r}", hint="use SRC:DST[:ro|rw|perNodeCache=size=N]")
+        raise OptionError(
+            f"invalid volume {spec!r}", hint="use SRC:DST[:ro|rw|perNodeCache=size=N]"
+        )
     source = _check_path(spec, "source", parts[0])
     target = _check_path(spec, "target", parts[1])
     read_only, cache = _parse_flag(spec, parts[2] if len(parts) == 3 else "")

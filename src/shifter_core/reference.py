@@ -104,8 +104,7 @@ class ImageRequest:
             )
         if text != text.strip() or any(ch.isspace() or not ch.isprintable() for ch in text):
             raise OptionError(
-                f"invalid image reference {text!r}: it contains white space or control "
-                "characters",
+                f"invalid image reference {text!r}: it contains white space or control characters",
                 hint="image names are like docker:ubuntu:22.04",
             )
         prefix, sep, rest = text.partition(":")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,7 @@ def bind(ffi: Any, lib: Any) -> None:
 class Spank:
     """A thin, typed wrapper around a ``spank_t`` handle."""
 
-    CONTEXTS = {
+    CONTEXTS: typing.ClassVar[dict[str, str]] = {
         "S_CTX_LOCAL": "local",
         "S_CTX_REMOTE": "remote",
         "S_CTX_ALLOCATOR": "allocator",
@@ -177,7 +178,7 @@ def on_option(val: int, optarg: str, remote: bool) -> int:
     except ShifterError as err:
         log.error("--%s: %s", name, err)
         return -1
-    except Exception:  # noqa: BLE001 - the plugin must report, never crash srun
+    except Exception:
         log.exception("internal error while checking --%s", name)
         return -1
     return 0
@@ -214,7 +215,7 @@ def on_hook(hook: str, handle: Any, args: list[str]) -> int:
     except ShifterError as err:
         log.error("%s", err)
         return -1
-    except Exception:  # noqa: BLE001 - report through Slurm, never crash slurmstepd
+    except Exception:
         log.exception("internal error in %s", hook)
         return -1
     return 0

@@ -1,0 +1,109 @@
+"""Image references: Shifter's TYPE:TAG form and Docker's naming rules."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shifter_core.errors import OptionError
+from shifter_core.reference import DockerReference, ImageRequest
+
+HEX = "a" * 64
+
+
+@pytest.mark.parametrize(
+    "text, registry, repository, tag, digest",
+    [
+        ("ubuntu", "docker.io", "library/ubuntu", "latest", None),
+        ("ubuntu:22.04", "docker.io", "library/ubuntu", "22.04", None),
+        ("nersc/app:1", "docker.io", "nersc/app", "1", None),
+        ("docker.io/ubuntu", "docker.io", "library/ubuntu", "latest", None),
+        ("registry-1.docker.io/library/ubuntu:1", "docker.io", "library/ubuntu", "1", None),
+        (
+            "127.0.0.1:5000/library/busybox:latest",
+            "127.0.0.1:5000",
+            "library/busybox",
+            "latest",
+            None,
+        ),
+        ("localhost/x/y:z", "localhost", "x/y", "z", None),
+        ("quay.io/a/b@sha256:" + HEX, "quay.io", "a/b", None, "sha256:" + HEX),
+        ("a/b:t@sha256:" + HEX, "docker.io", "a/b", "t", "sha256:" + HEX),
+    ],
+)
+def test_docker_naming(text, registry, repository, tag, digest):
+    ref = DockerReference.parse(text)
+    assert (ref.registry, ref.repository, ref.tag, ref.digest) == (
+        registry,
+        repository,
+        tag,
+        digest,
+    )
+    assert ref.reference == (digest or tag)
+
+
+@pytest.mark.parametrize(
+    "text", ["Ubuntu", "ubuntu:", "bad image!", "a//b", "ubuntu@sha256:abc", "-x", "a:b:c", "x/"]
+)
+def test_bad_docker_references_are_refused(text):
+    with pytest.raises(OptionError, match="invalid image reference"):
+        DockerReference.parse(text)
+
+
+@pytest.mark.parametrize(
+    "text, type_, tag",
+    [
+        ("docker:ubuntu:22.04", "docker", "ubuntu:22.04"),
+        ("ubuntu:22.04", "docker", "ubuntu:22.04"),
+        ("busybox", "docker", "busybox"),
+        ("id:" + HEX, "id", HEX),
+        ("id:sha256:" + HEX, "id", HEX),
+        ("localhost:5000/a:b", "docker", "localhost:5000/a:b"),
+    ],
+)
+def test_image_requests(text, type_, tag):
+    request = ImageRequest.parse(text)
+    assert (request.type, request.tag) == (type_, tag)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty image name"),
+        ("   ", "empty image name"),
+        ("docker:", "empty image name"),
+        ("bad image!", "white space"),
+        ("ubuntu\n", "white space"),
+        ("custom:foo", "not supported"),
+        ("id:xyz", "invalid image id"),
+        ("docker:UBUNTU", "invalid image reference"),
+    ],
+)
+def test_bad_image_requests_say_what_is_wrong(text, message):
+    with pytest.raises(OptionError, match=message):
+        ImageRequest.parse(text)
+
+
+_component = st.from_regex(r"[a-z0-9]{1,8}(?:[._-][a-z0-9]{1,8}){0,2}", fullmatch=True)
+_tag = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+
+
+@given(st.lists(_component, min_size=1, max_size=3), st.one_of(st.none(), _tag))
+def test_valid_names_round_trip(components, tag):
+    text = "/".join(components) + (f":{tag}" if tag else "")
+    ref = DockerReference.parse(text)
+    assert DockerReference.parse(str(ref)) == ref
+    assert ref.tag == (tag or "latest")
+    assert ref.repository.endswith(
+        "/".join(components[1:]) if len(components) > 1 else components[0]
+    )
+
+
+@given(st.text(max_size=40))
+def test_parser_never_crashes(text):
+    try:
+        request = ImageRequest.parse(text)
+    except OptionError as err:
+        assert str(err)
+    else:
+        assert request.type in ("docker", "id")
+        assert not any(ch.isspace() for ch in request.tag)
