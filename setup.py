@@ -9,7 +9,7 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     python_requires=">=3.11",
-    install_requires=["pyyaml>=6", "cffi>=1.15"],
+    install_requires=["pyyaml>=6", "cffi>=1.15", "httpx>=0.27", "zstandard>=0.22"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff"],
     },
