@@ -1,0 +1,927 @@
+#!/usr/bin/env python3
+"""Shifter-in-a-box: a three-node Slurm 22.05 cluster, munge and an image registry on one host.
+
+Run as root with the checkout's venv (made by ``tools/box/setup.sh``)::
+
+    .venv/bin/python tools/box/box.py up       # start (a no-op for what already runs)
+    .venv/bin/python tools/box/box.py status   # what runs
+    .venv/bin/python tools/box/box.py down     # stop what the box started, unmount, detach
+
+State lives in ``<checkout>/.box/``: ``etc/`` (generated slurm.conf, plugstack.conf,
+cgroup.conf, shifter.yaml, registry.yml), ``spool/``, ``log/``, ``run/`` (pid files),
+``registry/`` (registry storage), ``images/`` (the Shifter image store) and ``cache/``.
+The templates are in ``slurm_conf/box/``. ``up`` writes ``<checkout>/box.env`` to source.
+
+Every daemon is found again through its pid file, checked against ``/proc/PID/comm`` so a
+reused pid is never signalled. munged is stopped by ``down`` only if the box started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("box")
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+TEMPLATES = CHECKOUT / "slurm_conf" / "box"
+PLUGIN = CHECKOUT / "build" / "shifter_spank.so"
+VENV_PYTHON = CHECKOUT / ".venv" / "bin" / "python"
+BOX_ENV = CHECKOUT / "box.env"
+
+NODES = ("n1", "n2", "n3")
+REGISTRY_ADDR = "127.0.0.1:5000"
+USERS = ("alice", "bob")
+GROUP = "science"
+# (builder name, repository in the box registry)
+SEED_IMAGES = (("busybox", "library/busybox"), ("mpi", "library/mpich-hello"))
+
+MUNGE_KEY = Path("/etc/munge/munge.key")
+MUNGE_RUN = Path("/run/munge")
+MUNGE_PIDFILE = MUNGE_RUN / "munged.pid"
+DAEMON_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
+
+
+class BoxError(RuntimeError):
+    """A step of the box failed; the message says what and where to look."""
+
+
+@dataclass(frozen=True)
+class BoxPaths:
+    """Where the box keeps its state (all below ``root``)."""
+
+    root: Path
+
+    @property
+    def etc(self) -> Path:
+        return self.root / "etc"
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def slurm_conf(self) -> Path:
+        return self.etc / "slurm.conf"
+
+    @property
+    def plugstack_conf(self) -> Path:
+        return self.etc / "plugstack.conf"
+
+    @property
+    def shifter_yaml(self) -> Path:
+        return self.etc / "shifter.yaml"
+
+    @property
+    def registry_yml(self) -> Path:
+        return self.etc / "registry.yml"
+
+    @property
+    def policy_json(self) -> Path:
+        return self.etc / "policy.json"
+
+    @property
+    def munged_marker(self) -> Path:
+        """Exists (holding munged's pid) while munged is running because the box started it."""
+        return self.run / "munged.started-by-box"
+
+    def dirs(self) -> list[Path]:
+        return [
+            self.root,
+            self.etc,
+            self.spool,
+            self.spool / "ctld",
+            self.log,
+            self.run,
+            self.registry,
+            self.images,
+            self.cache,
+        ]
+
+
+PATHS = BoxPaths(CHECKOUT / ".box")
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture its output, and raise a BoxError naming it when it fails."""
+    argv = [str(a) for a in cmd]
+    log.debug("$ %s", " ".join(argv))
+    try:
+        proc = subprocess.run(
+            argv,
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise BoxError(f"{argv[0]} is not installed: run tools/box/setup.sh") from None
+    except subprocess.TimeoutExpired:
+        raise BoxError(f"{' '.join(argv)} did not finish in {timeout:.0f} s") from None
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise BoxError(f"{' '.join(argv)} exited {proc.returncode}: {detail}")
+    return proc
+
+
+def spawn_daemon(cmd: Sequence[str | os.PathLike[str]], env: Mapping[str, str], out: Path) -> None:
+    """Run a command that daemonises itself, its early output appended to ``out``."""
+    argv = [str(a) for a in cmd]
+    log.debug("$ %s", " ".join(argv))
+    with out.open("ab") as sink:
+        proc = subprocess.run(
+            argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, check=False
+        )
+    if proc.returncode != 0:
+        raise BoxError(f"{' '.join(argv)} exited {proc.returncode}\n{tail(out)}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file, indented, for error messages."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as err:
+        return f"    ({path}: {err.strerror})"
+    return f"    --- last lines of {path} ---\n" + "\n".join("    " + t for t in text)
+
+
+def proc_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (reaping it if it is our child)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return True
+
+
+def proc_comm(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """A daemon the box starts and finds again through its pid file."""
+
+    name: str
+    comm: str  # /proc/PID/comm of the running daemon (at most 15 characters)
+    pidfile: Path
+    cmd_contains: tuple[str, ...] = ()  # arguments its command line must contain
+
+    def pid(self) -> int | None:
+        """The daemon's pid if the pid file names a live process that is this daemon."""
+        try:
+            pid = int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if not proc_alive(pid) or proc_comm(pid) != self.comm[:15]:
+            return None
+        cmdline = proc_cmdline(pid)
+        if any(arg not in cmdline for arg in self.cmd_contains):
+            return None
+        return pid
+
+
+def slurmctld_daemon(paths: BoxPaths = PATHS) -> Daemon:
+    return Daemon("slurmctld", "slurmctld", paths.run / "slurmctld.pid")
+
+
+def slurmd_daemon(node: str, paths: BoxPaths = PATHS) -> Daemon:
+    return Daemon(f"slurmd {node}", "slurmd", paths.run / f"slurmd-{node}.pid", ("-N", node))
+
+
+def registry_daemon(paths: BoxPaths = PATHS) -> Daemon:
+    return Daemon("registry", "docker-registry", paths.run / "registry.pid")
+
+
+def munged_daemon() -> Daemon:
+    return Daemon("munged", "munged", MUNGE_PIDFILE)
+
+
+def stop_pids(named: Mapping[str, int], timeout: float = 15) -> None:
+    """SIGTERM every process, wait for all to exit, SIGKILL those left after ``timeout``."""
+    for name, pid in named.items():
+        log.info("stopping %s (pid %d)", name, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    left = dict(named)
+    while left:
+        left = {n: p for n, p in left.items() if proc_alive(p)}
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for name, pid in left.items():
+        log.warning("%s (pid %d) ignored SIGTERM for %.0f s: SIGKILL", name, pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(proc_alive(p) for p in left.values()):
+        if time.monotonic() > deadline:
+            alive = ", ".join(f"{n} ({p})" for n, p in left.items() if proc_alive(p))
+            raise BoxError(f"still alive after SIGKILL: {alive}")
+        time.sleep(0.1)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def write_root_file(path: Path, text: str, mode: int = 0o644) -> bool:
+    """Write ``text`` atomically as a root-owned file; True if the content changed."""
+    try:
+        same = path.read_text() == text
+    except OSError:
+        same = False
+    if not same:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.chown(tmp, 0, 0)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    else:
+        st = path.stat()
+        if st.st_uid != 0 or st.st_gid != 0 or st.st_mode & 0o7777 != mode:
+            os.chown(path, 0, 0)
+            os.chmod(path, mode)
+    return not same
+
+
+def render(template: str, **values: str) -> str:
+    """Fill a template from slurm_conf/box/ (``${name}`` placeholders)."""
+    text = (TEMPLATES / template).read_text()
+    return string.Template(text).substitute(values)
+
+
+def make_dirs(paths: BoxPaths) -> None:
+    """Create the state directories, root-owned and writable by root only."""
+    for d in paths.dirs():
+        d.mkdir(parents=True, exist_ok=True)
+        st = d.stat()
+        if st.st_uid != 0 or st.st_gid != 0:
+            os.chown(d, 0, 0)
+        if st.st_mode & 0o7777 != 0o755:
+            os.chmod(d, 0o755)
+
+
+def plugin_line(paths: BoxPaths, enabled: bool) -> str:
+    line = f"required {PLUGIN} config={paths.shifter_yaml}"
+    if not enabled:
+        return f"# disabled by 'box.py up --no-plugin':\n# {line}"
+    if not PLUGIN.exists():
+        log.warning(
+            "%s does not exist yet (make plugin): plugstack.conf has the plugin line commented "
+            "out; run 'box.py up' again once it is built",
+            PLUGIN,
+        )
+        return f"# not built yet when box.py last ran:\n# {line}"
+    return line
+
+
+def write_configs(paths: BoxPaths, *, plugin: bool) -> set[str]:
+    """Generate every file in ``etc/``; return the names of those whose content changed."""
+    values = {"box": str(paths.root), "host": socket.gethostname().split(".")[0]}
+    files = {
+        "slurm.conf": render("slurm.conf.in", **values),
+        "plugstack.conf": render("plugstack.conf.in", plugin_line=plugin_line(paths, plugin)),
+        "cgroup.conf": render("cgroup.conf.in"),
+        "shifter.yaml": render("shifter.yaml.in", **values),
+        "registry.yml": render("registry.yml.in", **values),
+        "policy.json": json.dumps({"default": [{"type": "insecureAcceptAnything"}]}) + "\n",
+    }
+    changed = {name for name, text in files.items() if write_root_file(paths.etc / name, text)}
+    for name in sorted(changed):
+        log.info("wrote %s", paths.etc / name)
+    check_shifter_config(paths.shifter_yaml)
+    return changed
+
+
+def check_shifter_config(path: Path) -> None:
+    """Load shifter.yaml the way privileged code will (ownership and schema checks)."""
+    try:
+        from shifter_core import config  # only in the venv
+    except ImportError:
+        log.warning("shifter_core is not importable: %s not validated (run setup.sh)", path)
+        return
+    try:
+        config.load(str(path), privileged=True)
+    except Exception as err:  # ConfigError and whatever the loader raises
+        raise BoxError(f"the generated {path} is refused by shifter_core: {err}") from None
+
+
+def write_box_env(paths: BoxPaths) -> None:
+    text = (
+        "# Source me: the box's Slurm and Shifter configuration (written by tools/box/box.py)\n"
+        f"export SLURM_CONF={paths.slurm_conf} SHIFTER_CONFIG={paths.shifter_yaml} "
+        f"PATH={CHECKOUT / '.venv' / 'bin'}:$PATH\n"
+    )
+    if write_root_file(BOX_ENV, text):
+        log.info("wrote %s", BOX_ENV)
+
+
+# --- users -----------------------------------------------------------------------------------
+
+
+def ensure_users() -> None:
+    """Test users alice and bob, both in the group science; only what is missing is added."""
+    try:
+        grp.getgrnam(GROUP)
+    except KeyError:
+        log.info("groupadd %s", GROUP)
+        run(["groupadd", GROUP])
+    for user in USERS:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            log.info("useradd %s", user)
+            run(
+                [
+                    "useradd",
+                    "--create-home",
+                    "--shell",
+                    "/bin/sh",
+                    "--user-group",
+                    "--groups",
+                    GROUP,
+                    user,
+                ]
+            )
+            continue
+        if user not in grp.getgrnam(GROUP).gr_mem:
+            log.info("adding %s to group %s", user, GROUP)
+            run(["usermod", "--append", "--groups", GROUP, user])
+
+
+# --- munge -----------------------------------------------------------------------------------
+
+
+def munge_works() -> bool:
+    return run(["munge", "--no-input"], check=False, timeout=10).returncode == 0
+
+
+def start_munge(paths: BoxPaths) -> None:
+    """Start munged as user munge unless one already answers on the default socket."""
+    daemon = munged_daemon()
+    pid = daemon.pid()
+    if pid and munge_works():
+        log.info("munged is running (pid %d)", pid)
+        return
+    if pid:
+        raise BoxError(f"munged (pid {pid}) runs but 'munge -n' fails: see /var/log/munge")
+    munge = pwd.getpwnam("munge")
+    if not MUNGE_KEY.exists():
+        log.info("creating %s", MUNGE_KEY)
+        run(["mungekey", "--create", "--keyfile", MUNGE_KEY])
+        os.chown(MUNGE_KEY, munge.pw_uid, munge.pw_gid)
+        os.chmod(MUNGE_KEY, 0o400)
+    for d, mode in (
+        (MUNGE_RUN, 0o755),
+        (Path("/var/lib/munge"), 0o711),
+        (Path("/var/log/munge"), 0o700),
+    ):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, munge.pw_uid, munge.pw_gid)
+        os.chmod(d, mode)
+    log.info("starting munged")
+    # --force: a socket left by a munged that died would make it refuse to start.
+    spawn_daemon(
+        ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force"],
+        {"PATH": DAEMON_PATH},
+        paths.log / "munged.start.log",
+    )
+    deadline = time.monotonic() + 10
+    while not (daemon.pid() and munge_works()):
+        if time.monotonic() > deadline:
+            raise BoxError(f"munged did not come up\n{tail(Path('/var/log/munge/munged.log'))}")
+        time.sleep(0.1)
+    pid = daemon.pid()
+    paths.munged_marker.write_text(f"{pid}\n")
+    log.info("munged is up (pid %s)", pid)
+
+
+# --- slurm -----------------------------------------------------------------------------------
+
+
+def slurm_env(paths: BoxPaths = PATHS) -> dict[str, str]:
+    """A small environment for Slurm daemons and clients (no user Python settings leak in)."""
+    return {"PATH": DAEMON_PATH, "LANG": "C.UTF-8", "SLURM_CONF": str(paths.slurm_conf)}
+
+
+def slurm_daemons(paths: BoxPaths) -> list[Daemon]:
+    return [slurmctld_daemon(paths), *(slurmd_daemon(n, paths) for n in NODES)]
+
+
+def node_states(paths: BoxPaths) -> dict[str, str]:
+    """Node name -> long state as sinfo prints it (``idle``, ``down*``, ``drained`` ...)."""
+    proc = run(
+        ["sinfo", "--noheader", "--Node", "--format", "%N %T"],
+        env=slurm_env(paths),
+        check=False,
+        timeout=20,
+    )
+    if proc.returncode != 0:
+        return {}
+    states = {}
+    for line in proc.stdout.splitlines():
+        name, _, state = line.strip().partition(" ")
+        states[name] = state.strip()
+    return states
+
+
+def start_slurm(paths: BoxPaths, changed: set[str]) -> None:
+    """Start slurmctld and the three slurmd unless they run; apply changed configuration."""
+    env = slurm_env(paths)
+    running = {d.name: d.pid() for d in slurm_daemons(paths)}
+    if "slurm.conf" in changed and any(running.values()):
+        log.info("slurm.conf changed: restarting the Slurm daemons")
+        stop_pids({n: p for n, p in running.items() if p})
+        running = dict.fromkeys(running)
+    elif "plugstack.conf" in changed and any(running.values()):
+        log.info("plugstack.conf changed: scontrol reconfigure")
+        run(["scontrol", "reconfigure"], env=env, check=False)
+    ctld = slurmctld_daemon(paths)
+    if running[ctld.name]:
+        log.info("slurmctld is running (pid %d)", running[ctld.name])
+    else:
+        log.info("starting slurmctld")
+        spawn_daemon(["slurmctld"], env, paths.log / "slurmctld.start.log")
+        wait_pid(ctld, paths.log / "slurmctld.log")
+    for node in NODES:
+        daemon = slurmd_daemon(node, paths)
+        if running[daemon.name]:
+            log.info("slurmd %s is running (pid %d)", node, running[daemon.name])
+            continue
+        (paths.spool / f"slurmd-{node}").mkdir(mode=0o755, exist_ok=True)
+        log.info("starting slurmd -N %s", node)
+        spawn_daemon(["slurmd", "-N", node], env, paths.log / f"slurmd-{node}.start.log")
+        wait_pid(daemon, paths.log / f"slurmd-{node}.log")
+
+
+def wait_pid(daemon: Daemon, logfile: Path, timeout: float = 15) -> int:
+    deadline = time.monotonic() + timeout
+    while (pid := daemon.pid()) is None:
+        if time.monotonic() > deadline:
+            raise BoxError(f"{daemon.name} did not write {daemon.pidfile}\n{tail(logfile)}")
+        time.sleep(0.1)
+    log.info("%s is up (pid %d)", daemon.name, pid)
+    return pid
+
+
+def wait_nodes_idle(paths: BoxPaths, timeout: float = 60) -> None:
+    """Wait until every node responds and is usable; resume nodes left down or drained."""
+    env = slurm_env(paths)
+    ready = ("idle", "mixed", "allocated", "completing")
+    deadline = time.monotonic() + timeout
+    resumed: dict[str, float] = {}
+    states: dict[str, str] = {}
+    while True:
+        states = node_states(paths)
+        if states and all(states.get(n) in ready for n in NODES):
+            log.info("nodes: %s", ", ".join(f"{n} {states[n]}" for n in NODES))
+            return
+        for node in NODES:
+            state = states.get(node, "")
+            bad = ("down", "drain", "fail")
+            if state.startswith(bad) and time.monotonic() - resumed.get(node, 0) > 5:
+                log.info("node %s is %s: scontrol update state=resume", node, state)
+                run(
+                    ["scontrol", "update", f"nodename={node}", "state=resume"], env=env, check=False
+                )
+                resumed[node] = time.monotonic()
+        if time.monotonic() > deadline:
+            logs = "\n".join(
+                tail(paths.log / name, 8)
+                for name in ("slurmctld.log", *(f"slurmd-{n}.log" for n in NODES))
+            )
+            raise BoxError(
+                f"nodes not idle after {timeout:.0f} s: {states or 'sinfo failed'}\n{logs}"
+            )
+        time.sleep(0.5)
+
+
+def cancel_jobs(paths: BoxPaths, timeout: float = 30) -> None:
+    """Cancel every job of the box and wait for the queue to drain."""
+    env = slurm_env(paths)
+    proc = run(["squeue", "--noheader", "--format", "%A"], env=env, check=False, timeout=20)
+    jobs = proc.stdout.split() if proc.returncode == 0 else []
+    if not jobs:
+        return
+    log.info("cancelling %d job(s): %s", len(jobs), " ".join(jobs))
+    run(["scancel", *jobs], env=env, check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = run(["squeue", "--noheader", "--format", "%A"], env=env, check=False)
+        if proc.returncode != 0 or not proc.stdout.split():
+            return
+        time.sleep(0.5)
+    log.warning("jobs still in the queue after %.0f s: stopping the daemons anyway", timeout)
+
+
+def box_stepds(paths: BoxPaths) -> dict[str, int]:
+    """slurmstepd processes of this box (their environment names the box's slurm.conf)."""
+    marker = f"SLURM_CONF={paths.slurm_conf}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if proc_comm(pid) != "slurmstepd":
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ:
+            found[f"slurmstepd {' '.join(proc_cmdline(pid))}"] = pid
+    return found
+
+
+# --- registry and images ---------------------------------------------------------------------
+
+
+def http_get(
+    url: str, *, method: str = "GET", headers: Mapping[str, str] | None = None, timeout: float = 5
+) -> tuple[int, Mapping[str, str], bytes]:
+    """A request to the loopback registry, never through a proxy; (status, headers, body)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(url, method=method, headers=dict(headers or {}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def registry_ok() -> bool:
+    try:
+        return http_get(f"http://{REGISTRY_ADDR}/v2/")[0] == 200
+    except OSError:
+        return False
+
+
+def start_registry(paths: BoxPaths) -> None:
+    """Serve the box registry on 127.0.0.1:5000 (filesystem storage in ``registry/``)."""
+    daemon = registry_daemon(paths)
+    pid = daemon.pid()
+    if pid and registry_ok():
+        log.info("registry is running (pid %d)", pid)
+        return
+    if pid:
+        stop_pids({daemon.name: pid})
+    logfile = paths.log / "registry.log"
+    log.info("starting docker-registry on %s", REGISTRY_ADDR)
+    with logfile.open("ab") as sink:
+        proc = subprocess.Popen(
+            ["docker-registry", "serve", str(paths.registry_yml)],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+            cwd=paths.root,
+            env={"PATH": DAEMON_PATH, "LANG": "C.UTF-8"},
+            start_new_session=True,
+        )
+    daemon.pidfile.write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 20
+    while not registry_ok():
+        if proc.poll() is not None:
+            raise BoxError(f"docker-registry exited {proc.returncode}\n{tail(logfile)}")
+        if time.monotonic() > deadline:
+            raise BoxError(f"docker-registry does not answer GET /v2/\n{tail(logfile)}")
+        time.sleep(0.1)
+    log.info("registry is up (pid %d)", proc.pid)
+
+
+def registry_digest(repo: str, tag: str) -> str | None:
+    """The digest the registry serves for repo:tag, or None when it has no such tag."""
+    status, headers, _ = http_get(
+        f"http://{REGISTRY_ADDR}/v2/{repo}/manifests/{tag}",
+        method="HEAD",
+        headers={"Accept": MANIFEST_TYPES},
+    )
+    if status == 404:
+        return None
+    if status != 200:
+        raise BoxError(f"registry answered {status} for {repo}:{tag}")
+    return headers.get("Docker-Content-Digest")
+
+
+def registry_catalog() -> list[str]:
+    status, _, body = http_get(f"http://{REGISTRY_ADDR}/v2/_catalog")
+    if status != 200:
+        raise BoxError(f"registry answered {status} for /v2/_catalog")
+    return list(json.loads(body).get("repositories") or [])
+
+
+def layout_digest(layout: Path, tag: str = "latest") -> str:
+    """The digest of ``tag`` in an OCI image layout directory."""
+    index = json.loads((layout / "index.json").read_text())
+    manifests = index.get("manifests", [])
+    for m in manifests:
+        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            return str(m["digest"])
+    if len(manifests) == 1:
+        return str(manifests[0]["digest"])
+    raise BoxError(f"{layout}/index.json has no manifest tagged {tag!r}")
+
+
+def seed_images(paths: BoxPaths) -> None:
+    """Build the test images with tools/images/build.py and push what the registry lacks."""
+    builder = CHECKOUT / "tools" / "images" / "build.py"
+    if not builder.exists():
+        log.warning("%s does not exist yet: registry not seeded", builder)
+        return
+    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
+    for name, repo in SEED_IMAGES:
+        layout = paths.cache / "oci" / name
+        layout.parent.mkdir(mode=0o755, exist_ok=True)
+        started = time.monotonic()
+        run([python, builder, name, "--out", layout], timeout=1800)
+        source = layout_digest(layout)
+        log.info("image %s built in %.1f s: %s", name, time.monotonic() - started, source)
+        stamp = paths.cache / f"pushed-{name}.json"
+        try:
+            pushed = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            pushed = {}
+        remote = registry_digest(repo, "latest")
+        if remote and (remote == source or pushed == {"source": source, "pushed": remote}):
+            log.info("registry has %s:latest (%s): not pushed again", repo, remote)
+            continue
+        digestfile = paths.cache / f"pushed-{name}.digest"
+        log.info("pushing %s to %s/%s:latest", layout, REGISTRY_ADDR, repo)
+        run(
+            [
+                "skopeo",
+                "--policy",
+                paths.policy_json,
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--digestfile",
+                digestfile,
+                f"oci:{layout}:latest",
+                f"docker://{REGISTRY_ADDR}/{repo}:latest",
+            ],
+            timeout=600,
+        )
+        digest = digestfile.read_text().strip()
+        stamp.write_text(json.dumps({"source": source, "pushed": digest}) + "\n")
+        log.info("pushed %s:latest as %s", repo, digest)
+
+
+# --- mounts and loop devices -----------------------------------------------------------------
+
+
+def _unescape(field: str) -> str:
+    """Undo the octal escapes (``\\040`` for a space) of /proc/self/mountinfo."""
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+
+
+def box_mounts(root: Path) -> list[str]:
+    """Mount points at or below ``root``, deepest (and most recent) first."""
+    prefix = str(root).rstrip("/") + "/"
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = _unescape(line.split()[4])
+        if point == str(root) or point.startswith(prefix):
+            points.append(point)
+    points.reverse()
+    return sorted(points, key=lambda p: p.count("/"), reverse=True)
+
+
+def unmount_all(root: Path) -> None:
+    for _ in range(5):
+        points = box_mounts(root)
+        if not points:
+            return
+        for point in points:
+            if run(["umount", point], check=False).returncode == 0:
+                log.info("unmounted %s", point)
+            elif run(["umount", "--lazy", point], check=False).returncode == 0:
+                log.warning("%s was busy: unmounted lazily", point)
+    if box_mounts(root):
+        raise BoxError(f"still mounted: {', '.join(box_mounts(root))}")
+
+
+def box_loop_devices(root: Path) -> dict[str, str]:
+    """/dev/loopN -> backing file, for loop devices backed by files below ``root``."""
+    prefix = str(root).rstrip("/") + "/"
+    found = {}
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            target = backing.read_text().strip().removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if target.startswith(prefix):
+            found[f"/dev/{backing.parent.parent.name}"] = target
+    return found
+
+
+def detach_loops(root: Path) -> None:
+    for device, target in box_loop_devices(root).items():
+        if run(["losetup", "--detach", device], check=False).returncode == 0:
+            log.info("detached %s (%s)", device, target)
+        else:
+            log.warning("could not detach %s (%s)", device, target)
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise BoxError("the box must be run as root (it starts Slurm, munge and mounts)")
+
+
+def up(paths: BoxPaths = PATHS, *, plugin: bool = True) -> None:
+    """Start everything that does not run yet."""
+    require_root()
+    started = time.monotonic()
+    make_dirs(paths)
+    changed = write_configs(paths, plugin=plugin)
+    ensure_users()
+    start_munge(paths)
+    start_slurm(paths, changed)
+    start_registry(paths)
+    seed_images(paths)
+    wait_nodes_idle(paths)
+    write_box_env(paths)
+    log.info("box is up in %.1f s; source %s", time.monotonic() - started, BOX_ENV)
+
+
+def down(paths: BoxPaths = PATHS) -> None:
+    """Stop what the box started, unmount what is mounted below it, detach its loops."""
+    require_root()
+    started = time.monotonic()
+    if slurmctld_daemon(paths).pid():
+        cancel_jobs(paths)
+    nodes = {d.name: p for d in slurm_daemons(paths)[1:] if (p := d.pid())}
+    stop_pids(nodes)
+    stop_pids(box_stepds(paths))
+    ctld = slurmctld_daemon(paths)
+    if pid := ctld.pid():
+        stop_pids({ctld.name: pid})
+    reg = registry_daemon(paths)
+    if pid := reg.pid():
+        stop_pids({reg.name: pid})
+    stop_box_munged(paths)
+    unmount_all(paths.root)
+    detach_loops(paths.root)
+    for d in (*slurm_daemons(paths), reg):
+        d.pidfile.unlink(missing_ok=True)
+    log.info("box is down in %.1f s", time.monotonic() - started)
+
+
+def stop_box_munged(paths: BoxPaths) -> None:
+    try:
+        recorded = int(paths.munged_marker.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        recorded = None
+    pid = munged_daemon().pid()
+    if recorded is not None and pid == recorded:
+        stop_pids({"munged": pid})
+    elif pid:
+        log.info("munged (pid %d) was not started by the box: left running", pid)
+    paths.munged_marker.unlink(missing_ok=True)
+
+
+def is_up(paths: BoxPaths = PATHS) -> bool:
+    """A cheap check that every service of the box runs and the nodes are usable."""
+    daemons = [*slurm_daemons(paths), registry_daemon(paths), munged_daemon()]
+    if not all(d.pid() for d in daemons) or not registry_ok():
+        return False
+    states = node_states(paths)
+    return all(states.get(n) in ("idle", "mixed", "allocated", "completing") for n in NODES)
+
+
+def status(paths: BoxPaths = PATHS) -> int:
+    """Print what runs; 0 when everything does."""
+    daemons = [munged_daemon(), *slurm_daemons(paths), registry_daemon(paths)]
+    ok = True
+    print(f"box: {paths.root}")
+    for d in daemons:
+        pid = d.pid()
+        ok &= pid is not None
+        extra = ""
+        if d.name == "munged" and pid:
+            owner = "box" if paths.munged_marker.exists() else "not the box"
+            extra = f" (started by {owner})"
+        print(f"  {d.name:<12} {'running, pid ' + str(pid) if pid else 'stopped'}{extra}")
+    if slurmctld_daemon(paths).pid():
+        states = node_states(paths)
+        print("  nodes:       " + (", ".join(f"{n} {s}" for n, s in states.items()) or "?"))
+    if registry_ok():
+        print("  registry:    " + (", ".join(registry_catalog()) or "(empty)"))
+    plugstack = paths.plugstack_conf
+    if plugstack.exists():
+        active = [ln for ln in plugstack.read_text().splitlines() if ln.startswith("required")]
+        print("  plugin:      " + ("enabled" if active else "disabled (see plugstack.conf)"))
+    mounts, loops = box_mounts(paths.root), box_loop_devices(paths.root)
+    if mounts or loops:
+        print(f"  mounts:      {len(mounts)} below the box, {len(loops)} loop device(s)")
+    return 0 if ok else 1
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every command")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start the box (no-op for what runs)")
+    p_up.add_argument(
+        "--no-plugin",
+        action="store_true",
+        help="write plugstack.conf with the Shifter plugin commented out",
+    )
+    sub.add_parser("down", help="stop the box")
+    sub.add_parser("status", help="print what runs")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="[box] %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "up":
+            up(plugin=not args.no_plugin)
+        elif args.command == "down":
+            down()
+        else:
+            return status()
+    except BoxError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
