@@ -38,6 +38,9 @@ OPTION_NAMES = {OPT_IMAGE: "image", OPT_VOLUME: "volume", OPT_MODULE: "module"}
 ENV_IMAGEREQUEST = "SHIFTER_IMAGEREQUEST"
 ENV_VOLUME = "SHIFTER_VOLUME"
 ENV_MODULE = "SHIFTER_MODULE"
+# How Slurm shows a job's options and job-control variables to the job's own sruns.
+INHERITED_OPTION = "SLURM_SPANK__SLURM_SPANK_OPTION_shifter_"
+JOB_CONTROL_PREFIX = "SLURM_SPANK_"
 
 _ffi: Any = None
 _lib: Any = None
@@ -52,6 +55,7 @@ class PluginState:
     image: ImageRequest | None = None
     volumes: list[str] = field(default_factory=list)
     modules: list[str] | None = None
+    volumes_from_job: bool = False
     remote: bool = False
 
 
@@ -191,15 +195,31 @@ def handle_option(val: int, optarg: str, remote: bool) -> None:
         state.image = ImageRequest.parse(optarg, default_type)
     elif val == OPT_VOLUME:
         parse_volumes([optarg])
-        # slurmstepd calls every option callback twice with the (last) value.
         if remote:
+            # slurmstepd calls every option callback twice with the (last) value.
             state.volumes = [optarg]
+        elif not state.volumes and _inherited_volumes(optarg):
+            # srun inside a job: Slurm replays the job's last --volume first; the job's
+            # submission exported all of them.
+            state.volumes = [_inherited_volumes(optarg) or ""]
+            state.volumes_from_job = True
+        elif state.volumes_from_job:
+            # srun's own --volume replaces the job's, as srun options do.
+            state.volumes = [optarg]
+            state.volumes_from_job = False
         else:
             state.volumes.append(optarg)
     elif val == OPT_MODULE:
         state.modules = parse_modules(optarg)
     else:
         raise ShifterError(f"unknown option number {val}")
+
+
+def _inherited_volumes(optarg: str) -> str | None:
+    """Every volume of the enclosing job when ``optarg`` is the value Slurm replays from it."""
+    if os.environ.get(INHERITED_OPTION + "volume") != optarg:
+        return None
+    return os.environ.get(JOB_CONTROL_PREFIX + ENV_VOLUME) or os.environ.get(ENV_VOLUME)
 
 
 # ---- hooks ---------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""Helpers for tests that drive the box's Slurm cluster as a test user."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BOX = ROOT / ".box"
+SLURM_CONF = BOX / "etc" / "slurm.conf"
+SHIFTER_CONFIG = BOX / "etc" / "shifter.yaml"
+PLUGSTACK = BOX / "etc" / "plugstack.conf"
+USER = "alice"
+OTHER_USER = "bob"
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """A clean environment for a test user's commands."""
+    env = {
+        "PATH": f"{ROOT / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "SLURM_CONF": str(SLURM_CONF),
+        "SHIFTER_CONFIG": str(SHIFTER_CONFIG),
+        "LANG": "C.UTF-8",
+    }
+    env.update(extra)
+    return env
+
+
+def run_as(
+    argv: list[str], user: str = USER, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as ``user`` (in /tmp) and capture its output."""
+    command = [
+        "runuser",
+        "-u",
+        user,
+        "--",
+        "env",
+        "-i",
+        *(f"{k}={v}" for k, v in user_env(**env).items()),
+        *argv,
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, cwd="/tmp", check=False
+    )
+
+
+def unique_name(prefix: str = "t") -> str:
+    """A job name no other test uses, to look a job up in squeue."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def jobs_named(name: str) -> list[str]:
+    """Ids of jobs with this name in any state that slurmctld still remembers."""
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "SLURM_CONF": str(SLURM_CONF)},
+    ).stdout
+    return out.split()
+
+
+def slurmd_logs() -> str:
+    """Everything the three slurmd (and their slurmstepd) logged."""
+    return "".join(p.read_text(errors="replace") for p in sorted((BOX / "log").glob("slurmd-*")))
