@@ -4,15 +4,18 @@ VENV   := $(ROOT)/.venv
 PYTHON := $(VENV)/bin/python
 PLUGIN := $(ROOT)/build/shifter_spank.so
 
-.PHONY: plugin box box-down demo test lint bench bench-spank clean
+.PHONY: setup plugin box box-down demo test lint bench bench-spank clean
 
 plugin: $(PLUGIN)
 
 $(PLUGIN): spank/shifter_spank.c cffi_build/build_spank.py
 	$(PYTHON) cffi_build/build_spank.py --out $(PLUGIN)
 
-box:
+# Debian packages, the venv (Debian's python3) with shifter_core, and the plugin.
+setup:
 	bash tools/box/setup.sh
+
+box: setup
 	$(PYTHON) tools/box/box.py up
 
 box-down:
@@ -24,8 +27,8 @@ demo: box
 test: box
 	$(PYTHON) -m pytest -q tests
 
-lint:
-	$(VENV)/bin/ruff check src tests tools cffi_build
+lint: setup
+	$(VENV)/bin/ruff check src tests tools cffi_build setup.py
 
 bench: bench-spank
 

@@ -1,0 +1,104 @@
+"""``make demo``: show what Shifter-in-a-box can do, step by step, as a test user.
+
+Each step prints the command, runs it, prints its output and checks it; the demo exits
+non-zero at the first step that does not do what it should.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.integration.slurm import SLURM_CONF, USER, run_as, slurmd_logs  # noqa: E402
+
+
+def say(text: str) -> None:
+    """Demo output goes to the terminal: that is the point of a demo."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def step(
+    title: str, argv: list[str], check: Callable[[str], str | None], as_user: bool = True
+) -> str:
+    """Run one demo step; ``check`` returns None when the output is right, else why not."""
+    say(f"\n=== {title}")
+    say(f"$ {' '.join(argv)}" + (f"    (as {USER})" if as_user else ""))
+    if as_user:
+        result = run_as(argv)
+    else:
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            check=False,
+            env={"SLURM_CONF": str(SLURM_CONF), "PATH": "/usr/bin:/bin"},
+        )
+    output = result.stdout + result.stderr
+    say(output.rstrip())
+    problem = check(output) if result.returncode == 0 else f"exit code {result.returncode}"
+    if problem:
+        say(f"!!! demo step failed: {problem}")
+        raise SystemExit(1)
+    return output
+
+
+def three_idle_nodes(output: str) -> str | None:
+    nodes = re.findall(r"^(n\d)\s+\S+\s+idle", output, re.M)
+    return None if sorted(nodes) == ["n1", "n2", "n3"] else "expected n1, n2, n3 idle"
+
+
+def main() -> None:
+    step(
+        "The box's Slurm cluster: three nodes on this machine",
+        ["sinfo", "-N", "-o", "%N %P %t"],
+        three_idle_nodes,
+        as_user=False,
+    )
+    step(
+        "The plugin's options are in srun --help",
+        ["sh", "-c", "srun --help | grep -A1 -E -- '--(image|volume|module)='"],
+        lambda out: None if out.count("Shifter:") == 3 else "options missing",
+    )
+    step(
+        "A bad image name fails the submission, with the reason",
+        ["sh", "-c", "srun --image='bad image!' true; echo exit code $?"],
+        lambda out: (
+            None
+            if "invalid image reference" in out and "exit code 0" not in out
+            else "srun should have failed"
+        ),
+    )
+    probe = 'echo "$(hostname) $SLURMD_NODENAME: SHIFTER_IMAGEREQUEST=$SHIFTER_IMAGEREQUEST"'
+    step(
+        "srun -N3 --image=busybox on every node: tasks get the request",
+        ["srun", "-N3", "--image=busybox", "--volume=/tmp:/scratch", "sh", "-c", probe],
+        lambda out: (
+            None
+            if len(re.findall(r"n\d: SHIFTER_IMAGEREQUEST=docker:busybox", out)) == 3
+            else "expected 3 nodes"
+        ),
+    )
+    say("\n=== The plugin's evidence in the slurmd logs of all three nodes")
+    lines = [line for line in slurmd_logs().splitlines() if "shifter: " in line]
+    last = {}
+    for line in lines:
+        match = re.search(r"on node (n\d)", line)
+        if match:
+            last[(match.group(1), "prolog" in line)] = line
+    for key in sorted(last):
+        say(last[key])
+    if {node for node, _ in last} != {"n1", "n2", "n3"}:
+        say("!!! no plugin log lines from every node")
+        raise SystemExit(1)
+    say("\nDemo finished: every step did what it should.")
+
+
+if __name__ == "__main__":
+    main()
