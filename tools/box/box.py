@@ -481,10 +481,11 @@ def slurm_daemons(paths: BoxPaths) -> list[Daemon]:
     return [slurmctld_daemon(paths), *(slurmd_daemon(n, paths) for n in NODES)]
 
 
-def node_states(paths: BoxPaths) -> dict[str, str]:
-    """Node name -> long state as sinfo prints it (``idle``, ``down*``, ``drained`` ...)."""
+def node_states(paths: BoxPaths, *, reasons: bool = False) -> dict[str, str]:
+    """Node name -> long state as sinfo prints it (``idle``, ``down*``, ``drained`` ...),
+    followed by ``: <reason>`` when ``reasons`` is set and the node has one."""
     proc = run(
-        ["sinfo", "--noheader", "--Node", "--format", "%N %T"],
+        ["sinfo", "--noheader", "--Node", "--format", "%N|%T|%E"],
         env=slurm_env(paths),
         check=False,
         timeout=20,
@@ -493,8 +494,10 @@ def node_states(paths: BoxPaths) -> dict[str, str]:
         return {}
     states = {}
     for line in proc.stdout.splitlines():
-        name, _, state = line.strip().partition(" ")
-        states[name] = state.strip()
+        name, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        has_reason = reasons and reason.strip() not in ("", "none")
+        states[name] = f"{state}: {reason.strip()}" if has_reason else state
     return states
 
 
@@ -545,15 +548,15 @@ def wait_nodes_idle(paths: BoxPaths, timeout: float = 60) -> None:
     resumed: dict[str, float] = {}
     states: dict[str, str] = {}
     while True:
-        states = node_states(paths)
-        if states and all(states.get(n) in ready for n in NODES):
+        states = node_states(paths, reasons=True)
+        if states and all(states.get(n, "").split(":")[0] in ready for n in NODES):
             log.info("nodes: %s", ", ".join(f"{n} {states[n]}" for n in NODES))
             return
         for node in NODES:
             state = states.get(node, "")
             bad = ("down", "drain", "fail")
             if state.startswith(bad) and time.monotonic() - resumed.get(node, 0) > 5:
-                log.info("node %s is %s: scontrol update state=resume", node, state)
+                log.warning("node %s is %s; scontrol update state=resume", node, state)
                 run(
                     ["scontrol", "update", f"nodename={node}", "state=resume"], env=env, check=False
                 )
@@ -694,49 +697,70 @@ def layout_digest(layout: Path, tag: str = "latest") -> str:
     raise BoxError(f"{layout}/index.json has no manifest tagged {tag!r}")
 
 
-def seed_images(paths: BoxPaths) -> None:
-    """Build the test images with tools/images/build.py and push what the registry lacks."""
+def seed_images(paths: BoxPaths) -> list[str]:
+    """Build the test images with tools/images/build.py and push what the registry lacks.
+
+    Returns the names of the images that could not be built or pushed (each logged).
+    """
     builder = CHECKOUT / "tools" / "images" / "build.py"
     if not builder.exists():
         log.warning("%s does not exist yet: registry not seeded", builder)
-        return
-    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
+        return []
+    failed = []
     for name, repo in SEED_IMAGES:
-        layout = paths.cache / "oci" / name
-        layout.parent.mkdir(mode=0o755, exist_ok=True)
-        started = time.monotonic()
-        run([python, builder, name, "--out", layout], timeout=1800)
-        source = layout_digest(layout)
-        log.info("image %s built in %.1f s: %s", name, time.monotonic() - started, source)
-        stamp = paths.cache / f"pushed-{name}.json"
         try:
-            pushed = json.loads(stamp.read_text())
-        except (OSError, ValueError):
-            pushed = {}
-        remote = registry_digest(repo, "latest")
-        if remote and (remote == source or pushed == {"source": source, "pushed": remote}):
-            log.info("registry has %s:latest (%s): not pushed again", repo, remote)
-            continue
-        digestfile = paths.cache / f"pushed-{name}.digest"
-        log.info("pushing %s to %s/%s:latest", layout, REGISTRY_ADDR, repo)
-        run(
-            [
-                "skopeo",
-                "--policy",
-                paths.policy_json,
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                "--digestfile",
-                digestfile,
-                f"oci:{layout}:latest",
-                f"docker://{REGISTRY_ADDR}/{repo}:latest",
-            ],
-            timeout=600,
-        )
-        digest = digestfile.read_text().strip()
-        stamp.write_text(json.dumps({"source": source, "pushed": digest}) + "\n")
-        log.info("pushed %s:latest as %s", repo, digest)
+            seed_image(paths, builder, name, repo)
+        except BoxError as err:
+            log.error("image %s not seeded: %s", name, err)
+            failed.append(name)
+    return failed
+
+
+def seed_image(paths: BoxPaths, builder: Path, name: str, repo: str) -> None:
+    """Build one image layout (the builder caches it) and push it unless the registry has it."""
+    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
+    layout = paths.cache / "oci" / name
+    layout.parent.mkdir(mode=0o755, exist_ok=True)
+    started = time.monotonic()
+    argv = [str(python), str(builder), name, "--out", str(layout)]
+    log.debug("$ %s", " ".join(argv))
+    # The builder's progress (stderr) goes straight to ours: a first mpi build takes a minute.
+    proc = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise BoxError(f"{' '.join(argv)} exited {proc.returncode} (its log is above)")
+    source = layout_digest(layout)
+    log.info("image %s built in %.1f s: %s", name, time.monotonic() - started, source)
+    stamp = paths.cache / f"pushed-{name}.json"
+    try:
+        pushed = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        pushed = {}
+    remote = registry_digest(repo, "latest")
+    if remote and (remote == source or pushed == {"source": source, "pushed": remote}):
+        log.info("registry has %s:latest (%s): not pushed again", repo, remote)
+        return
+    digestfile = paths.cache / f"pushed-{name}.digest"
+    log.info("pushing %s to %s/%s:latest", layout, REGISTRY_ADDR, repo)
+    run(
+        [
+            "skopeo",
+            "--policy",
+            paths.policy_json,
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--digestfile",
+            digestfile,
+            f"oci:{layout}:latest",
+            f"docker://{REGISTRY_ADDR}/{repo}:latest",
+        ],
+        timeout=600,
+    )
+    digest = digestfile.read_text().strip()
+    stamp.write_text(json.dumps({"source": source, "pushed": digest}) + "\n")
+    log.info("pushed %s:latest as %s", repo, digest)
 
 
 # --- mounts and loop devices -----------------------------------------------------------------
@@ -813,10 +837,12 @@ def up(paths: BoxPaths = PATHS, *, plugin: bool = True) -> None:
     start_munge(paths)
     start_slurm(paths, changed)
     start_registry(paths)
-    seed_images(paths)
+    failed = seed_images(paths)
     wait_nodes_idle(paths)
     write_box_env(paths)
     log.info("box is up in %.1f s; source %s", time.monotonic() - started, BOX_ENV)
+    if failed:
+        raise BoxError(f"the box runs, but these test images are missing: {', '.join(failed)}")
 
 
 def down(paths: BoxPaths = PATHS) -> None:
@@ -825,34 +851,60 @@ def down(paths: BoxPaths = PATHS) -> None:
     started = time.monotonic()
     if slurmctld_daemon(paths).pid():
         cancel_jobs(paths)
+    stopped: list[int] = []
     nodes = {d.name: p for d in slurm_daemons(paths)[1:] if (p := d.pid())}
-    stop_pids(nodes)
-    stop_pids(box_stepds(paths))
-    ctld = slurmctld_daemon(paths)
-    if pid := ctld.pid():
-        stop_pids({ctld.name: pid})
+    stepds = box_stepds(paths)
+    for group in (nodes, stepds):
+        stop_pids(group)
+        stopped += group.values()
+    # Step daemons whose slurmd exited before they did (none unless a job ignored scancel).
+    stray = box_stepds(paths)
+    stop_pids(stray)
+    stopped += stray.values()
     reg = registry_daemon(paths)
-    if pid := reg.pid():
-        stop_pids({reg.name: pid})
-    stop_box_munged(paths)
+    for daemon in (slurmctld_daemon(paths), reg):
+        if pid := daemon.pid():
+            stop_pids({daemon.name: pid})
+            stopped.append(pid)
+    stopped += stop_box_munged(paths)
     unmount_all(paths.root)
     detach_loops(paths.root)
     for d in (*slurm_daemons(paths), reg):
         d.pidfile.unlink(missing_ok=True)
+    wait_reaped(stopped)
     log.info("box is down in %.1f s", time.monotonic() - started)
 
 
-def stop_box_munged(paths: BoxPaths) -> None:
+def wait_reaped(pids: Iterable[int], timeout: float = 10) -> None:
+    """Wait until the stopped daemons have left the process table.
+
+    They are dead already (zombies count as dead), but they were re-parented to pid 1,
+    which on these VMs reaps orphans only every few seconds: until it does, ``ps`` and
+    ``pgrep`` still list them as ``<defunct>``.
+    """
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if Path(f"/proc/{p}").exists()]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in left if Path(f"/proc/{p}").exists()]
+    if left:
+        log.info("%d stopped process(es) not yet reaped by pid 1: %s", len(left), left)
+
+
+def stop_box_munged(paths: BoxPaths) -> list[int]:
+    """Stop munged if the box started it; return the pids stopped."""
     try:
         recorded = int(paths.munged_marker.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         recorded = None
     pid = munged_daemon().pid()
+    paths.munged_marker.unlink(missing_ok=True)
     if recorded is not None and pid == recorded:
         stop_pids({"munged": pid})
-    elif pid:
+        return [pid]
+    if pid:
         log.info("munged (pid %d) was not started by the box: left running", pid)
-    paths.munged_marker.unlink(missing_ok=True)
+    return []
 
 
 def is_up(paths: BoxPaths = PATHS) -> bool:
@@ -878,7 +930,7 @@ def status(paths: BoxPaths = PATHS) -> int:
             extra = f" (started by {owner})"
         print(f"  {d.name:<12} {'running, pid ' + str(pid) if pid else 'stopped'}{extra}")
     if slurmctld_daemon(paths).pid():
-        states = node_states(paths)
+        states = node_states(paths, reasons=True)
         print("  nodes:       " + (", ".join(f"{n} {s}" for n, s in states.items()) or "?"))
     if registry_ok():
         print("  registry:    " + (", ".join(registry_catalog()) or "(empty)"))

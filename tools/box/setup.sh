@@ -30,6 +30,12 @@ PACKAGES=(
     python3-dev python3-venv libpython3.11-dev
     debootstrap procps psmisc gcc make
 )
+# The test image builder (tools/images/, another owner) lists what it needs one a line.
+if [[ -f $CHECKOUT/tools/images/APT_PACKAGES ]]; then
+    while read -r pkg _; do
+        [[ -z $pkg || $pkg == \#* ]] || PACKAGES+=("$pkg")
+    done <"$CHECKOUT/tools/images/APT_PACKAGES"
+fi
 
 # --- 1. packages --------------------------------------------------------------------------
 missing=()
@@ -50,7 +56,7 @@ if ((${#missing[@]})); then
         apt-get install -y -q --no-install-recommends "${missing[@]}"
     fi
 else
-    log "all ${#PACKAGES[@]} Debian packages are installed"
+    log "all ${#PACKAGES[@]} Debian packages wanted are installed"
 fi
 
 # Debian's packages start nothing here (no init system), but if a service manager did start
