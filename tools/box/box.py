@@ -335,23 +335,19 @@ def make_dirs(paths: BoxPaths) -> None:
 
 
 def plugin_line(paths: BoxPaths, enabled: bool) -> str:
+    """The plugstack.conf line of the Shifter plugin, commented out if off or not built."""
     line = f"required {PLUGIN} config={paths.shifter_yaml}"
     if not enabled:
         return f"# disabled by 'box.py up --no-plugin':\n# {line}"
     if not PLUGIN.exists():
-        log.warning(
-            "%s does not exist yet (make plugin): plugstack.conf has the plugin line commented "
-            "out; run 'box.py up' again once it is built",
-            PLUGIN,
-        )
         return f"# not built yet when box.py last ran:\n# {line}"
     return line
 
 
-def write_configs(paths: BoxPaths, *, plugin: bool) -> set[str]:
-    """Generate every file in ``etc/``; return the names of those whose content changed."""
+def rendered_configs(paths: BoxPaths, *, plugin: bool) -> dict[str, str]:
+    """File name in ``etc/`` -> the content ``up`` writes there."""
     values = {"box": str(paths.root), "host": socket.gethostname().split(".")[0]}
-    files = {
+    return {
         "slurm.conf": render("slurm.conf.in", **values),
         "plugstack.conf": render("plugstack.conf.in", plugin_line=plugin_line(paths, plugin)),
         "cgroup.conf": render("cgroup.conf.in"),
@@ -359,6 +355,28 @@ def write_configs(paths: BoxPaths, *, plugin: bool) -> set[str]:
         "registry.yml": render("registry.yml.in", **values),
         "policy.json": json.dumps({"default": [{"type": "insecureAcceptAnything"}]}) + "\n",
     }
+
+
+def configs_current(paths: BoxPaths, *, plugin: bool = True) -> bool:
+    """True when every file in ``etc/`` is what ``up`` would write now."""
+    for name, text in rendered_configs(paths, plugin=plugin).items():
+        try:
+            if (paths.etc / name).read_text() != text:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def write_configs(paths: BoxPaths, *, plugin: bool) -> set[str]:
+    """Generate every file in ``etc/``; return the names of those whose content changed."""
+    if plugin and not PLUGIN.exists():
+        log.warning(
+            "%s does not exist yet (make plugin): plugstack.conf has the plugin line commented "
+            "out; run 'box.py up' again once it is built",
+            PLUGIN,
+        )
+    files = rendered_configs(paths, plugin=plugin)
     changed = {name for name, text in files.items() if write_root_file(paths.etc / name, text)}
     for name in sorted(changed):
         log.info("wrote %s", paths.etc / name)
@@ -908,9 +926,10 @@ def stop_box_munged(paths: BoxPaths) -> list[int]:
 
 
 def is_up(paths: BoxPaths = PATHS) -> bool:
-    """A cheap check that every service of the box runs and the nodes are usable."""
+    """A cheap check that every service of the box runs with the current configuration
+    (plugin enabled if built) and the nodes are usable: when True, ``up`` has nothing to do."""
     daemons = [*slurm_daemons(paths), registry_daemon(paths), munged_daemon()]
-    if not all(d.pid() for d in daemons) or not registry_ok():
+    if not all(d.pid() for d in daemons) or not registry_ok() or not configs_current(paths):
         return False
     states = node_states(paths)
     return all(states.get(n) in ("idle", "mixed", "allocated", "completing") for n in NODES)
