@@ -1,0 +1,693 @@
+"""Flatten OCI/Docker image layers into one tar stream, without extracting anything to disk.
+
+``flatten(layers, out)`` applies the layer tars in order, as the OCI image spec's "Applying
+changesets" describes, and writes ONE PAX tar of the final tree to ``out`` (meant to be the
+stdin of ``tar2sqfs``).  Layers may be gzip-, zstd- or un-compressed; the compression is
+detected from the magic bytes, never from the name.
+
+How it works (two passes, memory proportional to the number of entries in the final tree,
+never to file sizes):
+
+1. *Plan*: every layer is decompressed and its headers read in order (file data is skipped,
+   never kept).  An in-memory tree is updated as each member is applied: directories hold
+   their metadata and children; every other name points to an *inode* (regular file, symlink,
+   device or FIFO) that remembers the layer and member index holding its data.  Hardlinks
+   add a name to the inode that their target names at that moment, so a hardlink keeps its
+   content when the original is later whited out or replaced, and hardlinks across layers
+   work.
+2. *Emit*: the final tree is written in this order:
+
+   a. every directory, root (``./``) first, then sorted by path, so parents come before their
+      children (metadata from the last layer that declared the directory; directories no
+      layer declares are emitted as mode 0755, uid/gid 0, mtime 0, as ``tar2sqfs`` does);
+   b. inodes without data (symlinks, empty files, devices when kept), sorted by path;
+   c. regular files with data, in layer order and member order inside a layer: each layer
+      that holds surviving data is streamed a second time (and only as far as its last
+      surviving member) and the data is copied straight from the input to the output.
+
+   An inode with several surviving names is written once, under its first surviving name
+   (the name that was created first), immediately followed by hardlinks to it for the other
+   names.  The stream is therefore valid for any tar reader: directories before their
+   contents, hardlink targets before the links.
+
+Semantics (matching ``umoci unpack`` where the spec leaves room):
+
+- ``DIR/.wh.NAME`` removes ``NAME`` and its subtree; ``DIR/.wh..wh..opq`` removes every child
+  of ``DIR``.  Both affect only what lower layers put there: entries of the same layer (and
+  directories that are ancestors of them) that were applied before the whiteout survive.
+  Whiteouts never appear in the output; whiteouts of missing paths are no-ops; aufs metadata
+  (``.wh..wh.*`` other than the opaque marker, and anything below it) is ignored.
+- A non-directory replaces whatever was at its path (a directory with its whole subtree); a
+  directory replaces a non-directory; a directory entry for an existing directory only
+  updates its metadata and keeps its children.  Parents that a member needs but no layer
+  declared are created implicitly; a non-directory in the way of such a parent is replaced
+  by a directory (like overlayfs; symlinks are never followed, so ``lib/x`` below a ``lib``
+  symlink does not land in the symlink's target as it would with ``umoci``).
+- Symlinks are data: targets are kept verbatim, even absolute or escaping ones.
+- Names are normalised: a leading ``/`` or ``./``, ``.`` components and trailing slashes are
+  dropped and ``..`` is resolved lexically, so ``/abs/path`` becomes ``abs/path`` (the image
+  root is the only root a layer knows, as in Docker, containerd and umoci).  A member whose
+  name still climbs above the root (``../x``, ``a/../../x``) is dropped with a warning, and so
+  is a hardlink whose target does; nothing can name anything outside the tree.
+
+Policy (DESIGN.md item 2; ``FlattenPolicy``): contents, types, modes, numeric uid/gid and
+mtimes (including fractions of a second, in PAX records) are kept, user and group names are
+not; setuid, setgid and sticky bits are kept (the runtime mounts every image ``nosuid`` and
+sets ``no_new_privs``); device nodes and FIFOs are dropped and counted, hardlinks to them
+too; every extended attribute (PAX ``SCHILY.xattr.*``, hence file capabilities) and every
+other PAX record is dropped; every entry gets ``a+rX`` (read for all; execute/search for all
+on directories and on files with any execute bit).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from shifter_core.errors import ShifterError
+
+LOG = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_UNSUPPORTED_MAGIC = {
+    b"\xfd7zXZ\x00": "xz",
+    b"BZh": "bzip2",
+    b"\x04\x22\x4d\x18": "lz4",
+}
+
+_READ_SIZE = 1 << 20
+_XATTR_PREFIX = "SCHILY.xattr."
+
+# Inode kinds.
+_REG, _SYM, _DEV = "reg", "sym", "dev"
+
+_DEVICE_TYPES = (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE)
+_REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
+
+
+class FlattenError(ShifterError):
+    """A layer could not be read or does not form a valid image."""
+
+
+@dataclass(frozen=True)
+class FlattenPolicy:
+    """What survives flattening.  The defaults are Shifter's policy (DESIGN.md item 2)."""
+
+    keep_devices: bool = False  # char/block devices and FIFOs
+    keep_xattrs: bool = False  # PAX SCHILY.xattr.* records (file capabilities among them)
+    world_readable: bool = True  # a+rX on every entry
+    keep_setid: bool = True  # setuid/setgid bits (the runtime mounts nosuid)
+
+
+@dataclass
+class FlattenStats:
+    """What ``flatten`` wrote and dropped.
+
+    ``files`` counts regular-file inodes written with their content (a hardlinked file
+    counts once, its other names count in ``hardlinks``); ``dirs`` includes the root.
+    ``devices_dropped`` counts names of devices and FIFOs in the final tree that were not
+    written; ``escaping_dropped`` counts members (and hardlinks) whose path or link target
+    leaves the root; ``whiteouts`` counts whiteout entries applied (opaque ones included);
+    ``other_dropped`` counts hardlinks to missing targets or directories and members of
+    unsupported types.
+    """
+
+    layers: int = 0
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    devices: int = 0  # devices and FIFOs written (only with FlattenPolicy.keep_devices)
+    bytes: int = 0
+    devices_dropped: int = 0
+    escaping_dropped: int = 0
+    whiteouts: int = 0
+    other_dropped: int = 0
+    layers_reread: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading layers
+
+
+class _Counting:
+    """A read-only stream wrapper that counts the bytes it returned."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
+
+def _open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
+    """Wrap ``raw`` (positioned at 0) in the decompressor its magic bytes call for."""
+    head = raw.read(8)
+    raw.seek(0)
+    if head.startswith(_GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if head.startswith(_ZSTD_MAGIC):
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            raw, read_size=_READ_SIZE, read_across_frames=True, closefd=False
+        )
+        return reader  # type: ignore[return-value]
+    for magic, name in _UNSUPPORTED_MAGIC.items():
+        if head.startswith(magic):
+            raise FlattenError(
+                f"layer {path} is {name}-compressed, which image layers may not be",
+                "only gzip, zstd and uncompressed tar layers are supported",
+            )
+    return raw
+
+
+class _Layer:
+    """One pass over one layer: ``for index, member in layer`` with data readable meanwhile."""
+
+    def __init__(self, path: Path, index: int) -> None:
+        self.path = path
+        self.index = index
+        self._raw: BinaryIO | None = None
+        self.tar: tarfile.TarFile | None = None
+        self._stream: _Counting | None = None
+
+    def __enter__(self) -> _Layer:
+        try:
+            self._raw = open(self.path, "rb")
+            self._stream = _Counting(_open_decompressed(self.path, self._raw))
+        except OSError as exc:
+            self.close()
+            raise FlattenError(
+                f"cannot read layer {self.path}: {exc.strerror or exc}",
+                "check that the layer was downloaded completely",
+            ) from exc
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    def fail(self, exc: BaseException) -> FlattenError:
+        return FlattenError(
+            f"layer {self.index + 1} ({self.path}) is not a valid tar archive: {exc}",
+            "the layer is corrupt or truncated; remove it from the layer cache and pull again",
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, tarfile.TarInfo]]:
+        assert self._stream is not None
+        try:
+            try:
+                self.tar = tarfile.open(  # noqa: SIM115 - lives as long as the iteration
+                    fileobj=self._stream,  # type: ignore[arg-type]
+                    mode="r|",
+                    bufsize=_READ_SIZE,
+                    encoding="utf-8",
+                    errors="surrogateescape",
+                )
+            except tarfile.ReadError:
+                if self._stream.count == 0:
+                    return  # an empty stream is an empty layer
+                raise
+            index = 0
+            while True:
+                member = self.tar.next()
+                if member is None:
+                    return
+                # Stream mode would otherwise keep every header of the layer in memory.
+                self.tar.members.clear()
+                yield index, member
+                index += 1
+        except (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+            raise self.fail(exc) from exc
+
+    def data(self, member: tarfile.TarInfo) -> BinaryIO:
+        """The current member's data; read errors become ``FlattenError``."""
+        assert self.tar is not None
+        fileobj = self.tar.extractfile(member)
+        assert fileobj is not None
+        layer = self
+
+        class Reader:
+            def read(self, size: int = -1) -> bytes:
+                try:
+                    return fileobj.read(size)
+                except (
+                    tarfile.TarError,
+                    OSError,
+                    EOFError,
+                    zlib.error,
+                    zstandard.ZstdError,
+                ) as exc:
+                    raise layer.fail(exc) from exc
+
+        return Reader()  # type: ignore[return-value]
+
+    def drain(self) -> None:
+        """Read the rest of the stream, so that truncation and checksum errors surface."""
+        assert self._stream is not None
+        try:
+            while True:
+                chunk = self._stream.read(_READ_SIZE)
+                if not chunk:
+                    return
+                if chunk.count(0) != len(chunk):
+                    LOG.warning(
+                        "layer %s: ignoring data after the end of the tar archive", self.path
+                    )
+                    while self._stream.read(_READ_SIZE):
+                        pass
+                    return
+        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+            raise self.fail(exc) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# The tree
+
+
+class _Meta:
+    """The metadata of a directory or inode, as it will be written (before the policy)."""
+
+    __slots__ = (
+        "devmajor",
+        "devminor",
+        "gid",
+        "linkname",
+        "mode",
+        "mtime",
+        "size",
+        "type",
+        "uid",
+        "xattrs",
+    )
+
+    def __init__(self, member: tarfile.TarInfo | None, keep_xattrs: bool) -> None:
+        self.xattrs: dict[str, str] | None = None
+        if member is None:  # an implicit directory
+            self.type, self.mode, self.uid, self.gid, self.mtime = tarfile.DIRTYPE, 0o755, 0, 0, 0
+            self.size, self.linkname, self.devmajor, self.devminor = 0, "", 0, 0
+            return
+        self.type = member.type
+        self.mode = member.mode & 0o7777
+        self.uid = member.uid
+        self.gid = member.gid
+        self.mtime = member.mtime
+        self.size = member.size if member.isreg() else 0
+        self.linkname = member.linkname if member.issym() else ""
+        self.devmajor = member.devmajor
+        self.devminor = member.devminor
+        if keep_xattrs:
+            xattrs = {k: v for k, v in member.pax_headers.items() if k.startswith(_XATTR_PREFIX)}
+            self.xattrs = xattrs or None
+
+
+class _Inode:
+    """A non-directory object; ``layer``/``member`` locate its data."""
+
+    __slots__ = ("kind", "layer", "member", "meta", "name")
+
+    def __init__(self, kind: str, meta: _Meta, layer: int, member: int, name: str) -> None:
+        self.kind = kind
+        self.meta = meta
+        self.layer = layer
+        self.member = member
+        self.name = name  # the member's name in its layer, checked on the second pass
+
+
+class _Dir:
+    __slots__ = ("children", "meta", "touched")
+
+    def __init__(self, meta: _Meta, touched: int) -> None:
+        self.meta = meta
+        self.children: dict[str, _Dir | _Name] = {}
+        self.touched = touched  # the last layer that declared it or put something below it
+
+
+class _Name:
+    """A directory entry naming an inode."""
+
+    __slots__ = ("inode", "seq", "touched")
+
+    def __init__(self, inode: _Inode, touched: int, seq: int) -> None:
+        self.inode = inode
+        self.touched = touched
+        self.seq = seq  # creation order: the first surviving name carries the data
+
+
+def normalise(name: str) -> str | None:
+    """Return ``name`` relative to the image root, ``""`` for the root, None if it escapes."""
+    parts: list[str] = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(parts)
+
+
+class _Tree:
+    def __init__(self, policy: FlattenPolicy, stats: FlattenStats) -> None:
+        self.policy = policy
+        self.stats = stats
+        self.root = _Dir(_Meta(None, False), -1)
+        self.root_declared = False
+        self.seq = 0
+
+    # -- lookups and changes -----------------------------------------------------------------
+
+    def lookup(self, path: str) -> _Dir | _Name | None:
+        node: _Dir | _Name = self.root
+        if not path:
+            return node
+        for part in path.split("/"):
+            if not isinstance(node, _Dir):
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def parent_for(self, path: str, layer: int) -> tuple[_Dir, str]:
+        """The directory that will hold ``path`` (created as needed) and the base name."""
+        *parents, base = path.split("/")
+        node = self.root
+        for part in parents:
+            child = node.children.get(part)
+            if not isinstance(child, _Dir):
+                if child is not None:
+                    LOG.debug("layer %d: directory %s replaces a non-directory", layer + 1, part)
+                child = _Dir(_Meta(None, False), layer)
+                node.children[part] = child
+            child.touched = layer
+            node = child
+        return node, base
+
+    def remove_lower(self, parent: _Dir, name: str, layer: int) -> None:
+        """Remove ``parent/name`` except what ``layer`` itself has put there."""
+        stack = [(parent, name)]
+        while stack:
+            directory, child_name = stack.pop()
+            child = directory.children[child_name]
+            if child.touched != layer:
+                del directory.children[child_name]
+            elif isinstance(child, _Dir):
+                stack.extend((child, grandchild) for grandchild in child.children)
+
+    # -- applying one member -----------------------------------------------------------------
+
+    def apply(self, layer: int, index: int, member: tarfile.TarInfo) -> None:
+        path = normalise(member.name)
+        if path is None:
+            self.stats.escaping_dropped += 1
+            LOG.warning(
+                "layer %d: dropping %r: its path leaves the image root", layer + 1, member.name
+            )
+            return
+        if not path:
+            if member.isdir():
+                self.root.meta = _Meta(member, self.policy.keep_xattrs)
+                self.root_declared = True
+            else:
+                self.stats.other_dropped += 1
+                LOG.warning(
+                    "layer %d: dropping %r: the root can only be a directory",
+                    layer + 1,
+                    member.name,
+                )
+            return
+        base = path.rpartition("/")[2]
+        if base.startswith(WHITEOUT_PREFIX):
+            self.whiteout(layer, path, member)
+            return
+        if any(part.startswith(WHITEOUT_META_PREFIX) for part in path.split("/")[:-1]):
+            return  # below aufs metadata (.wh..wh.plnk/...)
+        if member.isdir():
+            parent, base = self.parent_for(path, layer)
+            existing = parent.children.get(base)
+            meta = _Meta(member, self.policy.keep_xattrs)
+            if isinstance(existing, _Dir):
+                existing.meta = meta
+                existing.touched = layer
+            else:
+                parent.children[base] = _Dir(meta, layer)
+            return
+        if member.islnk():
+            inode = self.link_target(layer, member)
+            if inode is None:
+                return
+        elif member.type in _REGULAR_TYPES:
+            inode = _Inode(_REG, _Meta(member, self.policy.keep_xattrs), layer, index, member.name)
+        elif member.issym():
+            inode = _Inode(_SYM, _Meta(member, self.policy.keep_xattrs), layer, index, member.name)
+        elif member.type in _DEVICE_TYPES:
+            inode = _Inode(_DEV, _Meta(member, self.policy.keep_xattrs), layer, index, member.name)
+        else:
+            self.stats.other_dropped += 1
+            LOG.warning(
+                "layer %d: dropping %r: unsupported tar member type %r",
+                layer + 1,
+                member.name,
+                member.type,
+            )
+            return
+        parent, base = self.parent_for(path, layer)
+        self.seq += 1
+        parent.children[base] = _Name(inode, layer, self.seq)
+
+    def link_target(self, layer: int, member: tarfile.TarInfo) -> _Inode | None:
+        target = normalise(member.linkname)
+        if target is None:
+            self.stats.escaping_dropped += 1
+            LOG.warning(
+                "layer %d: dropping hardlink %r: its target %r leaves the image root",
+                layer + 1,
+                member.name,
+                member.linkname,
+            )
+            return None
+        node = self.lookup(target) if target else self.root
+        if not isinstance(node, _Name):
+            self.stats.other_dropped += 1
+            what = "is a directory" if isinstance(node, _Dir) else "does not exist"
+            LOG.warning(
+                "layer %d: dropping hardlink %r: its target %r %s",
+                layer + 1,
+                member.name,
+                member.linkname,
+                what,
+            )
+            return None
+        return node.inode
+
+    def whiteout(self, layer: int, path: str, member: tarfile.TarInfo) -> None:
+        head, _, base = path.rpartition("/")
+        if base == WHITEOUT_OPAQUE:
+            self.stats.whiteouts += 1
+            directory = self.lookup(head)
+            if isinstance(directory, _Dir):
+                for child in list(directory.children):
+                    self.remove_lower(directory, child, layer)
+            return
+        if base.startswith(WHITEOUT_META_PREFIX):
+            return  # aufs metadata (.wh..wh.plnk, .wh..wh.aufs, ...): not a whiteout
+        name = base[len(WHITEOUT_PREFIX) :]
+        if name in ("", ".", ".."):
+            self.stats.other_dropped += 1
+            LOG.warning("layer %d: ignoring invalid whiteout %r", layer + 1, member.name)
+            return
+        self.stats.whiteouts += 1
+        directory = self.lookup(head)
+        if isinstance(directory, _Dir) and name in directory.children:
+            self.remove_lower(directory, name, layer)
+
+    # -- the final tree ----------------------------------------------------------------------
+
+    def walk(
+        self,
+    ) -> tuple[list[tuple[str, _Meta]], dict[int, list[tuple[int, str]]], dict[int, _Inode]]:
+        """Directories in emission order, and the surviving names of every inode."""
+        dirs: list[tuple[str, _Meta]] = [(".", self.root.meta)]
+        names: dict[int, list[tuple[int, str]]] = {}
+        inodes: dict[int, _Inode] = {}
+        stack: list[tuple[str, _Dir]] = [("", self.root)]
+        while stack:
+            prefix, directory = stack.pop()
+            subdirs = []
+            for name in sorted(directory.children):
+                child = directory.children[name]
+                path = prefix + name
+                if isinstance(child, _Dir):
+                    dirs.append((path, child.meta))
+                    subdirs.append((path + "/", child))
+                else:
+                    key = id(child.inode)
+                    inodes[key] = child.inode
+                    names.setdefault(key, []).append((child.seq, path))
+            stack.extend(reversed(subdirs))
+        dirs[1:] = sorted(dirs[1:], key=lambda item: item[0])
+        return dirs, names, inodes
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _header(path: str, meta: _Meta, policy: FlattenPolicy) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(path)
+    info.type = meta.type
+    mode = meta.mode
+    if not policy.keep_setid:
+        mode &= ~0o6000
+    if policy.world_readable:
+        mode |= 0o444
+        if meta.type == tarfile.DIRTYPE or mode & 0o111:
+            mode |= 0o111
+    info.mode = mode
+    info.uid = meta.uid
+    info.gid = meta.gid
+    info.uname = ""
+    info.gname = ""
+    info.mtime = meta.mtime
+    info.size = meta.size
+    info.linkname = meta.linkname
+    info.devmajor = meta.devmajor
+    info.devminor = meta.devminor
+    if meta.xattrs:
+        info.pax_headers = dict(meta.xattrs)
+    return info
+
+
+def _link_header(path: str, target: str, primary: tarfile.TarInfo) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(path)
+    info.type = tarfile.LNKTYPE
+    info.linkname = target
+    info.mode, info.uid, info.gid = primary.mode, primary.uid, primary.gid
+    info.mtime = primary.mtime
+    info.uname = info.gname = ""
+    return info
+
+
+def flatten(
+    layers: Sequence[Path],
+    out: BinaryIO,
+    *,
+    policy: FlattenPolicy | None = None,
+) -> FlattenStats:
+    """Apply ``layers`` (lowest first) and write the final tree to ``out`` as a PAX tar stream.
+
+    ``out`` is only written sequentially (a pipe is fine) and is flushed, not closed.  Raises
+    ``FlattenError`` when a layer cannot be read or is not a tar archive; the output is then
+    incomplete and must be discarded.
+    """
+    policy = policy or FlattenPolicy()
+    stats = FlattenStats(layers=len(layers))
+    tree = _Tree(policy, stats)
+    paths = [Path(layer) for layer in layers]
+
+    # Pass 1: headers only.
+    for index, path in enumerate(paths):
+        with _Layer(path, index) as layer:
+            for member_index, member in layer:
+                tree.apply(index, member_index, member)
+            layer.drain()
+
+    dirs, names, inodes = tree.walk()
+    no_data: list[tuple[str, _Inode, list[str]]] = []
+    with_data: dict[int, dict[int, tuple[_Inode, list[str]]]] = {}
+    for key, inode in inodes.items():
+        inode_names = [path for _, path in sorted(names[key])]
+        if inode.kind == _DEV and not policy.keep_devices:
+            stats.devices_dropped += len(inode_names)
+            continue
+        if inode.kind == _REG and inode.meta.size > 0:
+            with_data.setdefault(inode.layer, {})[inode.member] = (inode, inode_names)
+        else:
+            no_data.append((inode_names[0], inode, inode_names))
+    no_data.sort(key=lambda item: item[0])
+
+    tar = tarfile.open(  # noqa: SIM115 - closed (end-of-archive written) only on success
+        fileobj=out,  # type: ignore[arg-type]
+        mode="w|",
+        format=tarfile.PAX_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+        bufsize=_READ_SIZE,
+        copybufsize=_READ_SIZE,
+    )
+
+    def write_names(inode: _Inode, inode_names: list[str], data: BinaryIO | None) -> None:
+        primary = _header(inode_names[0], inode.meta, policy)
+        if inode.kind == _REG:
+            primary.type = tarfile.REGTYPE
+            stats.files += 1
+            stats.bytes += primary.size
+        elif inode.kind == _SYM:
+            stats.symlinks += 1
+        else:
+            stats.devices += 1
+        tar.addfile(primary, data)
+        for other in inode_names[1:]:
+            tar.addfile(_link_header(other, inode_names[0], primary))
+            stats.hardlinks += 1
+
+    for path, meta in dirs:
+        tar.addfile(_header(path, meta, policy))
+        stats.dirs += 1
+    for _, inode, inode_names in no_data:
+        write_names(inode, inode_names, None)
+
+    # Pass 2: the data, layer by layer, each read only as far as its last surviving member.
+    for index in sorted(with_data):
+        wanted = with_data[index]
+        stats.layers_reread.append(index)
+        with _Layer(paths[index], index) as layer:
+            for member_index, member in layer:
+                found = wanted.pop(member_index, None)
+                if found is None:
+                    continue
+                inode, inode_names = found
+                if member.name != inode.name or member.size != inode.meta.size:
+                    raise FlattenError(
+                        f"layer {index + 1} ({paths[index]}) changed while it was flattened",
+                        "layers must not be modified during a conversion",
+                    )
+                try:
+                    write_names(inode, inode_names, layer.data(member))
+                except tarfile.ReadError as exc:  # the layer ended inside the member's data
+                    raise layer.fail(exc) from exc
+                if not wanted:
+                    break
+        if wanted:
+            raise FlattenError(
+                f"layer {index + 1} ({paths[index]}) changed while it was flattened",
+                "layers must not be modified during a conversion",
+            )
+
+    tar.close()  # writes the end-of-archive blocks; does not close ``out``
+    out.flush()
+    LOG.debug("flattened %d layers: %s", len(paths), stats)
+    return stats
