@@ -835,6 +835,11 @@ def detach_loops(root: Path) -> None:
             log.info("detached %s (%s)", device, target)
         else:
             log.warning("could not detach %s (%s)", device, target)
+    left = box_loop_devices(root)
+    if left:
+        # A loop device still in use (a lazily unmounted file system with a process inside)
+        # only autoclears when its last user is gone.
+        log.warning("still attached, in use: %s (they detach when released)", ", ".join(left))
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -945,8 +950,8 @@ def status(paths: BoxPaths = PATHS) -> int:
         ok &= pid is not None
         extra = ""
         if d.name == "munged" and pid:
-            owner = "box" if paths.munged_marker.exists() else "not the box"
-            extra = f" (started by {owner})"
+            by_box = paths.munged_marker.exists()
+            extra = " (started by the box)" if by_box else " (not started by the box: kept)"
         print(f"  {d.name:<12} {'running, pid ' + str(pid) if pid else 'stopped'}{extra}")
     if slurmctld_daemon(paths).pid():
         states = node_states(paths, reasons=True)
