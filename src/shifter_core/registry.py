@@ -40,7 +40,7 @@ import platform as _platform
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -790,7 +790,7 @@ class RegistryClient:
     def _read_raw(response: httpx.Response, limit: int, what: str) -> bytes:
         chunks = []
         total = 0
-        for chunk in response.iter_raw(_CHUNK):
+        for chunk in _iter_raw(response):
             total += len(chunk)
             if total > limit:
                 raise RegistryError(f"{what} is larger than {limit} bytes; refusing it")
@@ -1316,7 +1316,7 @@ class RegistryClient:
                         f"registry {endpoint.registry} refused blob {desc.digest} of '{name}': "
                         f"{_describe(status, body)}"
                     )
-                for chunk in response.iter_raw(_CHUNK):
+                for chunk in _iter_raw(response):
                     if cancel is not None and cancel.is_set():
                         raise _Cancelled
                     done += len(chunk)
@@ -1445,6 +1445,18 @@ class RegistryClient:
             real = [e for e in errors if not isinstance(e, _Cancelled)]
             raise (real or errors)[0]
         return [futures[layer.digest].result() for layer in resolved.layers]
+
+
+def _iter_raw(response: httpx.Response) -> Iterator[bytes]:
+    """The body exactly as sent (no Content-Encoding decoding), in chunks.
+
+    A response whose body was loaded already (``httpx.MockTransport`` builds those) yields it
+    in one piece.
+    """
+    if response.is_stream_consumed and hasattr(response, "_content"):
+        yield response.content
+        return
+    yield from response.iter_raw(_CHUNK)
 
 
 def _with_auth(headers: Mapping[str, str], auth: str | None) -> dict[str, str]:
