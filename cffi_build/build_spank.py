@@ -72,7 +72,14 @@ int shifter_getopt(spank_t sp, int val, char **optarg);
 
 INIT_CODE = """
 from _shifter_spank import ffi, lib
-import shifter_core.spank as _spank
+
+try:
+    import shifter_core.spank as _spank
+except BaseException:
+    import traceback
+    for _line in traceback.format_exc().splitlines():
+        lib.slurm_error(b"shifter: %s", ffi.new("char[]", _line.encode(errors="replace")))
+    raise
 
 _spank.bind(ffi, lib)
 
