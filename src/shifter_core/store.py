@@ -1,0 +1,190 @@
+"""The image store: ``<image_path>/<id>.squashfs`` and ``<id>.json``, published atomically.
+
+The store is what every node reads (usually on a shared file system). An image is only
+ever visible complete: the squashfs is written to a hidden ``.partial`` file in the same
+directory and renamed into place, then its metadata the same way. Readers trust a
+``<id>.squashfs`` only when its ``<id>.json`` exists, so a crash between the two renames
+leaves an orphan that :meth:`ImageStore.sweep` removes, never a half image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ShifterError
+
+log = logging.getLogger(__name__)
+
+IMAGE_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+PARTIAL_SUFFIX = ".partial"
+
+
+class StoreError(ShifterError):
+    """The image store is missing, unwritable or holds something unexpected."""
+
+
+def check_image_id(image_id: str) -> str:
+    """An image id is 64 lower-case hex digits; anything else could be a path."""
+    if not IMAGE_ID_RE.match(image_id):
+        raise StoreError(f"invalid image id {image_id!r}", hint="ids are 64 hexadecimal digits")
+    return image_id
+
+
+@dataclass(frozen=True)
+class Acl:
+    """Who may see and use a private image (the puller is always in ``users``)."""
+
+    users: tuple[int, ...] = ()
+    groups: tuple[int, ...] = ()
+
+    def allows(self, uid: int, gids: tuple[int, ...] | list[int]) -> bool:
+        """True for root, a listed user, or a member of a listed group."""
+        return uid == 0 or uid in self.users or any(g in self.groups for g in gids)
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    """Everything the runtime needs to know about an image, and where it came from."""
+
+    id: str
+    source: str
+    digest: str
+    platform: str
+    env: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] | None = None
+    cmd: tuple[str, ...] | None = None
+    workdir: str = ""
+    user: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    config_digest: str = ""
+    layers: tuple[dict[str, Any], ...] = ()
+    size: int = 0
+    created: float = 0.0
+    acl: Acl | None = None
+
+    @property
+    def private(self) -> bool:
+        return self.acl is not None
+
+    def visible_to(self, uid: int, gids: tuple[int, ...] | list[int]) -> bool:
+        """Public images are visible to all; private ones to their ACL (and root)."""
+        return self.acl is None or self.acl.allows(uid, gids)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageMetadata:
+        data = json.loads(text)
+        acl = data.pop("acl", None)
+        for key in ("env", "layers"):
+            data[key] = tuple(data.get(key) or ())
+        for key in ("entrypoint", "cmd"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        if acl is not None:
+            acl = Acl(tuple(acl.get("users", ())), tuple(acl.get("groups", ())))
+        return cls(acl=acl, **data)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ImageStore:
+    """One directory of images, written by the gateway and read by everyone else."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def image_file(self, image_id: str) -> Path:
+        return self.path / f"{check_image_id(image_id)}.squashfs"
+
+    def metadata_file(self, image_id: str) -> Path:
+        return self.path / f"{check_image_id(image_id)}.json"
+
+    def new_partial(self, image_id: str) -> Path:
+        """A fresh hidden file name in the store for an image being written."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path / f".{check_image_id(image_id)}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+
+    def publish(self, metadata: ImageMetadata, partial: Path) -> Path:
+        """Move a complete squashfs into place and write its metadata, both atomically."""
+        image = self.image_file(metadata.id)
+        mode = 0o600 if metadata.private else 0o644
+        with open(partial, "rb") as fh:
+            os.fsync(fh.fileno())
+        partial.chmod(mode)
+        partial.replace(image)
+        meta_partial = self.new_partial(metadata.id)
+        try:
+            with open(meta_partial, "w", encoding="utf-8") as fh:
+                fh.write(metadata.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            meta_partial.chmod(mode)
+            meta_partial.replace(self.metadata_file(metadata.id))
+        finally:
+            meta_partial.unlink(missing_ok=True)
+        _fsync_dir(self.path)
+        log.info("published image %s (%s, %d bytes)", metadata.id, metadata.source, metadata.size)
+        return image
+
+    def get(self, image_id: str) -> ImageMetadata | None:
+        """The metadata of a complete image, or None."""
+        try:
+            text = self.metadata_file(image_id).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        if not self.image_file(image_id).exists():
+            return None
+        return ImageMetadata.from_json(text)
+
+    def __iter__(self) -> Iterator[ImageMetadata]:
+        if not self.path.is_dir():
+            return
+        for meta in sorted(self.path.glob("*.json")):
+            if IMAGE_ID_RE.match(meta.stem):
+                image = self.get(meta.stem)
+                if image is not None:
+                    yield image
+
+    def remove(self, image_id: str) -> bool:
+        """Delete an image (metadata first, so it stops being visible at once)."""
+        found = False
+        for path in (self.metadata_file(image_id), self.image_file(image_id)):
+            try:
+                path.unlink()
+                found = True
+            except FileNotFoundError:
+                pass
+        return found
+
+    def sweep(self) -> int:
+        """Remove partial files and squashfs files without metadata (a crash's leftovers)."""
+        removed = 0
+        if not self.path.is_dir():
+            return 0
+        for path in self.path.iterdir():
+            orphan = (
+                path.suffix == ".squashfs"
+                and IMAGE_ID_RE.match(path.stem)
+                and not self.metadata_file(path.stem).exists()
+            )
+            if path.name.endswith(PARTIAL_SUFFIX) or orphan:
+                path.unlink(missing_ok=True)
+                log.info("removed leftover %s", path)
+                removed += 1
+        return removed
