@@ -193,8 +193,10 @@ class CredentialStore:
         directory = self.path.parent
         created = not directory.exists()
         directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        st = directory.stat()
-        if created or (st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != DIR_MODE):
+        # Tighten our own directory (new, or the default ~/.config/shifter) but never chmod
+        # some other existing directory a custom path points into (it could be /tmp).
+        own_default = directory == default_path().parent and directory.stat().st_uid == os.geteuid()
+        if created or own_default:
             os.chmod(directory, DIR_MODE)
         lock_path = directory / (self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)

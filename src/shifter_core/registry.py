@@ -1203,8 +1203,13 @@ class RegistryClient:
             Descriptor.from_json(layer, f"layer {i} of '{name}'")
             for i, layer in enumerate(raw_layers)
         )
-        for layer in layers:
-            _ = layer.compression  # raises for media types we cannot unpack
+        for i, layer in enumerate(layers):
+            if layer.media_type not in LAYER_COMPRESSION:
+                raise UnsupportedManifest(
+                    f"layer {i} of '{name}' has media type {layer.media_type!r}, which Shifter "
+                    "cannot unpack",
+                    hint="only tar layers (uncompressed, gzip or zstd) are supported",
+                )
         config_bytes = self._fetch_small_blob(endpoint, ref, name, config_desc, MAX_CONFIG_BYTES)
         try:
             config_doc = json.loads(config_bytes)

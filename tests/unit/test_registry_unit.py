@@ -1052,3 +1052,24 @@ def test_default_credentials_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.setenv("HOME", str(tmp_path))
     assert CredentialStore().path == tmp_path / ".config" / "shifter" / "credentials.json"
     assert normalize_registry("HTTPS://Quay.IO/v2/") == "quay.io"
+
+
+def test_credential_store_never_chmods_a_foreign_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o1777)
+    CredentialStore(shared / "creds.json").set("quay.io", "u", "p")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((shared / "creds.json").stat().st_mode) == 0o600
+
+
+def test_unknown_layer_media_type_is_refused(sleeps: list[float]) -> None:
+    fake = FakeRegistry()
+    fake.image("art", "1", [b"helm chart"])
+    data, ctype = fake.manifests[("art", "1")]
+    doc = json.loads(data)
+    doc["layers"][0]["mediaType"] = "application/vnd.cncf.helm.chart.content.v1.tar+gzip"
+    fake.put_manifest("art", "1", json.dumps(doc).encode(), ctype)
+    with pytest.raises(UnsupportedManifest) as err:
+        make_client(fake, sleeps).resolve(f"{HOST}/art:1")
+    assert "layer 0 of 'reg.example/art:1'" in str(err.value)
