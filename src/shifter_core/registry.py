@@ -833,9 +833,19 @@ class RegistryClient:
         )
 
     def _authorization(
-        self, endpoint: Endpoint, scope: str, *, refresh: bool = False, extra_scope: str = ""
+        self,
+        endpoint: Endpoint,
+        scope: str,
+        *,
+        rejected: str | None = None,
+        extra_scope: str = "",
     ) -> str | None:
-        """The ``Authorization`` value for *scope* at *endpoint*, per its known challenge."""
+        """The ``Authorization`` value for *scope* at *endpoint*, per its known challenge.
+
+        Bearer tokens come from the per-scope cache while unexpired; *rejected* is a value the
+        registry just answered 401 to: it is replaced by a fresh token unless another thread
+        already did that.
+        """
         challenge = self._challenges.get(endpoint.url)
         if challenge is None:
             return None
@@ -855,7 +865,11 @@ class RegistryClient:
         key = (endpoint.url, scope)
         with self._lock:
             token = self._tokens.get(key)
-            if token is not None and not refresh and self._clock() < token.expires_at:
+            if (
+                token is not None
+                and self._clock() < token.expires_at
+                and f"Bearer {token.value}" != rejected
+            ):
                 return f"Bearer {token.value}"
             token = self._fetch_token(endpoint, challenge, scope, creds, extra_scope)
             self._tokens[key] = token
@@ -972,7 +986,10 @@ class RegistryClient:
             sent_before = auth is not None
             self._challenges[endpoint.url] = challenge
             auth = self._authorization(
-                endpoint, scope, refresh=True, extra_scope=challenge.params.get("scope", "")
+                endpoint,
+                scope,
+                rejected=auth or "",
+                extra_scope=challenge.params.get("scope", ""),
             )
             if auth is None or (challenge.scheme == "basic" and sent_before):
                 raise self._denied(endpoint, name, challenge)

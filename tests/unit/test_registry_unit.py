@@ -1073,3 +1073,14 @@ def test_unknown_layer_media_type_is_refused(sleeps: list[float]) -> None:
     with pytest.raises(UnsupportedManifest) as err:
         make_client(fake, sleeps).resolve(f"{HOST}/art:1")
     assert "layer 0 of 'reg.example/art:1'" in str(err.value)
+
+
+def test_parallel_downloads_share_one_refreshed_token(sleeps: list[float], tmp_path: Path) -> None:
+    fake = FakeRegistry(auth="bearer")
+    layers = [gz(b"layer %d" % i) for i in range(8)]
+    fake.image("one", "1", layers)
+    client = make_client(fake, sleeps, max_parallel=4)
+    resolved = client.resolve(f"{HOST}/one:1")
+    fake.tokens.clear()  # every download starts with a token the registry now refuses
+    client.pull_layers(resolved, LayerCache(tmp_path))
+    assert fake.issued == 2
