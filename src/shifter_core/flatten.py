@@ -88,7 +88,9 @@ _UNSUPPORTED_MAGIC = {
     b"\x04\x22\x4d\x18": "lz4",
 }
 
-_READ_SIZE = 1 << 20
+# tarfile's stream buffers slice their whole buffer on every read and write: larger buffers
+# cost more than they save (measured: 64 KiB is the sweet spot).
+_READ_SIZE = 1 << 16
 _XATTR_PREFIX = "SCHILY.xattr."
 
 # Inode kinds.
@@ -395,11 +397,16 @@ class _Tree:
         """The directory that will hold ``path`` (created as needed) and the base name."""
         *parents, base = path.split("/")
         node = self.root
-        for part in parents:
+        for depth, part in enumerate(parents):
             child = node.children.get(part)
             if not isinstance(child, _Dir):
                 if child is not None:
-                    LOG.debug("layer %d: directory %s replaces a non-directory", layer + 1, part)
+                    LOG.warning(
+                        "layer %d: %r needs %r as a directory: replacing the non-directory there",
+                        layer + 1,
+                        path,
+                        "/".join(parents[: depth + 1]),
+                    )
                 child = _Dir(_Meta(None, False), layer)
                 node.children[part] = child
             child.touched = layer
