@@ -92,6 +92,8 @@ _UNSUPPORTED_MAGIC = {
 # cost more than they save (measured: 64 KiB is the sweet spot).
 _READ_SIZE = 1 << 16
 _XATTR_PREFIX = "SCHILY.xattr."
+# What reading a corrupt or truncated layer raises, from tarfile and the decompressors.
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError)
 
 # Inode kinds.
 _REG, _SYM, _DEV = "reg", "sym", "dev"
@@ -158,6 +160,85 @@ class _Counting:
         return data
 
 
+class _ZstdFrames:
+    """Follows the frame structure of a zstd stream (RFC 8878) while it is read.
+
+    python-zstandard's stream reader returns a clean end of stream when its input stops in
+    the middle of a frame (a truncated layer would look empty or short).  This walks the frame
+    and block headers of the compressed bytes, without decompressing anything, and raises
+    ``EOFError`` when the input ends anywhere but between two frames.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self._state = "magic"
+        self._head = bytearray()
+        self._skip = 0  # bytes to pass over (block contents, skippable frames)
+        self._checksum = False
+        self._rest = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if data:
+            self._feed(data)
+        elif size != 0 and (self._state != "magic" or self._head or self._skip):
+            raise EOFError("zstd stream ends inside a frame")
+        return data
+
+    def _want(self) -> int:
+        return {"magic": 4, "fhd": 1, "block": 3, "checksum": 4, "skippable": 4}.get(
+            self._state, self._rest
+        )
+
+    def _feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            want = self._want()
+            step = min(want - len(self._head), end - pos)
+            self._head += data[pos : pos + step]
+            pos += step
+            if len(self._head) == want:
+                head = bytes(self._head)
+                self._head.clear()
+                self._advance(head)
+
+    def _advance(self, head: bytes) -> None:
+        if self._state == "magic":
+            if head == _ZSTD_MAGIC:
+                self._state = "fhd"
+            elif head[1:] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50:
+                self._state = "skippable"
+            else:
+                raise zstandard.ZstdError("data after the last zstd frame is not a zstd frame")
+        elif self._state == "fhd":
+            fhd = head[0]
+            single_segment = bool(fhd & 0x20)
+            self._checksum = bool(fhd & 0x04)
+            fcs = (1 if single_segment else 0, 2, 4, 8)[fhd >> 6]
+            self._rest = (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+            self._state = "rest" if self._rest else "block"
+        elif self._state == "rest":
+            self._state = "block"
+        elif self._state == "block":
+            header = int.from_bytes(head, "little")
+            kind, size = (header >> 1) & 3, header >> 3
+            if kind == 3:
+                raise zstandard.ZstdError("reserved zstd block type")
+            self._skip = 1 if kind == 1 else size
+            if header & 1:  # the last block of the frame
+                self._state = "checksum" if self._checksum else "magic"
+        elif self._state == "checksum":
+            self._state = "magic"
+        else:  # skippable frame size
+            self._skip = int.from_bytes(head, "little")
+            self._state = "magic"
+
+
 def _open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
     """Wrap ``raw`` (positioned at 0) in the decompressor its magic bytes call for."""
     head = raw.read(8)
@@ -166,7 +247,10 @@ def _open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if head.startswith(_ZSTD_MAGIC):
         reader = zstandard.ZstdDecompressor().stream_reader(
-            raw, read_size=_READ_SIZE, read_across_frames=True, closefd=False
+            _ZstdFrames(raw),  # type: ignore[arg-type]
+            read_size=_READ_SIZE,
+            read_across_frames=True,
+            closefd=False,
         )
         return reader  # type: ignore[return-value]
     for magic, name in _UNSUPPORTED_MAGIC.items():
@@ -224,6 +308,7 @@ class _Layer:
                     bufsize=_READ_SIZE,
                     encoding="utf-8",
                     errors="surrogateescape",
+                    tarinfo=_StrictTarInfo,
                 )
             except tarfile.ReadError:
                 if self._stream.count == 0:
@@ -238,7 +323,7 @@ class _Layer:
                 self.tar.members.clear()
                 yield index, member
                 index += 1
-        except (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+        except _READ_ERRORS as exc:
             raise self.fail(exc) from exc
 
     def data(self, member: tarfile.TarInfo) -> BinaryIO:
@@ -246,40 +331,52 @@ class _Layer:
         assert self.tar is not None
         fileobj = self.tar.extractfile(member)
         assert fileobj is not None
-        layer = self
-
-        class Reader:
-            def read(self, size: int = -1) -> bytes:
-                try:
-                    return fileobj.read(size)
-                except (
-                    tarfile.TarError,
-                    OSError,
-                    EOFError,
-                    zlib.error,
-                    zstandard.ZstdError,
-                ) as exc:
-                    raise layer.fail(exc) from exc
-
-        return Reader()  # type: ignore[return-value]
+        return _DataReader(self, fileobj)  # type: ignore[return-value]
 
     def drain(self) -> None:
-        """Read the rest of the stream, so that truncation and checksum errors surface."""
+        """Decompress the rest, so that a truncated stream or a bad checksum is an error.
+
+        Whatever follows the end-of-archive marker is ignored, as Go's ``archive/tar`` does.
+        """
         assert self._stream is not None
         try:
-            while True:
-                chunk = self._stream.read(_READ_SIZE)
-                if not chunk:
-                    return
-                if chunk.count(0) != len(chunk):
-                    LOG.warning(
-                        "layer %s: ignoring data after the end of the tar archive", self.path
-                    )
-                    while self._stream.read(_READ_SIZE):
-                        pass
-                    return
-        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+            while self._stream.read(_READ_SIZE):
+                pass
+        except _READ_ERRORS as exc:
             raise self.fail(exc) from exc
+
+
+class _DataReader:
+    """A member's data stream whose read errors name the layer."""
+
+    def __init__(self, layer: _Layer, fileobj: BinaryIO) -> None:
+        self.layer = layer
+        self.fileobj = fileobj
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.fileobj.read(size)
+        except _READ_ERRORS as exc:
+            raise self.layer.fail(exc) from exc
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Headers that fail on a corrupt or truncated header instead of ending the archive.
+
+    In stream mode ``tarfile`` treats an invalid or partial header after the first one as the
+    end of the archive, which would silently lose the rest of a corrupt layer.  A stream that
+    ends exactly between two members, or a zero block, still ends the archive (as in Go's
+    ``archive/tar``, which Docker uses).
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:  # type: ignore[attr-defined]
+            if tarfile_.offset == 0:
+                raise  # tarfile reports it as "not a tar archive"
+            raise tarfile.ReadError(f"{exc} at offset {tarfile_.offset}") from exc
 
 
 # --------------------------------------------------------------------------------------------

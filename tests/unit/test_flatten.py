@@ -13,11 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shifter_core.errors import ShifterError
-from shifter_core.flatten import FlattenError, FlattenPolicy, FlattenStats, flatten, normalise
+from shifter_core.flatten import (
+    FlattenError,
+    FlattenPolicy,
+    FlattenStats,
+    _ZstdFrames,
+    flatten,
+    normalise,
+)
 from tests.fixtures.edgecase_image import (
     CAP_NET_BIND_SERVICE,
     MTIME,
@@ -191,6 +199,78 @@ def test_truncated_layer_is_an_error(tmp_path: Path, cut: float) -> None:
     path.write_bytes(blob[: int(len(blob) * cut)])
     with pytest.raises(FlattenError, match="not a valid tar archive"):
         flatten([path], io.BytesIO())
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_truncated_compressed_stream_after_the_tar_is_an_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "layer"
+    path.write_bytes(compress(tar_bytes([reg("a", b"a")]), kind)[:-3])
+    with pytest.raises(FlattenError, match="not a valid tar archive"):
+        flatten([path], io.BytesIO())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(st.binary(max_size=3000), min_size=1, max_size=3),
+    checksum=st.booleans(),
+    content_size=st.booleans(),
+    skippable=st.booleans(),
+    cut=st.integers(min_value=0),
+)
+def test_zstd_frame_walker(
+    chunks: list[bytes], checksum: bool, content_size: bool, skippable: bool, cut: int
+) -> None:
+    """Every cut of a zstd stream is detected, except between frames."""
+    cctx = zstandard.ZstdCompressor(
+        level=1, write_checksum=checksum, write_content_size=content_size
+    )
+    frames = [cctx.compress(chunk * 50) for chunk in chunks]
+    if skippable:
+        frames.insert(1, b"\x5a\x2a\x4d\x18" + (5).to_bytes(4, "little") + b"hello")
+    stream = b"".join(frames)
+    boundaries = {0} | {len(b"".join(frames[: i + 1])) for i in range(len(frames))}
+    cut %= len(stream) + 1
+
+    def read_all(data: bytes) -> None:
+        walker = _ZstdFrames(io.BytesIO(data))  # type: ignore[arg-type]
+        while walker.read(7):
+            pass
+
+    if cut in boundaries:
+        read_all(stream[:cut])
+    else:
+        with pytest.raises(EOFError):
+            read_all(stream[:cut])
+    with pytest.raises(zstandard.ZstdError):
+        read_all(stream + b"garbage!")
+
+
+def test_corrupt_header_inside_a_layer_is_an_error(tmp_path: Path) -> None:
+    """tarfile alone would end the archive there and silently lose the rest."""
+    raw = bytearray(tar_bytes([reg("a", b"x" * 100), reg("b", b"y"), reg("c", b"z")]))
+    second = raw.index(b"b\x00")
+    assert second % 512 == 0
+    raw[second + 148 : second + 156] = b"0000000\x00"  # a wrong header checksum
+    path = tmp_path / "layer"
+    path.write_bytes(compress(bytes(raw), "gzip"))
+    with pytest.raises(FlattenError, match="bad checksum"):
+        flatten([path], io.BytesIO())
+    path.write_bytes(bytes(raw[: second + 100]))  # ends inside a header
+    with pytest.raises(FlattenError, match="truncated header"):
+        flatten([path], io.BytesIO())
+
+
+def test_layer_ending_between_members_or_with_trailing_data(tmp_path: Path) -> None:
+    raw = tar_bytes([reg("a", b"x" * 100), reg("b", b"y")])
+    path = tmp_path / "layer"
+    path.write_bytes(raw[:1024])  # no end-of-archive blocks, as some writers do
+    out = io.BytesIO()
+    flatten([path], out)
+    assert set(read_tar(out.getvalue())[0]) == {".", "a"}
+    path.write_bytes(compress(raw + b"trailing garbage", "zstd"))
+    out = io.BytesIO()
+    flatten([path], out)
+    assert set(read_tar(out.getvalue())[0]) == {".", "a", "b"}
 
 
 def test_garbage_layer_is_an_error(tmp_path: Path) -> None:
