@@ -28,7 +28,10 @@ never to file sizes):
    An inode with several surviving names is written once, under its first surviving name
    (the name that was created first), immediately followed by hardlinks to it for the other
    names.  The stream is therefore valid for any tar reader: directories before their
-   contents, hardlink targets before the links.
+   contents, hardlink targets before the links.  ``tar2sqfs`` builds its tree in memory and
+   keeps every mtime (its default; ``-k`` would drop them).  GNU tar, which restores a
+   directory's mtime as soon as the archive leaves that directory, needs
+   ``--delay-directory-restore`` to keep directory mtimes with this order.
 
 Semantics (matching ``umoci unpack`` where the spec leaves room):
 
@@ -57,6 +60,11 @@ sets ``no_new_privs``); device nodes and FIFOs are dropped and counted, hardlink
 too; every extended attribute (PAX ``SCHILY.xattr.*``, hence file capabilities) and every
 other PAX record is dropped; every entry gets ``a+rX`` (read for all; execute/search for all
 on directories and on files with any execute bit).
+
+Errors: a layer that is missing, compressed otherwise (xz, bzip2, lz4), corrupt or truncated
+(bad header checksum or partial header in the middle of the tar, a gzip or zstd stream cut
+short or failing its checksum) raises ``FlattenError`` naming the layer; ``tarfile`` and
+python-zstandard would otherwise end such a layer early without a word.
 """
 
 from __future__ import annotations
@@ -90,7 +98,7 @@ _UNSUPPORTED_MAGIC = {
 
 # tarfile's stream buffers slice their whole buffer on every read and write: larger buffers
 # cost more than they save (measured: 64 KiB is the sweet spot).
-_READ_SIZE = 1 << 16
+_BUFSIZE = 1 << 16
 _XATTR_PREFIX = "SCHILY.xattr."
 # What reading a corrupt or truncated layer raises, from tarfile and the decompressors.
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError)
@@ -248,7 +256,7 @@ def _open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
     if head.startswith(_ZSTD_MAGIC):
         reader = zstandard.ZstdDecompressor().stream_reader(
             _ZstdFrames(raw),  # type: ignore[arg-type]
-            read_size=_READ_SIZE,
+            read_size=_BUFSIZE,
             read_across_frames=True,
             closefd=False,
         )
@@ -305,7 +313,7 @@ class _Layer:
                 self.tar = tarfile.open(  # noqa: SIM115 - lives as long as the iteration
                     fileobj=self._stream,  # type: ignore[arg-type]
                     mode="r|",
-                    bufsize=_READ_SIZE,
+                    bufsize=_BUFSIZE,
                     encoding="utf-8",
                     errors="surrogateescape",
                     tarinfo=_StrictTarInfo,
@@ -340,7 +348,7 @@ class _Layer:
         """
         assert self._stream is not None
         try:
-            while self._stream.read(_READ_SIZE):
+            while self._stream.read(_BUFSIZE):
                 pass
         except _READ_ERRORS as exc:
             raise self.fail(exc) from exc
@@ -472,7 +480,6 @@ class _Tree:
         self.policy = policy
         self.stats = stats
         self.root = _Dir(_Meta(None, False), -1)
-        self.root_declared = False
         self.seq = 0
 
     # -- lookups and changes -----------------------------------------------------------------
@@ -534,7 +541,6 @@ class _Tree:
         if not path:
             if member.isdir():
                 self.root.meta = _Meta(member, self.policy.keep_xattrs)
-                self.root_declared = True
             else:
                 self.stats.other_dropped += 1
                 LOG.warning(
@@ -634,25 +640,24 @@ class _Tree:
         self,
     ) -> tuple[list[tuple[str, _Meta]], dict[int, list[tuple[int, str]]], dict[int, _Inode]]:
         """Directories in emission order, and the surviving names of every inode."""
-        dirs: list[tuple[str, _Meta]] = [(".", self.root.meta)]
+        dirs: list[tuple[str, _Meta]] = []
         names: dict[int, list[tuple[int, str]]] = {}
         inodes: dict[int, _Inode] = {}
         stack: list[tuple[str, _Dir]] = [("", self.root)]
         while stack:
             prefix, directory = stack.pop()
-            subdirs = []
-            for name in sorted(directory.children):
-                child = directory.children[name]
+            for name, child in directory.children.items():
                 path = prefix + name
                 if isinstance(child, _Dir):
                     dirs.append((path, child.meta))
-                    subdirs.append((path + "/", child))
+                    stack.append((path + "/", child))
                 else:
                     key = id(child.inode)
                     inodes[key] = child.inode
                     names.setdefault(key, []).append((child.seq, path))
-            stack.extend(reversed(subdirs))
-        dirs[1:] = sorted(dirs[1:], key=lambda item: item[0])
+        # A parent's path is a prefix of its children's, so sorting puts parents first.
+        dirs.sort(key=lambda item: item[0])
+        dirs.insert(0, (".", self.root.meta))
         return dirs, names, inodes
 
 
@@ -739,8 +744,8 @@ def flatten(
         format=tarfile.PAX_FORMAT,
         encoding="utf-8",
         errors="surrogateescape",
-        bufsize=_READ_SIZE,
-        copybufsize=_READ_SIZE,
+        bufsize=_BUFSIZE,
+        copybufsize=_BUFSIZE,
     )
 
     def write_names(inode: _Inode, inode_names: list[str], data: BinaryIO | None) -> None:
