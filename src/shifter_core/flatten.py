@@ -709,8 +709,9 @@ def flatten(
     """Apply ``layers`` (lowest first) and write the final tree to ``out`` as a PAX tar stream.
 
     ``out`` is only written sequentially (a pipe is fine) and is flushed, not closed.  Raises
-    ``FlattenError`` when a layer cannot be read or is not a tar archive; the output is then
-    incomplete and must be discarded.
+    ``FlattenError`` when a layer cannot be read or is not a tar archive; errors writing to
+    ``out`` (``BrokenPipeError`` when the converter died) propagate unchanged.  After any
+    error the output is incomplete (no end-of-archive blocks) and must be discarded.
     """
     policy = policy or FlattenPolicy()
     stats = FlattenStats(layers=len(layers))
