@@ -296,10 +296,13 @@ def hook_user_init(spank: Spank, args: list[str]) -> None:
     )
 
 
-def _job_script(spank: Spank, what: str) -> None:
+def _job_script(spank: Spank, args: list[str], what: str) -> None:
+    # Jobs without --image are none of Shifter's business: a broken Shifter configuration
+    # must not fail (and drain nodes for) jobs that do not use it.
     request = os.environ.get("SPANK_" + ENV_IMAGEREQUEST)
     if request is None:
         return
+    _load_config(spank, args)
     log.info(
         "%s: job %s on node %s: image %s",
         what,
@@ -310,13 +313,11 @@ def _job_script(spank: Spank, what: str) -> None:
 
 
 def hook_job_prolog(spank: Spank, args: list[str]) -> None:
-    _load_config(spank, args)
-    _job_script(spank, "prolog")
+    _job_script(spank, args, "prolog")
 
 
 def hook_job_epilog(spank: Spank, args: list[str]) -> None:
-    _load_config(spank, args)
-    _job_script(spank, "epilog")
+    _job_script(spank, args, "epilog")
 
 
 HOOKS = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -54,16 +55,26 @@ def unique_name(prefix: str = "t") -> str:
 
 def jobs_named(name: str) -> list[str]:
     """Ids of jobs with this name in any state that slurmctld still remembers."""
-    out = subprocess.run(
-        ["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "SLURM_CONF": str(SLURM_CONF)},
-    ).stdout
-    return out.split()
+    return _slurm(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"]).split()
 
 
 def slurmd_logs() -> str:
     """Everything the three slurmd (and their slurmstepd) logged."""
     return "".join(p.read_text(errors="replace") for p in sorted((BOX / "log").glob("slurmd-*")))
+
+
+def _slurm(argv: list[str]) -> str:
+    env = {**os.environ, "SLURM_CONF": str(SLURM_CONF)}
+    return subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
+
+
+def wait_for_idle_cluster(timeout: float = 60) -> None:
+    """Wait until no job runs or completes (epilogs included) and every node is idle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = _slurm(["squeue", "-h", "-t", "PD,R,CG,CF", "-o", "%i"]).split()
+        states = set(_slurm(["sinfo", "-h", "-N", "-o", "%t"]).split())
+        if not jobs and states == {"idle"}:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"cluster not idle after {timeout} s: jobs {jobs}, node states {states}")

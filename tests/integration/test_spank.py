@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from .slurm import SHIFTER_CONFIG, jobs_named, run_as, slurmd_logs, unique_name
+from .slurm import (
+    SHIFTER_CONFIG,
+    jobs_named,
+    run_as,
+    slurmd_logs,
+    unique_name,
+    wait_for_idle_cluster,
+)
 
 pytestmark = pytest.mark.usefixtures("box")
 
@@ -154,6 +161,7 @@ def test_fifty_steps_in_one_allocation_do_not_hang():
 @pytest.fixture
 def broken_config() -> Iterator[None]:
     """Put an unknown key into the box's configuration for the duration of a test."""
+    wait_for_idle_cluster()  # no epilog of an earlier job may see the broken file
     saved = SHIFTER_CONFIG.with_name("shifter.yaml.saved")
     shutil.copy2(SHIFTER_CONFIG, saved)
     try:
@@ -164,6 +172,7 @@ def broken_config() -> Iterator[None]:
         yield
     finally:
         saved.replace(SHIFTER_CONFIG)
+    wait_for_idle_cluster()  # and no node was drained by it
 
 
 @pytest.mark.usefixtures("broken_config")
