@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The Python side the C trampolines call (implemented in shifter_core.spank).
 EMBEDDING_API = """
-int py_spank_ready(void);
+int py_spank_start(int ac, char **av);
 int py_spank_hook(const char *hook, spank_t sp, int ac, char **av);
 int py_spank_option(int val, const char *optarg, int remote);
 """
@@ -83,14 +83,16 @@ except BaseException:
 
 _spank.bind(ffi, lib)
 
-@ffi.def_extern(error=0)
-def py_spank_ready():
-    return 1
+def _args(ac, av):
+    return [ffi.string(av[i]).decode() for i in range(ac)]
+
+@ffi.def_extern(error=-1)
+def py_spank_start(ac, av):
+    return _spank.on_start(_args(ac, av))
 
 @ffi.def_extern(error=-1)
 def py_spank_hook(hook, sp, ac, av):
-    args = [ffi.string(av[i]).decode() for i in range(ac)]
-    return _spank.on_hook(ffi.string(hook).decode(), sp, args)
+    return _spank.on_hook(ffi.string(hook).decode(), sp, _args(ac, av))
 
 @ffi.def_extern(error=-1)
 def py_spank_option(val, optarg, remote):
@@ -107,6 +109,14 @@ def build(out: Path) -> Path:
     program = str(Path(os.path.abspath(python)))
     libpython = sysconfig.get_config_var("INSTSONAME")
     libdir = sysconfig.get_config_var("LIBDIR")
+    # The embedded interpreter gets this sys.path and skips site.py (faster, and immune
+    # to .pth files): the standard library, site-packages, and shifter_core's location.
+    import shifter_core
+
+    package_dir = str(Path(shifter_core.__file__).resolve().parent.parent)
+    search_path = [p for p in sys.path[1:] if p and Path(p).exists()]
+    if package_dir not in search_path:
+        search_path.append(package_dir)
     if not libpython or not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         raise SystemExit(f"{program} has no shared libpython; use a Python built with it")
 
@@ -121,6 +131,7 @@ def build(out: Path) -> Path:
         define_macros=[
             ("SHIFTER_PYTHON", f'"{program}"'),
             ("SHIFTER_LIBPYTHON", f'"{libpython}"'),
+            ("SHIFTER_PYTHONPATH", f'"{":".join(search_path)}"'),
         ],
         libraries=[f"python{sysconfig.get_config_var('LDVERSION')}"],
         library_dirs=[libdir],

@@ -9,18 +9,16 @@ could have written.
 
 from __future__ import annotations
 
-import os
-import stat
+import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import config_cache
+from .config_cache import ENV_VAR, check_privileged_file, config_path
 from .errors import ConfigError
-
-DEFAULT_PATH = "/etc/shifter/shifter.yaml"
-ENV_VAR = "SHIFTER_CONFIG"
 
 T = TypeVar("T")
 
@@ -182,49 +180,14 @@ def parse(text: str, source: str = "<string>") -> Config:
 
 
 def _with_source(config: Config, source: str) -> Config:
-    import dataclasses
-
     return dataclasses.replace(config, source=source)
-
-
-def check_privileged_file(path: Path) -> None:
-    """Refuse a file (or a directory above it) that a non-root user could have changed."""
-    for p in [path, *path.parents]:
-        try:
-            st = p.stat()
-        except OSError as err:
-            raise ConfigError(f"cannot read the configuration {path}: {err.strerror}") from None
-        if st.st_uid != 0:
-            raise ConfigError(
-                f"refusing the configuration {path}: {p} is not owned by root",
-                hint="chown root it",
-            )
-        writable_by_group = st.st_mode & stat.S_IWGRP and st.st_gid != 0
-        writable_by_others = st.st_mode & stat.S_IWOTH and not (
-            p != path and st.st_mode & stat.S_ISVTX
-        )
-        if writable_by_group or writable_by_others:
-            raise ConfigError(
-                f"refusing the configuration {path}: {p} is writable by other users",
-                hint="chmod go-w it",
-            )
-
-
-def config_path(explicit: str | None = None, *, privileged: bool = False) -> Path:
-    """The file to read: an explicit path, else ``$SHIFTER_CONFIG`` (never for privileged
-    readers, whose environment a user may control), else ``/etc/shifter/shifter.yaml``."""
-    if explicit:
-        return Path(explicit)
-    if not privileged and os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR])
-    return Path(DEFAULT_PATH)
 
 
 def load(path: str | None = None, *, privileged: bool = False) -> Config:
     """Read and validate the configuration file."""
-    file = config_path(path, privileged=privileged)
+    file = Path(config_path(path, privileged=privileged))
     if privileged:
-        check_privileged_file(file)
+        check_privileged_file(str(file))
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -234,7 +197,16 @@ def load(path: str | None = None, *, privileged: bool = False) -> Config:
         ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read the configuration {file}: {err}") from None
-    return parse(text, str(file))
+    config = parse(text, str(file))
+    config_cache.write(str(file), as_values(config))
+    return config
+
+
+def as_values(config: Config) -> dict[str, Any]:
+    """The configuration as plain nested dicts (what the start-up cache holds)."""
+    values = dataclasses.asdict(config)
+    values.pop("source", None)
+    return values
 
 
 def documented_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str]]:

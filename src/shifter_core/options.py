@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections import namedtuple
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from .errors import OptionError
 
@@ -23,14 +23,16 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 VOLUME_FLAGS = ("ro", "rw", "perNodeCache=size=N")
 
 
-@dataclass(frozen=True)
-class Volume:
-    """One bind (or per-node cache) into the container."""
+class Volume(
+    namedtuple("_Volume", "source target read_only per_node_cache_bytes", defaults=(False, None))
+):
+    """One bind (or per-node cache) into the container.
 
-    source: str
-    target: str
-    read_only: bool = False
-    per_node_cache_bytes: int | None = None
+    ``source`` and ``target`` (absolute, normalised), ``read_only: bool``,
+    ``per_node_cache_bytes: int | None``. A named tuple: see :mod:`shifter_core.reference`.
+    """
+
+    __slots__ = ()
 
     def __str__(self) -> str:
         if self.per_node_cache_bytes is not None:

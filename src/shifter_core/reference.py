@@ -14,7 +14,7 @@ refused with a message that says what was wrong.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .errors import OptionError
 
@@ -37,14 +37,20 @@ _ID_RE = re.compile(r"^(?:sha256:)?(?P<hex>[0-9a-f]{12,64})$", re.ASCII)
 MAX_NAME_LENGTH = 255
 
 
-@dataclass(frozen=True)
-class DockerReference:
-    """A Docker/OCI image reference, normalised to registry, repository, tag, digest."""
+# Named tuples, not dataclasses: this module is on the start-up path of every Shifter srun,
+# where importing ``dataclasses`` (or ``typing``) costs more than the parsing itself.
+_DockerReference = namedtuple(
+    "_DockerReference", "registry repository tag digest", defaults=(None, None)
+)
 
-    registry: str
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
+
+class DockerReference(_DockerReference):
+    """A Docker/OCI image reference, normalised to registry, repository, tag, digest.
+
+    ``registry: str``, ``repository: str``, ``tag: str | None``, ``digest: str | None``.
+    """
+
+    __slots__ = ()
 
     @classmethod
     def parse(cls, text: str) -> DockerReference:
@@ -88,12 +94,10 @@ class DockerReference:
         return text
 
 
-@dataclass(frozen=True)
-class ImageRequest:
-    """An image as a user asked for it: ``type`` is ``docker`` or ``id``."""
+class ImageRequest(namedtuple("_ImageRequest", "type tag")):
+    """An image as a user asked for it: ``type`` (``docker`` or ``id``) and ``tag``."""
 
-    type: str
-    tag: str
+    __slots__ = ()
 
     @classmethod
     def parse(cls, text: str, default_type: str = "docker") -> ImageRequest:
