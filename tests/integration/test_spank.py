@@ -178,9 +178,26 @@ def broken_config() -> Iterator[None]:
 @pytest.mark.usefixtures("broken_config")
 @pytest.mark.parametrize(
     "argv",
-    [["srun", "-N1", "true"], ["sbatch", "--wrap", "true"], ["srun", "--image=busybox", "true"]],
+    [
+        ["srun", "-N1", "--image=busybox", "true"],
+        ["sbatch", "--image=busybox", "--wrap", "true"],
+        ["salloc", "--image=busybox", "true"],
+        ["srun", "-N1", "--module=none", "--image=busybox", "true"],
+    ],
 )
-def test_unknown_config_key_fails_every_command(argv):
-    result = run_as(argv)
+def test_unknown_config_key_fails_every_shifter_command(argv):
+    name = unique_name()
+    result = run_as([argv[0], "-J", name, *argv[1:]])
     assert result.returncode != 0
     assert "unknown key 'image_pth'" in result.stderr
+    assert "shifter.yaml, line" in result.stderr
+    assert jobs_named(name) == []
+
+
+@pytest.mark.usefixtures("broken_config")
+def test_jobs_without_shifter_options_do_not_depend_on_its_config():
+    # The plugin stays out of jobs that do not use it: a typo in shifter.yaml must not
+    # stop every srun on the cluster.
+    assert run_as(["srun", "-N3", "true"]).returncode == 0
+    result = run_as(["sbatch", "--wait", "-o", "/dev/null", "--wrap", "true"])
+    assert result.returncode == 0, result.stderr

@@ -87,6 +87,10 @@ else
     log "venv is up to date with setup.py"
 fi
 
+# Byte-compile as root: users' processes (srun with the plugin) cannot write __pycache__,
+# and compiling on every start would cost them time.
+"$VENV/bin/python" -m compileall -q "$CHECKOUT/src"
+
 # --- 4. the SPANK plugin ------------------------------------------------------------------
 if [[ -f $CHECKOUT/Makefile ]] && grep -qE '^plugin[[:space:]]*:' "$CHECKOUT/Makefile"; then
     log "make plugin"

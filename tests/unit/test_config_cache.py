@@ -1,0 +1,55 @@
+"""The start-up cache of the configuration: used only when it exactly matches the file."""
+
+import os
+
+import pytest
+
+from shifter_core import config, config_cache
+from shifter_core.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the cache is written by root only")
+
+
+@pytest.fixture
+def conf(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    path = tmp_path / "shifter.yaml"
+    path.write_text("image_path: /cached\n")
+    path.chmod(0o644)
+    return path
+
+
+def test_loading_as_root_writes_a_cache_that_matches(conf):
+    config.load(str(conf))
+    cache = conf.with_name(".shifter.yaml.cache")
+    assert cache.stat().st_uid == 0
+    assert cache.stat().st_mode & 0o777 == 0o644
+    assert config_cache.read(str(conf))["image_path"] == "/cached"
+    assert config_cache.load_values(str(conf))["gateway"]["url"].startswith("http")
+
+
+def test_an_edited_file_is_parsed_again_and_its_errors_reported(conf):
+    config.load(str(conf))
+    conf.write_text("image_path: /cached\nimage_pth: /typo\n")
+    assert config_cache.read(str(conf)) is None
+    with pytest.raises(ConfigError, match="unknown key 'image_pth'"):
+        config_cache.load_values(str(conf))
+
+
+def test_a_cache_not_owned_by_root_or_writable_by_others_is_ignored(conf):
+    config.load(str(conf))
+    cache = conf.with_name(".shifter.yaml.cache")
+    cache.chmod(0o666)
+    assert config_cache.read(str(conf)) is None
+    cache.chmod(0o644)
+    os.chown(cache, 65534, 0)
+    assert config_cache.read(str(conf)) is None
+
+
+def test_a_forged_cache_for_another_file_is_ignored(conf, tmp_path):
+    config.load(str(conf))
+    other = tmp_path / "other.yaml"
+    other.write_text("image_path: /other\n")
+    os.replace(conf.with_name(".shifter.yaml.cache"), tmp_path / ".other.yaml.cache")
+    assert config_cache.read(str(other)) is None
+    assert config_cache.load_values(str(other))["image_path"] == "/other"
