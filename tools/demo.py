@@ -9,13 +9,21 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.slurm import SLURM_CONF, USER, run_as, slurmd_logs  # noqa: E402
+from tests.integration.slurm import (  # noqa: E402
+    SLURM_CONF,
+    USER,
+    jobs_named,
+    run_as,
+    slurmd_logs,
+    unique_name,
+)
 
 
 def say(text: str) -> None:
@@ -76,25 +84,29 @@ def main() -> None:
         ),
     )
     probe = 'echo "$(hostname) $SLURMD_NODENAME: SHIFTER_IMAGEREQUEST=$SHIFTER_IMAGEREQUEST"'
+    name = unique_name("demo")
     step(
         "srun -N3 --image=busybox on every node: tasks get the request",
-        ["srun", "-N3", "--image=busybox", "--volume=/tmp:/scratch", "sh", "-c", probe],
+        ["srun", "-J", name, "-N3", "--image=busybox", "--volume=/tmp:/scratch", "sh", "-c", probe],
         lambda out: (
             None
             if len(re.findall(r"n\d: SHIFTER_IMAGEREQUEST=docker:busybox", out)) == 3
             else "expected 3 nodes"
         ),
     )
-    say("\n=== The plugin's evidence in the slurmd logs of all three nodes")
-    lines = [line for line in slurmd_logs().splitlines() if "shifter: " in line]
-    last = {}
-    for line in lines:
-        match = re.search(r"on node (n\d)", line)
-        if match:
-            last[(match.group(1), "prolog" in line)] = line
-    for key in sorted(last):
-        say(last[key])
-    if {node for node, _ in last} != {"n1", "n2", "n3"}:
+    (job,) = jobs_named(name)
+    say(f"\n=== The plugin's evidence for job {job} in the slurmd logs of all three nodes")
+    pattern = re.compile(rf"shifter: (user_init|prolog): job {job}\b.* on node (n\d)")
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in slurmd_logs().splitlines() if pattern.search(line)]
+        nodes = {pattern.search(line).group(2) for line in lines}
+        if nodes == {"n1", "n2", "n3"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for line in sorted(lines, key=lambda text: pattern.search(text).group(2)):
+        say(line)
+    if nodes != {"n1", "n2", "n3"}:
         say("!!! no plugin log lines from every node")
         raise SystemExit(1)
     say("\nDemo finished: every step did what it should.")
