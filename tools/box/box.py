@@ -895,7 +895,26 @@ def down(paths: BoxPaths = PATHS) -> None:
     for d in (*slurm_daemons(paths), reg):
         d.pidfile.unlink(missing_ok=True)
     wait_reaped(stopped)
-    log.info("box is down in %.1f s", time.monotonic() - started)
+    left = leftovers(paths)
+    if left:
+        raise BoxError("box-down left behind: " + "; ".join(left))
+    log.info(
+        "box is down in %.1f s: no process, mount or loop device of it left",
+        time.monotonic() - started,
+    )
+
+
+def leftovers(paths: BoxPaths) -> list[str]:
+    """What of the box still runs or is mounted (empty when ``down`` did its job)."""
+    left = [
+        f"{d.name} (pid {pid})"
+        for d in (*slurm_daemons(paths), registry_daemon(paths))
+        if (pid := d.pid())
+    ]
+    left += [f"{name} (pid {pid})" for name, pid in box_stepds(paths).items()]
+    left += [f"mount {point}" for point in box_mounts(paths.root)]
+    left += [f"loop device {dev} ({file})" for dev, file in box_loop_devices(paths.root).items()]
+    return left
 
 
 def wait_reaped(pids: Iterable[int], timeout: float = 10) -> None:
