@@ -33,16 +33,90 @@ def _url(value: str) -> str | None:
     return "must be an http:// or https:// URL"
 
 
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _listen(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if sep and host and port.isdigit() and 0 < int(port) < 65536:
+        return None
+    return "must be HOST:PORT"
+
+
+def _doc(text: str, **extra: Any) -> dict[str, Any]:
+    return {"doc": text, **extra}
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Where the image gateway is and how it runs."""
 
     url: str = field(
         default="http://127.0.0.1:7080",
-        metadata={
-            "doc": "URL clients (shifterimg, plugin) use to reach the gateway",
-            "check": _url,
-        },
+        metadata=_doc("URL clients (shifterimg, plugin) use to reach the gateway", check=_url),
+    )
+    listen: str = field(
+        default="127.0.0.1:7080", metadata=_doc("HOST:PORT the gateway listens on", check=_listen)
+    )
+    database: str = field(
+        default="/var/lib/shifter/gateway.sqlite",
+        metadata=_doc("the gateway's SQLite database (WAL mode)", check=_absolute),
+    )
+    layer_cache: str = field(
+        default="/var/lib/shifter/layers",
+        metadata=_doc("compressed layers by digest, shared by pulls", check=_absolute),
+    )
+    workers: int = field(
+        default=2, metadata=_doc("pulls and conversions that run at once", check=_positive)
+    )
+    admins: list[str] = field(
+        default_factory=lambda: ["root"],
+        metadata=_doc("users who may expire and remove images (and import, see below)"),
+    )
+    import_users: list[str] = field(
+        default_factory=list,
+        metadata=_doc("users besides the admins who may import image files ('*': everyone)"),
+    )
+    expire_days: int = field(
+        default=0,
+        metadata=_doc("remove images not looked up or used for this many days (0: never)"),
+    )
+
+
+@dataclass(frozen=True)
+class RegistriesConfig:
+    """How the gateway reaches container registries."""
+
+    mirrors: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata=_doc("registry name -> mirror URLs tried first (docker.io: [URL, ...])"),
+    )
+    insecure: list[str] = field(
+        default_factory=list,
+        metadata=_doc("registries (HOST[:PORT]) reached over plain http; all others use https"),
+    )
+    timeout: float = field(
+        default=30.0, metadata=_doc("seconds per network operation", check=_positive)
+    )
+    retries: int = field(default=3, metadata=_doc("retries after connection errors and 5xx"))
+    max_parallel: int = field(
+        default=4, metadata=_doc("layers downloaded at once per pull", check=_positive)
+    )
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """How images are turned into squashfs files."""
+
+    compressor: typing.Literal["zstd", "gzip", "xz", "lz4", "lzo", "lzma"] = field(
+        default="zstd", metadata=_doc("squashfs compressor")
+    )
+    level: int | None = field(
+        default=3, metadata=_doc("compression level (null: the compressor's default)")
+    )
+    block_size: int = field(
+        default=131072, metadata=_doc("squashfs block size in bytes", check=_positive)
     )
 
 
@@ -62,6 +136,12 @@ class Config:
     )
     gateway: GatewayConfig = field(
         default_factory=GatewayConfig, metadata={"doc": "image gateway settings"}
+    )
+    registries: RegistriesConfig = field(
+        default_factory=RegistriesConfig, metadata={"doc": "container registries"}
+    )
+    conversion: ConversionConfig = field(
+        default_factory=ConversionConfig, metadata={"doc": "squashfs conversion"}
     )
 
     source: str = field(default="<defaults>", metadata={"internal": True})

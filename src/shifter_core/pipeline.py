@@ -1,0 +1,134 @@
+"""From an image reference to a published squashfs image: resolve, fetch, flatten, convert.
+
+This is the gateway's work for one pull, usable without the gateway (tests, benchmarks,
+``shifterimg`` in a pinch)::
+
+    registry (resolve) ──▶ layer cache (parallel, verified) ──▶ flatten ──pipe──▶ tar2sqfs
+        ──▶ store (partial file, atomic rename, <id>.json)
+
+Nothing is unpacked to disk, and nothing is visible in the store until it is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .convert import SquashfsOptions, tar_to_squashfs
+from .flatten import flatten
+from .layercache import LayerCache
+from .registry import Platform, RegistryClient, ResolvedImage
+from .store import Acl, ImageMetadata, ImageStore
+
+log = logging.getLogger(__name__)
+
+# States a pull goes through (the gateway stores them; CLIs print them).
+PENDING, PULLING, CONVERTING, READY, FAILED = "PENDING", "PULLING", "CONVERTING", "READY", "FAILED"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report: a state change, or bytes of one layer downloaded."""
+
+    state: str
+    layer: str | None = None
+    done: int = 0
+    total: int = 0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def metadata_for(resolved: ResolvedImage, size: int, acl: Acl | None) -> ImageMetadata:
+    """The store's record of a pulled image."""
+    config = resolved.config
+    return ImageMetadata(
+        id=resolved.id,
+        source=str(resolved.reference),
+        digest=resolved.digest,
+        platform=str(resolved.platform),
+        env=tuple(config.env),
+        entrypoint=config.entrypoint,
+        cmd=config.cmd,
+        workdir=config.workdir,
+        user=config.user,
+        labels=dict(config.labels),
+        config_digest=resolved.config_descriptor.digest,
+        layers=tuple(
+            {"digest": d.digest, "size": d.size, "media_type": d.media_type}
+            for d in resolved.layers
+        ),
+        size=size,
+        created=time.time(),
+        acl=acl,
+    )
+
+
+def build_image(
+    resolved: ResolvedImage,
+    *,
+    client: RegistryClient,
+    cache: LayerCache,
+    store: ImageStore,
+    squashfs: SquashfsOptions | None = None,
+    acl: Acl | None = None,
+    progress: ProgressCallback | None = None,
+) -> ImageMetadata:
+    """Download, flatten, convert and publish a resolved image; return its metadata.
+
+    An image already in the store is not built again (its metadata is returned as is).
+    """
+    report = progress or (lambda _p: None)
+    existing = store.get(resolved.id)
+    if existing is not None:
+        log.info("image %s (%s) is already in the store", resolved.id, resolved.reference)
+        return existing
+    report(Progress(PULLING))
+    layers = client.pull_layers(
+        resolved,
+        cache,
+        lambda digest, done, total: report(Progress(PULLING, digest, done, total)),
+    )
+    report(Progress(CONVERTING))
+    partial = store.new_partial(resolved.id)
+    try:
+        started = time.monotonic()
+        size = tar_to_squashfs(lambda pipe: flatten(layers, pipe), partial, squashfs)
+        log.info(
+            "converted %s in %.1f s (%d bytes)",
+            resolved.reference,
+            time.monotonic() - started,
+            size,
+        )
+        metadata = metadata_for(resolved, size, acl)
+        store.publish(metadata, partial)
+    finally:
+        partial.unlink(missing_ok=True)
+    report(Progress(READY))
+    return metadata
+
+
+def pull_image(
+    reference: str,
+    *,
+    client: RegistryClient,
+    cache: LayerCache,
+    store: ImageStore,
+    platform: str | Platform | None = None,
+    squashfs: SquashfsOptions | None = None,
+    acl: Acl | None = None,
+    progress: ProgressCallback | None = None,
+) -> ImageMetadata:
+    """Resolve ``reference`` and :func:`build_image` it."""
+    resolved = client.resolve(reference, platform)
+    return build_image(
+        resolved,
+        client=client,
+        cache=cache,
+        store=store,
+        squashfs=squashfs,
+        acl=acl,
+        progress=progress,
+    )
