@@ -102,8 +102,7 @@ def build_image(
             time.monotonic() - started,
             size,
         )
-        metadata = metadata_for(resolved, size, acl)
-        store.publish(metadata, partial)
+        metadata = store.publish(metadata_for(resolved, size, acl), partial)
     finally:
         partial.unlink(missing_ok=True)
     report(Progress(READY))

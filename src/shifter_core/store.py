@@ -9,6 +9,8 @@ leaves an orphan that :meth:`ImageStore.sweep` removes, never a half image.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +69,7 @@ class ImageMetadata:
     config_digest: str = ""
     layers: tuple[dict[str, Any], ...] = ()
     size: int = 0
+    sha256: str = ""
     created: float = 0.0
     acl: Acl | None = None
 
@@ -95,6 +98,15 @@ class ImageMetadata:
         return cls(acl=acl, **data)
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -120,9 +132,16 @@ class ImageStore:
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path / f".{check_image_id(image_id)}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
 
-    def publish(self, metadata: ImageMetadata, partial: Path) -> Path:
-        """Move a complete squashfs into place and write its metadata, both atomically."""
+    def publish(self, metadata: ImageMetadata, partial: Path) -> ImageMetadata:
+        """Move a complete squashfs into place and write its metadata, both atomically.
+
+        Returns the metadata as written: with the file's size and sha256 (what node caches
+        verify their copies against).
+        """
         image = self.image_file(metadata.id)
+        metadata = dataclasses.replace(
+            metadata, size=partial.stat().st_size, sha256=file_sha256(partial)
+        )
         mode = 0o600 if metadata.private else 0o644
         with open(partial, "rb") as fh:
             os.fsync(fh.fileno())
@@ -140,7 +159,7 @@ class ImageStore:
             meta_partial.unlink(missing_ok=True)
         _fsync_dir(self.path)
         log.info("published image %s (%s, %d bytes)", metadata.id, metadata.source, metadata.size)
-        return image
+        return metadata
 
     def get(self, image_id: str) -> ImageMetadata | None:
         """The metadata of a complete image, or None."""

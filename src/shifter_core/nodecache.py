@@ -1,0 +1,184 @@
+"""The node-local image cache: verified copies of store images, shared by jobs, LRU-evicted.
+
+Reading an image from a shared file system on every node of every job is what makes
+container start-up slow at scale; a node-local copy is read once per node. The cache is a
+directory (one per node; nodes sharing a host need one each)::
+
+    <dir>/<id>.squashfs          complete, verified copies (published by rename)
+    <dir>/.<id>.<pid>.partial    a copy in progress
+    <dir>/holds/<id>/<holder>    one empty file per job using the image on this node
+    <dir>/.lock                  flock: staging and eviction are serialised
+    <dir>/stats.json             copies, hits, evictions (for administrators and tests)
+
+A copy is verified against the sha256 the store recorded at publish time while it is
+written, so a truncated or corrupted source never becomes a cache entry. Entries held by a
+running job are never evicted; others go least recently used first when the cache is over
+its size cap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import ShifterError
+from .store import check_image_id
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+class NodeCacheError(ShifterError):
+    """An image could not be staged into the node cache."""
+
+
+class NodeCache:
+    """One node's cache directory, capped at ``max_bytes`` (0: no cap)."""
+
+    def __init__(self, directory: str | Path, max_bytes: int = 0) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+
+    def path(self, image_id: str) -> Path:
+        return self.directory / f"{check_image_id(image_id)}.squashfs"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        try:
+            return json.loads((self.directory / "stats.json").read_text())
+        except (OSError, ValueError):
+            return {"copies": 0, "hits": 0, "evictions": 0}
+
+    def _count(self, key: str) -> None:
+        stats = self.stats()
+        stats[key] = stats.get(key, 0) + 1
+        partial = self.directory / f".stats.{os.getpid()}.partial"
+        partial.write_text(json.dumps(stats))
+        partial.replace(self.directory / "stats.json")
+
+    # -- holds --------------------------------------------------------------------------
+
+    def _hold_dir(self, image_id: str) -> Path:
+        return self.directory / "holds" / check_image_id(image_id)
+
+    def hold(self, image_id: str, holder: str) -> None:
+        """Mark ``image_id`` as used by ``holder`` (a job on this node)."""
+        if "/" in holder or holder.startswith("."):
+            raise ValueError(f"bad holder name {holder!r}")
+        directory = self._hold_dir(image_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / holder).touch()
+
+    def release(self, holder: str) -> int:
+        """Drop every hold of ``holder``; return how many there were (idempotent)."""
+        released = 0
+        for hold in (self.directory / "holds").glob(f"*/{holder}"):
+            hold.unlink(missing_ok=True)
+            released += 1
+            with contextlib.suppress(OSError):
+                hold.parent.rmdir()
+        return released
+
+    def holders(self, image_id: str) -> list[str]:
+        directory = self._hold_dir(image_id)
+        return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+    # -- staging ------------------------------------------------------------------------
+
+    def stage(self, image_id: str, source: Path, sha256: str, holder: str) -> Path:
+        """A verified local copy of ``source`` for ``holder``; copied only if not cached.
+
+        Concurrent calls for the same image (two jobs starting on one node) copy it once:
+        the second waits for the lock and finds the entry.
+        """
+        target = self.path(image_id)
+        with self._locked():
+            self.hold(image_id, holder)
+            if target.exists():
+                os.utime(target)  # recently used
+                self._count("hits")
+                log.info("node cache hit for image %s", image_id)
+                return target
+            size = source.stat().st_size
+            self._evict(needed=size, keep=image_id)
+            self._copy(source, target, sha256)
+            self._count("copies")
+            log.info("staged image %s into the node cache (%d bytes)", image_id, size)
+        return target
+
+    def _copy(self, source: Path, target: Path, sha256: str) -> None:
+        partial = self.directory / f".{target.stem}.{os.getpid()}.partial"
+        digest = hashlib.sha256()
+        started = time.monotonic()
+        try:
+            with open(source, "rb") as src, open(partial, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            if sha256 and digest.hexdigest() != sha256:
+                raise NodeCacheError(
+                    f"the copy of {source} is corrupt: sha256 {digest.hexdigest()}, "
+                    f"expected {sha256}",
+                    hint="the image in the store is damaged; ask an administrator to pull it again",
+                )
+            partial.chmod(0o644)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        log.debug("copied %s in %.2f s", source, time.monotonic() - started)
+
+    def _evict(self, needed: int, keep: str) -> None:
+        """Remove unheld entries, least recently used first, until ``needed`` bytes fit."""
+        if not self.max_bytes:
+            return
+        entries = sorted(
+            (p for p in self.directory.glob("*.squashfs") if p.stem != keep),
+            key=lambda p: p.stat().st_mtime,
+        )
+        used = sum(p.stat().st_size for p in entries)
+        for entry in entries:
+            if used + needed <= self.max_bytes:
+                return
+            if self.holders(entry.stem):
+                continue
+            used -= entry.stat().st_size
+            entry.unlink(missing_ok=True)
+            self._count("evictions")
+            log.info("evicted image %s from the node cache", entry.stem)
+        if used + needed > self.max_bytes:
+            log.warning(
+                "node cache over its cap (%d + %d > %d bytes): every entry is in use",
+                used,
+                needed,
+                self.max_bytes,
+            )
+
+    def sweep(self) -> int:
+        """Remove partial copies left by a crash (call when nothing stages)."""
+        removed = 0
+        with self._locked():
+            for partial in self.directory.glob(".*.partial"):
+                partial.unlink(missing_ok=True)
+                removed += 1
+        return removed
