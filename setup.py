@@ -10,8 +10,11 @@ setup(
     packages=find_packages("src"),
     python_requires=">=3.11",
     install_requires=["pyyaml>=6", "cffi>=1.15", "httpx>=0.27", "zstandard>=0.22"],
+    # shifter_core._syscalls: mount, unshare, loop ioctls ... (compiled, cffi API mode).
+    setup_requires=["cffi>=1.15"],
+    cffi_modules=["cffi_build/build_syscalls.py:ffibuilder"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["shifter=shifter_core.cli.shifter:main"]},
 )

@@ -1,0 +1,199 @@
+"""Build ``shifter_core._syscalls``: the Linux system calls the runtime needs (cffi API mode).
+
+Python 3.11's :mod:`os` has no ``mount``, ``unshare``, ``setns``, ``pivot_root``, ``prctl``
+or the loop-device ioctls. This module compiles thin C wrappers for them; the Python side
+(:mod:`shifter_core.syscalls`) turns failures into exceptions naming the call, the path and
+errno. Built by ``pip install -e .`` (``cffi_modules`` in ``setup.py``) or by hand::
+
+    .venv/bin/python cffi_build/build_syscalls.py     # writes src/shifter_core/_syscalls*.so
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import cffi
+
+CDEF = """
+/* libc */
+int mount(const char *source, const char *target, const char *fstype,
+          unsigned long flags, const void *data);
+int umount2(const char *target, int flags);
+int unshare(int flags);
+int setns(int fd, int nstype);
+int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
+          unsigned long arg5);
+
+/* helpers written below (raw syscalls and ioctls) */
+int sh_pivot_root(const char *new_root, const char *put_old);
+int sh_mount_setattr(int dfd, const char *path, unsigned int flags, uint64_t attr_set,
+                     uint64_t attr_clr, uint64_t propagation);
+int sh_openat2(int dfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
+int sh_loop_ctl_get_free(int ctl_fd);
+int sh_loop_configure(int loop_fd, int backing_fd, uint32_t flags, const char *name);
+int sh_loop_clr_fd(int loop_fd);
+int sh_loop_set_autoclear(int loop_fd);
+int sh_capset_clear(void);
+int sh_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable);
+
+#define MS_RDONLY ...
+#define MS_NOSUID ...
+#define MS_NODEV ...
+#define MS_NOEXEC ...
+#define MS_REMOUNT ...
+#define MS_BIND ...
+#define MS_MOVE ...
+#define MS_REC ...
+#define MS_PRIVATE ...
+#define MS_SLAVE ...
+#define MS_SHARED ...
+#define MS_RELATIME ...
+#define MS_SILENT ...
+#define MNT_FORCE ...
+#define MNT_DETACH ...
+#define UMOUNT_NOFOLLOW ...
+#define CLONE_NEWNS ...
+#define CLONE_NEWUSER ...
+#define CLONE_NEWPID ...
+#define CLONE_NEWUTS ...
+#define CLONE_NEWIPC ...
+#define CLONE_NEWNET ...
+#define PR_SET_NO_NEW_PRIVS ...
+#define PR_GET_NO_NEW_PRIVS ...
+#define PR_CAPBSET_DROP ...
+#define PR_CAPBSET_READ ...
+#define PR_CAP_AMBIENT ...
+#define PR_CAP_AMBIENT_CLEAR_ALL ...
+#define PR_SET_PDEATHSIG ...
+#define PR_SET_DUMPABLE ...
+#define PR_SET_CHILD_SUBREAPER ...
+#define LO_FLAGS_READ_ONLY ...
+#define LO_FLAGS_AUTOCLEAR ...
+#define LO_FLAGS_DIRECT_IO ...
+#define MOUNT_ATTR_RDONLY ...
+#define MOUNT_ATTR_NOSUID ...
+#define MOUNT_ATTR_NODEV ...
+#define MOUNT_ATTR_NOEXEC ...
+#define AT_RECURSIVE ...
+#define AT_SYMLINK_NOFOLLOW ...
+#define AT_EMPTY_PATH ...
+#define RESOLVE_NO_XDEV ...
+#define RESOLVE_NO_MAGICLINKS ...
+#define RESOLVE_NO_SYMLINKS ...
+#define RESOLVE_BENEATH ...
+#define RESOLVE_IN_ROOT ...
+"""
+
+SOURCE = r"""
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/capability.h>
+#include <linux/loop.h>
+#include <linux/mount.h>
+#include <linux/openat2.h>
+
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+
+int sh_pivot_root(const char *new_root, const char *put_old)
+{
+    return (int)syscall(SYS_pivot_root, new_root, put_old);
+}
+
+int sh_mount_setattr(int dfd, const char *path, unsigned int flags, uint64_t attr_set,
+                     uint64_t attr_clr, uint64_t propagation)
+{
+    struct mount_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.attr_set = attr_set;
+    attr.attr_clr = attr_clr;
+    attr.propagation = propagation;
+    return (int)syscall(SYS_mount_setattr, dfd, path, flags, &attr, sizeof attr);
+}
+
+int sh_openat2(int dfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve)
+{
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = flags;
+    how.mode = mode;
+    how.resolve = resolve;
+    return (int)syscall(SYS_openat2, dfd, path, &how, sizeof how);
+}
+
+int sh_loop_ctl_get_free(int ctl_fd)
+{
+    return ioctl(ctl_fd, LOOP_CTL_GET_FREE);
+}
+
+int sh_loop_configure(int loop_fd, int backing_fd, uint32_t flags, const char *name)
+{
+    struct loop_config config;
+    memset(&config, 0, sizeof config);
+    config.fd = (uint32_t)backing_fd;
+    config.info.lo_flags = flags;
+    if (name)
+        strncpy((char *)config.info.lo_file_name, name, LO_NAME_SIZE - 1);
+    return ioctl(loop_fd, LOOP_CONFIGURE, &config);
+}
+
+int sh_loop_clr_fd(int loop_fd)
+{
+    return ioctl(loop_fd, LOOP_CLR_FD, 0);
+}
+
+int sh_loop_set_autoclear(int loop_fd)
+{
+    struct loop_info64 info;
+    if (ioctl(loop_fd, LOOP_GET_STATUS64, &info) < 0)
+        return -1;
+    info.lo_flags |= LO_FLAGS_AUTOCLEAR;
+    return ioctl(loop_fd, LOOP_SET_STATUS64, &info);
+}
+
+int sh_capset_clear(void)
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    return (int)syscall(SYS_capset, &header, data);
+}
+
+int sh_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable)
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (syscall(SYS_capget, &header, data) < 0)
+        return -1;
+    *effective = ((uint64_t)data[1].effective << 32) | data[0].effective;
+    *permitted = ((uint64_t)data[1].permitted << 32) | data[0].permitted;
+    *inheritable = ((uint64_t)data[1].inheritable << 32) | data[0].inheritable;
+    return 0;
+}
+"""
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("shifter_core._syscalls", SOURCE)
+
+if __name__ == "__main__":
+    package = Path(__file__).resolve().parent.parent / "src" / "shifter_core"
+    with tempfile.TemporaryDirectory() as tmp:
+        built = Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
+        shutil.copy2(built, package / built.name)
+        print(package / built.name)
