@@ -120,6 +120,179 @@ class ConversionConfig:
     )
 
 
+def _absolute_list(value: list[str]) -> str | None:
+    bad = [v for v in value if not v.startswith("/")]
+    return f"holds {bad[0]!r}, which is not an absolute path" if bad else None
+
+
+def _volume_list(value: list[str]) -> str | None:
+    from .options import OptionError, parse_volume
+
+    for spec in value:
+        try:
+            volume = parse_volume(spec)
+        except OptionError as err:
+            return f"holds an invalid spec: {err}"
+        if volume.per_node_cache_bytes is not None:
+            return f"holds {spec!r}: perNodeCache is for user volumes only"
+    return None
+
+
+def _copy_list(value: list[str]) -> str | None:
+    for spec in value:
+        source, sep, target = spec.partition(":")
+        if not sep or not source.startswith("/") or not target.startswith("/"):
+            return f"holds {spec!r}; expected SRC:DST with absolute paths"
+    return None
+
+
+def _size(value: str) -> str | None:
+    from .options import OptionError, parse_size
+
+    try:
+        parse_size(value)
+    except OptionError:
+        return "is not a size (a number with an optional k, M, G or T)"
+    return None
+
+
+def _env_names(value: list[str] | dict[str, str]) -> str | None:
+    bad = [k for k in value if not k or "=" in k or "\0" in k]
+    return f"holds an invalid variable name {bad[0]!r}" if bad else None
+
+
+def _module_names(value: dict[str, Any]) -> str | None:
+    from .options import MODULE_NONE, OptionError, parse_modules
+
+    for name, module in value.items():
+        try:
+            parse_modules(name)
+        except OptionError:
+            return f"holds an invalid module name {name!r}"
+        if name == MODULE_NONE:
+            return "holds a module named 'none' (--module=none means no modules)"
+        unknown = [c for c in module.conflicts if c not in value]
+        if unknown:
+            return f"module {name!r} conflicts with unknown module {unknown[0]!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class EnvChanges:
+    """Changes to the container's environment, applied in the order set, prepend, append,
+    unset (used by the site and by each module)."""
+
+    set: dict[str, str] = field(
+        default_factory=dict, metadata=_doc("variables set to a value", check=_env_names)
+    )
+    prepend: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_doc("values put in front of a ':'-list (PATH-like) variable", check=_env_names),
+    )
+    append: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_doc("values put at the end of a ':'-list variable", check=_env_names),
+    )
+    unset: list[str] = field(
+        default_factory=list, metadata=_doc("variables removed", check=_env_names)
+    )
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """One module: what it adds to a container when a user asks for it (or by default)."""
+
+    description: str = field(default="", metadata=_doc("one line shown to users"))
+    default: bool = field(
+        default=False, metadata=_doc("loaded unless the user gives --module=none")
+    )
+    devices: list[str] = field(
+        default_factory=list,
+        metadata=_doc("host device nodes (globs) bound at the same path", check=_absolute_list),
+    )
+    binds: list[str] = field(
+        default_factory=list,
+        metadata=_doc(
+            "host paths bound in: SRC:DST[:ro|rw], read-only by default", check=_volume_list
+        ),
+    )
+    copies: list[str] = field(
+        default_factory=list,
+        metadata=_doc(
+            "host files copied in: SRC:DST (SRC may be a glob; DST/ is a directory)",
+            check=_copy_list,
+        ),
+    )
+    env: EnvChanges = field(default_factory=EnvChanges, metadata=_doc("environment changes"))
+    user_hook: str | None = field(
+        default=None,
+        metadata=_doc(
+            "program in the container run as the user before the command", check=_absolute
+        ),
+    )
+    root_hook: str | None = field(
+        default=None,
+        metadata=_doc(
+            "host program run as root with the prepared root's path (privileged setups only)",
+            check=_absolute,
+        ),
+    )
+    conflicts: list[str] = field(
+        default_factory=list, metadata=_doc("modules that cannot be loaded together with this")
+    )
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How containers are built on the nodes."""
+
+    run_dir: str = field(
+        default="/run/shifter",
+        metadata=_doc(
+            "node-local directory for prepared job roots and their state", check=_absolute
+        ),
+    )
+    site_volumes: list[str] = field(
+        default_factory=list,
+        metadata=_doc(
+            "site file systems bound into every container: SRC:DST[:ro|rw]", check=_volume_list
+        ),
+    )
+    forbidden_targets: list[str] = field(
+        default_factory=lambda: ["/", "/etc", "/var", "/proc", "/sys", "/dev", "/opt/udiImage"],
+        metadata=_doc(
+            "user volume targets refused (the path and everything below it)", check=_absolute_list
+        ),
+    )
+    allowed_targets: list[str] = field(
+        default_factory=lambda: ["/var/tmp"],
+        metadata=_doc("exceptions to forbidden_targets (the path and below)", check=_absolute_list),
+    )
+    tmp: typing.Literal["host", "private"] = field(
+        default="host",
+        metadata=_doc("/tmp in the container: the host's /tmp or a private tmpfs"),
+    )
+    env: EnvChanges = field(
+        default_factory=EnvChanges,
+        metadata=_doc("site environment, applied last (over image, user and modules)"),
+    )
+    squashfuse: str = field(
+        default="/usr/bin/squashfuse_ll",
+        metadata=_doc("squashfuse_ll program for unprivileged mounts", check=_absolute),
+    )
+    per_node_cache_dir: str = field(
+        default="/var/tmp",
+        metadata=_doc("node-local directory where perNodeCache files are created", check=_absolute),
+    )
+    per_node_cache_max_size: str = field(
+        default="64G", metadata=_doc("largest perNodeCache size a user may ask for", check=_size)
+    )
+    per_node_cache_fs: list[str] = field(
+        default_factory=lambda: ["xfs", "ext4"],
+        metadata=_doc("file systems for perNodeCache, the first with a mkfs program is used"),
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole file."""
@@ -142,6 +315,13 @@ class Config:
     )
     conversion: ConversionConfig = field(
         default_factory=ConversionConfig, metadata={"doc": "squashfs conversion"}
+    )
+    runtime: RuntimeConfig = field(
+        default_factory=RuntimeConfig, metadata={"doc": "container runtime on the nodes"}
+    )
+    modules: dict[str, ModuleConfig] = field(
+        default_factory=dict,
+        metadata={"doc": "modules users load with --module (by name)", "check": _module_names},
     )
 
     source: str = field(default="<defaults>", metadata={"internal": True})
