@@ -9,12 +9,26 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     python_requires=">=3.11",
-    install_requires=["pyyaml>=6", "cffi>=1.15", "httpx>=0.27", "zstandard>=0.22"],
+    install_requires=[
+        "pyyaml>=6",
+        "cffi>=1.15",
+        "httpx>=0.27",
+        "zstandard>=0.22",
+        "starlette>=0.37",
+        "uvicorn>=0.29",
+        "rich>=13",
+    ],
     # shifter_core._syscalls: mount, unshare, loop ioctls ... (compiled, cffi API mode).
     setup_requires=["cffi>=1.15"],
     cffi_modules=["cffi_build/build_syscalls.py:ffibuilder"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff"],
     },
-    entry_points={"console_scripts": ["shifter=shifter_core.cli.shifter:main"]},
+    entry_points={
+        "console_scripts": [
+            "shifter=shifter_core.cli.shifter:main",
+            "shifterimg=shifter_core.cli.shifterimg:main",
+            "shifter-gateway=shifter_core.gateway.server:main",
+        ]
+    },
 )

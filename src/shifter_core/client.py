@@ -1,0 +1,247 @@
+"""A client of the image gateway's HTTP API (see :mod:`shifter_core.gateway` for the protocol).
+
+Each request gets a fresh munge credential whose payload binds it to that request (method,
+path with query, sha256 of the body); registry credentials travel inside that payload, which
+munge encrypts, never in the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from . import munge
+from .errors import ShifterError
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+FINAL_STATES = ("READY", "FAILED")
+_CHUNK = 1 << 20
+
+Encoder = Callable[[bytes], str]
+
+
+class GatewayError(ShifterError):
+    """The gateway refused a request or failed; the message is the gateway's."""
+
+    def __init__(self, message: str, hint: str | None = None, *, status: int = 0) -> None:
+        super().__init__(message, hint)
+        self.status = status
+
+
+class GatewayUnreachable(GatewayError):
+    """No answer from the gateway (not running, wrong URL, network)."""
+
+
+def _encode(payload: bytes) -> str:
+    return munge.encode(payload)
+
+
+class GatewayClient:
+    """Calls to one gateway; ``encoder`` makes the munge credential (tests may replace it)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        encoder: Encoder = _encode,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._encoder = encoder
+        # The gateway is a site service: no proxy from the user's environment in between.
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, trust_env=False, transport=transport
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        secret: dict[str, str] | None = None,
+        content: Iterator[bytes] | None = None,
+        content_sha256: str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Send one authenticated request; the decoded JSON answer, or a GatewayError."""
+        raw = b"" if body is None else json.dumps(body).encode()
+        extra = dict(headers or {})
+        if body is not None:
+            extra["Content-Type"] = "application/json"
+        request = self._http.build_request(
+            method,
+            API + path,
+            params=params,
+            content=content if content is not None else raw,
+            headers=extra,
+            timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+        )
+        digest = content_sha256 if content is not None else munge.body_digest(raw)
+        assert digest is not None
+        target = request.url.raw_path.decode("ascii")
+        payload = munge.request_payload(method, target, digest, secret)
+        request.headers["Authorization"] = f"Munge {self._encoder(payload)}"
+        try:
+            response = self._http.send(request)
+        except httpx.TransportError as err:
+            raise GatewayUnreachable(
+                f"cannot reach the image gateway at {self.url}: {err or type(err).__name__}",
+                hint="is shifter-gateway running? (gateway.url in the site config)",
+            ) from None
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if response.status_code >= 400:
+            message = data.get("error") if isinstance(data, dict) else None
+            raise GatewayError(
+                message or f"the image gateway answered HTTP {response.status_code}",
+                status=response.status_code,
+            )
+        if not isinstance(data, dict):
+            raise GatewayError(f"the image gateway at {self.url} sent an answer that is not JSON")
+        return data
+
+    # -- API -----------------------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        return self.request("GET", "/ping")
+
+    def pull(
+        self,
+        reference: str,
+        *,
+        platform: str | None = None,
+        users: list[str] | None = None,
+        groups: list[str] | None = None,
+        secret: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "reference": reference,
+            "users": users or [],
+            "groups": groups or [],
+        }
+        if platform:
+            body["platform"] = platform
+        return dict(self.request("POST", "/pull", body=body, secret=secret)["job"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/jobs/{job_id}")["job"])
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/jobs")["jobs"])
+
+    def lookup(self, reference: str, platform: str | None = None) -> dict[str, Any]:
+        params = {"reference": reference}
+        if platform:
+            params["platform"] = platform
+        return dict(self.request("GET", "/lookup", params=params)["image"])
+
+    def images(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/images")["images"])
+
+    def import_file(self, path: str | os.PathLike[str], name: str) -> dict[str, Any]:
+        """Upload an image file (streamed; hashed first for the credential)."""
+        file = Path(path)
+        hasher = hashlib.sha256()
+        with open(file, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                hasher.update(chunk)
+        size = file.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            with open(file, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    yield chunk
+
+        answer = self.request(
+            "POST",
+            "/import",
+            params={"name": name},
+            content=chunks(),
+            content_sha256=hasher.hexdigest(),
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            timeout=600.0,
+        )
+        return dict(answer["job"])
+
+    def expire(self, *, days: float | None = None, ids: list[str] | None = None) -> list[str]:
+        body: dict[str, Any] = {}
+        if days is not None:
+            body["days"] = days
+        if ids:
+            body["ids"] = ids
+        return list(self.request("POST", "/expire", body=body)["removed"])
+
+    def remove(self, image: str, platform: str | None = None) -> list[str]:
+        body = {"image": image}
+        if platform:
+            body["platform"] = platform
+        return list(self.request("POST", "/remove", body=body)["removed"])
+
+    def login(self, registry: str, username: str, password: str) -> dict[str, Any]:
+        secret = {"registry": registry, "username": username, "password": password}
+        return self.request("POST", "/login", body={"registry": registry}, secret=secret)
+
+    def stats(self) -> dict[str, Any]:
+        return self.request("GET", "/stats")
+
+    def wait(
+        self,
+        job_id: str,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        interval: float = 0.5,
+        reconnect_timeout: float = 60.0,
+        on_disconnect: Callable[[GatewayUnreachable], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll a job until it is READY or FAILED; returns the final job.
+
+        A gateway that goes away meanwhile (a restart) is retried for ``reconnect_timeout``
+        seconds: jobs survive restarts.
+        """
+        lost: float | None = None
+        while True:
+            try:
+                job = self.job(job_id)
+            except GatewayUnreachable as err:
+                now = time.monotonic()
+                if lost is None:
+                    lost = now
+                    if on_disconnect:
+                        on_disconnect(err)
+                elif now - lost > reconnect_timeout:
+                    raise
+                time.sleep(interval)
+                continue
+            lost = None
+            if on_update:
+                on_update(job)
+            if job.get("state") in FINAL_STATES:
+                return job
+            time.sleep(interval)

@@ -1,0 +1,218 @@
+"""The HTTP layer (Starlette): munge authentication, JSON in and out, the import upload.
+
+Every request must carry ``Authorization: Munge <credential>``; the credential's payload names
+the request (method, path with query, sha256 of the body), so it cannot be used for any other
+request, and munged refuses it a second time. Anything else is answered ``401`` with a message
+saying what was wrong. Errors are ``{"error": message}`` with the status of the error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import __version__, munge
+from ..errors import ShifterError
+from .errors import BadRequest, GatewayError, Unauthenticated, Unavailable
+from .service import Caller, Gateway
+
+log = logging.getLogger(__name__)
+
+Decoder = Callable[[str], munge.Credential]
+API = "/api/v1"
+_CHUNK = 1 << 20
+
+
+def request_target(request: Request) -> str:
+    """The request's path and query exactly as sent (what the munge payload names)."""
+    path = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string") or b""
+    target = path.decode("latin-1")
+    return f"{target}?{query.decode('latin-1')}" if query else target
+
+
+async def authenticate(
+    gateway: Gateway, decoder: Decoder, request: Request, body_sha256: str | None
+) -> tuple[Caller, str]:
+    """Check the request's munge credential; return the caller and the payload's body hash.
+
+    With ``body_sha256`` None (a streamed upload) the caller must compare the hash itself.
+    """
+    header = request.headers.get("authorization", "")
+    scheme, _, credential = header.strip().partition(" ")
+    if not header:
+        raise Unauthenticated(
+            "the image gateway accepts no anonymous requests: no munge credential was sent",
+            hint="use shifterimg, which sends 'Authorization: Munge <credential>'",
+        )
+    if scheme.lower() != "munge" or not credential.strip():
+        raise Unauthenticated("the Authorization header must be 'Munge <credential>'")
+    try:
+        decoded = await run_in_threadpool(decoder, credential.strip())
+    except munge.MungeAuthError as err:
+        raise Unauthenticated(f"refused: {err}") from None
+    except munge.MungeError as err:
+        raise Unavailable(f"the image gateway cannot verify munge credentials: {err}") from None
+    try:
+        payload = munge.parse_payload(decoded.payload)
+    except munge.MungeAuthError as err:
+        raise Unauthenticated(f"refused: {err}") from None
+    target = request_target(request)
+    if payload["method"].upper() != request.method or payload["path"] != target:
+        raise Unauthenticated(
+            f"refused: the munge credential was made for {payload['method']} {payload['path']}, "
+            f"not for {request.method} {target}"
+        )
+    if body_sha256 is not None and payload["body_sha256"] != body_sha256:
+        raise Unauthenticated("refused: the munge credential was made for another request body")
+    secret = payload.get("secret")
+    if secret is not None and not isinstance(secret, dict):
+        raise BadRequest("the secret in the munge payload must be an object")
+    caller = await run_in_threadpool(gateway.caller, decoded.uid, decoded.gid, secret)
+    return caller, str(payload["body_sha256"])
+
+
+def _error(err: ShifterError, status: int) -> JSONResponse:
+    return JSONResponse({"error": str(err)}, status_code=status)
+
+
+Handler = Callable[[Request, Caller, Any], Awaitable[Any]]
+
+
+def create_app(gateway: Gateway, decoder: Decoder = munge.decode) -> Starlette:
+    """The ASGI application around *gateway*; *decoder* verifies munge credentials."""
+
+    def json_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                body = await request.body()
+                caller, _ = await authenticate(
+                    gateway, decoder, request, hashlib.sha256(body).hexdigest()
+                )
+                data: Any = None
+                if body:
+                    try:
+                        data = json.loads(body)
+                    except ValueError:
+                        raise BadRequest("the request body is not JSON") from None
+                if data is not None and not isinstance(data, dict):
+                    raise BadRequest("the request body must be a JSON object")
+                result = await handler(request, caller, data or {})
+                return JSONResponse(result)
+            except GatewayError as err:
+                if err.status == 401:
+                    log.warning("%s %s: %s", request.method, request.url.path, err)
+                return _error(err, err.status)
+            except ShifterError as err:
+                return _error(err, 400)
+
+        return endpoint
+
+    async def ping(request: Request, caller: Caller, data: Any) -> Any:
+        return {
+            "version": __version__,
+            "uid": caller.uid,
+            "user": caller.name,
+            "gids": list(caller.gids),
+            "admin": caller.admin,
+            "may_import": caller.may_import,
+        }
+
+    async def pull(request: Request, caller: Caller, data: dict[str, Any]) -> Any:
+        users, groups = data.get("users") or [], data.get("groups") or []
+        if not isinstance(users, list) or not isinstance(groups, list):
+            raise BadRequest("users and groups must be lists")
+        job = await run_in_threadpool(
+            gateway.submit_pull, caller, data.get("reference"), data.get("platform"), users, groups
+        )
+        return {"job": job}
+
+    async def job(request: Request, caller: Caller, data: Any) -> Any:
+        return {"job": await run_in_threadpool(gateway.job, caller, request.path_params["job_id"])}
+
+    async def jobs(request: Request, caller: Caller, data: Any) -> Any:
+        return {"jobs": await run_in_threadpool(gateway.jobs, caller)}
+
+    async def lookup(request: Request, caller: Caller, data: Any) -> Any:
+        params = request.query_params
+        image = await run_in_threadpool(
+            gateway.lookup, caller, params.get("reference"), params.get("platform")
+        )
+        return {"image": image}
+
+    async def images(request: Request, caller: Caller, data: Any) -> Any:
+        return {"images": await run_in_threadpool(gateway.images, caller)}
+
+    async def expire(request: Request, caller: Caller, data: dict[str, Any]) -> Any:
+        ids = data.get("ids") or []
+        if not isinstance(ids, list):
+            raise BadRequest("ids must be a list")
+        removed = await run_in_threadpool(gateway.expire, caller, data.get("days"), ids)
+        return {"removed": removed}
+
+    async def remove(request: Request, caller: Caller, data: dict[str, Any]) -> Any:
+        removed = await run_in_threadpool(
+            gateway.remove, caller, data.get("image"), data.get("platform")
+        )
+        return {"removed": removed}
+
+    async def login(request: Request, caller: Caller, data: dict[str, Any]) -> Any:
+        result = await run_in_threadpool(gateway.check_login, caller, data.get("registry"))
+        return {"result": result}
+
+    async def stats(request: Request, caller: Caller, data: Any) -> Any:
+        return await run_in_threadpool(gateway.stats)
+
+    async def import_image(request: Request) -> Response:
+        """The body is the file itself, streamed into a partial file in the store."""
+        upload = None
+        try:
+            caller, expected = await authenticate(gateway, decoder, request, None)
+            name = gateway.check_import(caller, request.query_params.get("name"))
+            upload = gateway.new_upload()
+            hasher = hashlib.sha256()
+            with open(upload, "wb") as fh:
+                async for chunk in request.stream():
+                    hasher.update(chunk)
+                    await run_in_threadpool(fh.write, chunk)
+            digest = hasher.hexdigest()
+            if digest != expected:
+                raise Unauthenticated(
+                    "refused: the munge credential was made for another request body"
+                )
+            job = await run_in_threadpool(gateway.submit_import, caller, name, upload, digest)
+            upload = None  # the job owns it now
+            return JSONResponse({"job": job})
+        except GatewayError as err:
+            if err.status == 401:
+                log.warning("%s %s: %s", request.method, request.url.path, err)
+            return _error(err, err.status)
+        except ShifterError as err:
+            return _error(err, 400)
+        finally:
+            if upload is not None:
+                upload.unlink(missing_ok=True)
+
+    routes = [
+        Route(f"{API}/ping", json_endpoint(ping), methods=["GET"]),
+        Route(f"{API}/pull", json_endpoint(pull), methods=["POST"]),
+        Route(f"{API}/jobs", json_endpoint(jobs), methods=["GET"]),
+        Route(f"{API}/jobs/{{job_id}}", json_endpoint(job), methods=["GET"]),
+        Route(f"{API}/lookup", json_endpoint(lookup), methods=["GET"]),
+        Route(f"{API}/images", json_endpoint(images), methods=["GET"]),
+        Route(f"{API}/import", import_image, methods=["POST"]),
+        Route(f"{API}/expire", json_endpoint(expire), methods=["POST"]),
+        Route(f"{API}/remove", json_endpoint(remove), methods=["POST"]),
+        Route(f"{API}/login", json_endpoint(login), methods=["POST"]),
+        Route(f"{API}/stats", json_endpoint(stats), methods=["GET"]),
+    ]
+    return Starlette(routes=routes)

@@ -1,0 +1,768 @@
+"""The gateway's work, independent of HTTP: jobs, workers, visibility, expiry, imports.
+
+A pull request becomes a job (``PENDING``) in the database and a job id in a queue; one of
+``gateway.workers`` threads takes it through ``PULLING`` (resolve, download layers into the
+layer cache) and ``CONVERTING`` (flatten into tar2sqfs) to ``READY``, or to ``FAILED`` with
+the error's user-facing message. Each state change is one log line.
+
+Sharing: requests with the same (reference, platform, visibility) share the active job, and a
+job that became READY less than :data:`REPULL_AFTER` seconds ago is returned as it is (the
+registry is not asked again), like Shifter's pull-update timeout.
+
+Restarts: at start the store's partial files are swept; interrupted public pulls are queued
+again (finished layers are in the cache, so they resume) up to :data:`MAX_ATTEMPTS` starts;
+pulls that used registry credentials (kept in memory only, never in the database) and imports
+(whose upload was a partial file) are failed with a message saying to try again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import json
+import logging
+import os
+import pwd
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..config import Config
+from ..convert import SquashfsOptions
+from ..credentials import CredentialError, StaticCredentials, normalize_registry
+from ..errors import ShifterError
+from ..layercache import LayerCache
+from ..pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
+from ..reference import DockerReference
+from ..registry import Platform, RegistryClient, RegistrySettings
+from ..store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore
+from . import login
+from .db import ACTIVE_STATES, Database, Job, acl_to_json
+from .errors import BadRequest, Forbidden, NotFound
+from .importer import import_file
+
+log = logging.getLogger(__name__)
+
+REPULL_AFTER = 60.0  # seconds a READY pull is reused for an identical request
+MAX_ATTEMPTS = 3  # starts of one job (gateway restarts in between) before it is failed
+EXPIRE_INTERVAL = 3600.0  # seconds between automatic expiry runs (gateway.expire_days > 0)
+_ID_PREFIX_RE = re.compile(r"^(?:id:)?(?:sha256:)?([0-9a-f]{12,64})$")
+_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7"}
+
+
+def platform_name(platform: Platform) -> str:
+    """``os/arch[/variant]`` with the default variant filled in (``linux/arm64/v8``)."""
+    variant = platform.variant or _DEFAULT_VARIANT.get(platform.architecture)
+    return str(Platform(platform.os, platform.architecture, variant))
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request (from the munge credential) and what they may do."""
+
+    uid: int
+    gid: int
+    gids: tuple[int, ...]
+    name: str
+    admin: bool = False
+    may_import: bool = False
+    secret: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+
+    def sees(self, acl: Acl | None) -> bool:
+        """Public, or in the ACL, or an admin."""
+        return acl is None or self.admin or acl.allows(self.uid, self.gids)
+
+
+class JobProgress:
+    """Bytes downloaded per layer of one running job (in memory only)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.layers: dict[str, list[int]] = {}
+        self.started = time.monotonic()
+
+    def expect(self, layers: dict[str, int]) -> None:
+        with self._lock:
+            for digest, size in layers.items():
+                self.layers.setdefault(digest, [0, size])
+
+    def update(self, digest: str, done: int, total: int) -> None:
+        with self._lock:
+            self.layers[digest] = [done, total]
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            layers = [{"digest": d, "done": v[0], "total": v[1]} for d, v in self.layers.items()]
+        done = sum(layer["done"] for layer in layers)
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        return {
+            "layers": layers,
+            "done": done,
+            "total": sum(layer["total"] for layer in layers),
+            "rate": done / elapsed,
+        }
+
+
+def _resolve_names(names: list[Any], kind: str) -> tuple[int, ...]:
+    """User or group names (or numeric ids) to ids; an unknown name is a BadRequest."""
+    ids = []
+    for name in names:
+        text = str(name).strip()
+        if not text:
+            continue
+        if text.isdigit():
+            ids.append(int(text))
+            continue
+        try:
+            ids.append(pwd.getpwnam(text).pw_uid if kind == "user" else grp.getgrnam(text).gr_gid)
+        except KeyError:
+            raise BadRequest(f"unknown {kind} {text!r}") from None
+    return tuple(sorted(set(ids)))
+
+
+class Gateway:
+    """The image gateway: owns the store, the layer cache, the database and the workers."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        gw = config.gateway
+        self.store = ImageStore(config.image_path)
+        self.cache = LayerCache(gw.layer_cache)
+        self.db = Database(gw.database)
+        reg = config.registries
+        self.settings = RegistrySettings(
+            mirrors=reg.mirrors,
+            insecure=frozenset(reg.insecure),
+            timeout=reg.timeout,
+            retries=reg.retries,
+            max_parallel=reg.max_parallel,
+        )
+        conv = config.conversion
+        self.squashfs = SquashfsOptions(conv.compressor, conv.level, conv.block_size)
+        self._transport = transport
+        self._client = RegistryClient(self.settings, transport=transport)
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._secrets: dict[str, StaticCredentials] = {}
+        self._uploads: dict[str, tuple[Path, str]] = {}
+        self._progress: dict[str, JobProgress] = {}
+        self._lock = threading.Lock()
+        self._image_locks: dict[str, threading.Lock] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.host_platform = platform_name(Platform.host())
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Clean up after a crash, re-queue interrupted work, start the workers."""
+        if not self.store.path.exists():
+            self.store.path.mkdir(parents=True)
+            self.store.path.chmod(0o755)  # users read the store; the umask may be 077
+        swept = self.store.sweep()
+        cleaned = self.cache.clean_temporary()
+        if swept or cleaned:
+            log.info("removed %d partial file(s) from the store, %d from the cache", swept, cleaned)
+        self.recover()
+        for i in range(self.config.gateway.workers):
+            thread = threading.Thread(target=self._worker, name=f"gateway-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self.config.gateway.expire_days > 0:
+            thread = threading.Thread(target=self._expiry_loop, name="gateway-expiry", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info(
+            "gateway started: store %s, database %s, %d worker(s)",
+            self.store.path,
+            self.db.path,
+            self.config.gateway.workers,
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs; running ones are left to the next start's recovery."""
+        self._stopping.set()
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._client.close()
+
+    def recover(self) -> None:
+        """Jobs a killed gateway left active: queue them again or fail them with a reason."""
+        for job in self.db.jobs(states=ACTIVE_STATES, limit=1_000_000, oldest_first=True):
+            if job.kind == "import":
+                reason = "interrupted by a gateway restart; import the file again"
+            elif job.credentialed:
+                reason = (
+                    "interrupted by a gateway restart; the registry credentials it used are "
+                    "not kept, pull again"
+                )
+            elif job.attempts >= MAX_ATTEMPTS:
+                reason = (
+                    f"interrupted by gateway restarts {job.attempts} times; giving up, pull again"
+                )
+            else:
+                self._set_state(job, PENDING, "re-queued after a gateway restart")
+                self._progress[job.id] = JobProgress()
+                self._queue.put(job.id)
+                continue
+            self._set_state(job, FAILED, reason, finished=time.time())
+
+    # -- callers -------------------------------------------------------------------------------
+
+    def caller(self, uid: int, gid: int, secret: dict[str, Any] | None = None) -> Caller:
+        """The caller a munge credential names, with groups and rights from the config."""
+        try:
+            name = pwd.getpwuid(uid).pw_name
+            gids = tuple(sorted(set(os.getgrouplist(name, gid))))
+        except KeyError:
+            name, gids = str(uid), (gid,)
+        gw = self.config.gateway
+        admin = name in gw.admins
+        may_import = admin or "*" in gw.import_users or name in gw.import_users
+        return Caller(uid, gid, gids, name, admin, may_import, secret)
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def job_view(self, job: Job) -> dict[str, Any]:
+        try:
+            requester = pwd.getpwuid(job.requester).pw_name
+        except KeyError:
+            requester = str(job.requester)
+        view: dict[str, Any] = {
+            "id": job.id,
+            "kind": job.kind,
+            "reference": job.reference,
+            "platform": job.platform,
+            "state": job.state,
+            "message": job.message,
+            "image_id": job.image_id,
+            "private": job.acl is not None,
+            "requester": requester,
+            "attempts": job.attempts,
+            "created": job.created,
+            "updated": job.updated,
+            "finished": job.finished,
+        }
+        progress = self._progress.get(job.id)
+        if progress is not None and job.active:
+            view["progress"] = progress.snapshot()
+        return view
+
+    @staticmethod
+    def image_view(meta: ImageMetadata, **extra: Any) -> dict[str, Any]:
+        data = dataclasses.asdict(meta)
+        data["private"] = meta.private
+        data.update(extra)
+        return data
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _reference(text: Any) -> DockerReference:
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest("no image reference given", hint="e.g. shifterimg pull ubuntu:22.04")
+        value = text.strip()
+        if value.startswith("docker:"):
+            value = value[len("docker:") :]
+        return DockerReference.parse(value)
+
+    def _platform(self, text: Any) -> tuple[str, bool]:
+        if text in (None, ""):
+            return self.host_platform, False
+        if not isinstance(text, str):
+            raise BadRequest("platform must be a string such as linux/amd64")
+        return platform_name(Platform.parse(text)), True
+
+    def _find_image_id(self, text: str) -> str | None:
+        """An image id from ``id:HEX``, a full id, or a unique prefix of 12+ digits."""
+        match = _ID_PREFIX_RE.match(text.strip().lower())
+        if match is None:
+            return None
+        prefix = match.group(1)
+        if IMAGE_ID_RE.match(prefix):
+            return prefix
+        found = {m.id for m in self.store if m.id.startswith(prefix)}
+        if len(found) > 1:
+            raise BadRequest(f"image id prefix {prefix} is ambiguous", hint="give more digits")
+        return found.pop() if found else None
+
+    # -- pull ----------------------------------------------------------------------------------
+
+    def submit_pull(
+        self,
+        caller: Caller,
+        reference: Any,
+        platform: Any = None,
+        users: list[Any] | None = None,
+        groups: list[Any] | None = None,
+    ) -> dict[str, Any]:
+        """Start (or join) the pull of *reference*; returns the job."""
+        ref = self._reference(reference)
+        plat, explicit = self._platform(platform)
+        creds = self._credentials(caller.secret, ref)
+        acl: Acl | None = None
+        extra_users = _resolve_names(list(users or []), "user")
+        extra_groups = _resolve_names(list(groups or []), "group")
+        if creds is not None or extra_users or extra_groups:
+            acl = Acl(tuple(sorted({caller.uid, *extra_users})), extra_groups)
+        key = json.dumps(["pull", str(ref), plat, acl_to_json(acl), creds is not None])
+        now = time.time()
+        with self.db.transaction() as conn:
+            last = self.db.latest_job(conn, key)
+            if last is not None and last.active:
+                log.info("job %s: joined by %s", last.id, caller.name)
+                return self.job_view(last)
+            recent = (
+                last is not None
+                and last.state == READY
+                and last.finished is not None
+                and now - last.finished < REPULL_AFTER
+                and last.image_id is not None
+                and self.store.get(last.image_id) is not None
+            )
+            if recent and last is not None:
+                return self.job_view(last)
+            job = Job(
+                id=uuid.uuid4().hex[:16],
+                kind="pull",
+                key=key,
+                reference=str(ref),
+                platform=plat,
+                platform_explicit=explicit,
+                requester=caller.uid,
+                acl=acl,
+                credentialed=creds is not None,
+                state=PENDING,
+                message="",
+                image_id=None,
+                attempts=0,
+                created=now,
+                updated=now,
+                finished=None,
+            )
+            self.db.insert_job(conn, job)
+        if creds is not None:
+            self._secrets[job.id] = creds
+        self._progress[job.id] = JobProgress()
+        log.info(
+            "job %s PENDING: pull %s (%s) for %s%s",
+            job.id,
+            job.reference,
+            plat,
+            caller.name,
+            ", private" if acl else "",
+        )
+        self._queue.put(job.id)
+        return self.job_view(job)
+
+    @staticmethod
+    def _credentials(
+        secret: dict[str, Any] | None, ref: DockerReference
+    ) -> StaticCredentials | None:
+        if not secret:
+            return None
+        registry, user, password = (secret.get(k) for k in ("registry", "username", "password"))
+        if not all(isinstance(v, str) and v for v in (registry, user, password)):
+            raise BadRequest("the registry credentials sent need registry, username and password")
+        try:
+            name = normalize_registry(str(registry))
+        except CredentialError as err:
+            raise BadRequest(str(err)) from None
+        if name != ref.registry:
+            raise BadRequest(
+                f"credentials for registry {name} were sent to pull from {ref.registry}"
+            )
+        return StaticCredentials({name: (str(user), str(password))})
+
+    def job(self, caller: Caller, job_id: str) -> dict[str, Any]:
+        job = self.db.job(job_id)
+        if job is None or not caller.sees(job.acl):
+            raise NotFound(f"no job {job_id!r}")
+        return self.job_view(job)
+
+    def jobs(self, caller: Caller, limit: int = 50) -> list[dict[str, Any]]:
+        jobs = [j for j in self.db.jobs(limit=1000) if caller.sees(j.acl)]
+        return [self.job_view(j) for j in jobs[:limit]]
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _set_state(self, job: Job, state: str, message: str = "", **values: Any) -> None:
+        self.db.update_job(job.id, state=state, message=message, **values)
+        detail = f": {message}" if message else ""
+        log.info("job %s %s: %s %s%s", job.id, state, job.kind, job.reference, detail)
+
+    @contextmanager
+    def _image_lock(self, image_id: str) -> Iterator[None]:
+        with self._lock:
+            lock = self._image_locks.setdefault(image_id, threading.Lock())
+        with lock:
+            yield
+
+    def _worker(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None or self._stopping.is_set():
+                return
+            job = self.db.job(job_id)
+            if job is None or not job.active:
+                continue
+            try:
+                if job.kind == "import":
+                    self._run_import(job)
+                else:
+                    self._run_pull(job)
+            except ShifterError as err:
+                self._set_state(job, FAILED, str(err), finished=time.time())
+            except Exception as err:
+                log.exception("job %s failed unexpectedly", job.id)
+                self._set_state(
+                    job, FAILED, f"internal error of the gateway: {err}", finished=time.time()
+                )
+            finally:
+                self._secrets.pop(job.id, None)
+                self._progress.pop(job.id, None)
+                upload = self._uploads.pop(job.id, None)
+                if upload is not None:
+                    upload[0].unlink(missing_ok=True)
+
+    def _run_pull(self, job: Job) -> None:
+        creds = self._secrets.get(job.id)
+        if job.credentialed and creds is None:
+            raise ShifterError("the registry credentials of this pull are gone; pull again")
+        progress = self._progress.setdefault(job.id, JobProgress())
+        self.db.update_job(job.id, attempts=job.attempts + 1)
+        self._set_state(job, PULLING)
+        client = (
+            RegistryClient(self.settings, creds, transport=self._transport)
+            if creds is not None
+            else self._client
+        )
+        state = [PULLING]
+
+        def report(event: Progress) -> None:
+            if event.layer is not None:
+                progress.update(event.layer, event.done, event.total)
+            elif event.state == CONVERTING and state[0] != CONVERTING:
+                state[0] = CONVERTING
+                self._set_state(job, CONVERTING)
+
+        try:
+            resolved = client.resolve(
+                job.reference, job.platform if job.platform_explicit else None
+            )
+            progress.expect({d.digest: d.size for d in resolved.layers})
+            with self._image_lock(resolved.id):
+                existing = self.store.get(resolved.id)
+                if existing is not None:
+                    meta = self._merge_visibility(existing, job.acl)
+                else:
+                    meta = build_image(
+                        resolved,
+                        client=client,
+                        cache=self.cache,
+                        store=self.store,
+                        squashfs=self.squashfs,
+                        acl=job.acl,
+                        progress=report,
+                    )
+        finally:
+            if client is not self._client:
+                client.close()
+        self.db.set_tag(job.reference, job.platform, meta.id, job.acl)
+        self.db.touch_image(meta.id)
+        self._set_state(job, READY, image_id=meta.id, finished=time.time())
+
+    def _merge_visibility(self, existing: ImageMetadata, acl: Acl | None) -> ImageMetadata:
+        """An image pulled again: publicly makes it public, privately widens its ACL."""
+        if existing.acl is None:
+            return existing
+        if acl is None:
+            updated = dataclasses.replace(existing, acl=None)
+        else:
+            merged = Acl(
+                tuple(sorted({*existing.acl.users, *acl.users})),
+                tuple(sorted({*existing.acl.groups, *acl.groups})),
+            )
+            if merged == existing.acl:
+                return existing
+            updated = dataclasses.replace(existing, acl=merged)
+        self._rewrite_metadata(updated)
+        return updated
+
+    def _rewrite_metadata(self, meta: ImageMetadata) -> None:
+        mode = 0o600 if meta.private else 0o644
+        if not meta.private:
+            os.chmod(self.store.image_file(meta.id), mode)
+        partial = self.store.new_partial(meta.id)
+        try:
+            with open(partial, "w", encoding="utf-8") as fh:
+                fh.write(meta.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            partial.chmod(mode)
+            partial.replace(self.store.metadata_file(meta.id))
+        finally:
+            partial.unlink(missing_ok=True)
+        log.info("image %s is now %s", meta.id, "private" if meta.private else "public")
+
+    # -- lookup and list -----------------------------------------------------------------------
+
+    def lookup(self, caller: Caller, reference: Any, platform: Any = None) -> dict[str, Any]:
+        """The image *reference* (or an id) names for the caller; NotFound for what they may not
+        see."""
+        text = str(reference or "").strip()
+        image_id = self._find_image_id(text) if text else None
+        if image_id is not None:
+            meta = self.store.get(image_id)
+            if meta is not None and (caller.admin or meta.visible_to(caller.uid, caller.gids)):
+                self.db.touch_image(meta.id)
+                return self.image_view(meta, reference=meta.source, status=READY)
+        else:
+            ref = self._reference(reference)
+            plat, _ = self._platform(platform)
+            for tag in self.db.tags(str(ref), plat):
+                if not caller.sees(tag.acl):
+                    continue
+                meta = self.store.get(tag.image_id)
+                if meta is None or not (caller.admin or meta.visible_to(caller.uid, caller.gids)):
+                    continue
+                self.db.touch_image(meta.id)
+                return self.image_view(
+                    meta, reference=tag.reference, status=READY, pulled=tag.updated
+                )
+        raise NotFound(
+            f"image {text!r} not found on the image gateway",
+            hint=f"pull it first: shifterimg pull {text}" if image_id is None else None,
+        )
+
+    def images(self, caller: Caller) -> list[dict[str, Any]]:
+        """Images (and pulls in progress) the caller may see."""
+        out: list[dict[str, Any]] = []
+        metas: dict[str, ImageMetadata | None] = {}
+        for tag in self.db.tags():
+            if not caller.sees(tag.acl):
+                continue
+            if tag.image_id not in metas:
+                metas[tag.image_id] = self.store.get(tag.image_id)
+            meta = metas[tag.image_id]
+            if meta is None or not (caller.admin or meta.visible_to(caller.uid, caller.gids)):
+                continue
+            out.append(
+                {
+                    "status": READY,
+                    "id": meta.id,
+                    "reference": tag.reference,
+                    "platform": tag.platform,
+                    "pulled": tag.updated,
+                    "private": tag.acl is not None or meta.private,
+                    "size": meta.size,
+                }
+            )
+        for job in self.db.jobs(states=ACTIVE_STATES, limit=1000):
+            if caller.sees(job.acl):
+                out.append(
+                    {
+                        "status": job.state,
+                        "id": None,
+                        "reference": job.reference,
+                        "platform": job.platform,
+                        "pulled": job.created,
+                        "private": job.acl is not None,
+                        "size": 0,
+                        "job": job.id,
+                    }
+                )
+        out.sort(key=lambda e: (e["reference"], e["platform"]))
+        return out
+
+    # -- import --------------------------------------------------------------------------------
+
+    def check_import(self, caller: Caller, name: Any) -> str:
+        """The normalised name of an import the caller may do (Forbidden/BadRequest otherwise)."""
+        if not caller.may_import:
+            raise Forbidden(
+                f"user {caller.name} may not import images",
+                hint="the site allows gateway.admins and gateway.import_users to",
+            )
+        return str(self._reference(name))
+
+    def new_upload(self) -> Path:
+        """A hidden partial file in the store for an upload (swept after a crash)."""
+        self.store.path.mkdir(parents=True, exist_ok=True)
+        return self.store.path / f".upload-{uuid.uuid4().hex}.partial"
+
+    def submit_import(self, caller: Caller, name: str, upload: Path, sha256: str) -> dict[str, Any]:
+        now = time.time()
+        job_id = uuid.uuid4().hex[:16]
+        job = Job(
+            id=job_id,
+            kind="import",
+            key=f"import:{job_id}",
+            reference=name,
+            platform=self.host_platform,
+            platform_explicit=False,
+            requester=caller.uid,
+            acl=None,
+            credentialed=False,
+            state=PENDING,
+            message="",
+            image_id=None,
+            attempts=0,
+            created=now,
+            updated=now,
+            finished=None,
+        )
+        with self.db.transaction() as conn:
+            self.db.insert_job(conn, job)
+        self._uploads[job.id] = (upload, sha256)
+        log.info("job %s PENDING: import %s for %s", job.id, name, caller.name)
+        self._queue.put(job.id)
+        return self.job_view(job)
+
+    def _run_import(self, job: Job) -> None:
+        upload = self._uploads.get(job.id)
+        if upload is None or not upload[0].exists():
+            raise ShifterError("the uploaded file is gone; import it again")
+        self.db.update_job(job.id, attempts=job.attempts + 1)
+        self._set_state(job, PULLING, "reading the uploaded file")
+        meta = import_file(
+            upload[0],
+            job.reference,
+            file_sha256=upload[1],
+            store=self.store,
+            cache=self.cache,
+            squashfs=self.squashfs,
+            on_converting=lambda: self._set_state(job, CONVERTING),
+        )
+        if meta.private:
+            meta = self._merge_visibility(meta, None)
+        plat = platform_name(Platform.parse(meta.platform)) if meta.platform else self.host_platform
+        self.db.set_tag(job.reference, plat, meta.id, None)
+        self.db.touch_image(meta.id)
+        self.db.update_job(job.id, platform=plat)
+        self._set_state(job, READY, image_id=meta.id, finished=time.time())
+
+    # -- administration ------------------------------------------------------------------------
+
+    def _require_admin(self, caller: Caller, what: str) -> None:
+        if not caller.admin:
+            raise Forbidden(
+                f"only image gateway admins may {what}; user {caller.name} is not one",
+                hint="admins are listed under gateway.admins in the site config",
+            )
+
+    def _remove_image(self, image_id: str, why: str) -> None:
+        with self._image_lock(image_id):
+            self.store.remove(image_id)
+            self.db.delete_image(image_id)
+        log.info("removed image %s (%s)", image_id, why)
+
+    def remove(self, caller: Caller, target: Any, platform: Any = None) -> list[str]:
+        """Remove the image *target* names (an id, or every image a reference points at)."""
+        self._require_admin(caller, "remove images")
+        text = str(target or "").strip()
+        if not text:
+            raise BadRequest("no image given", hint="give an image id or reference")
+        image_id = self._find_image_id(text)
+        if image_id is not None and self.store.get(image_id) is not None:
+            ids = [image_id]
+        else:
+            ref = self._reference(text)
+            plat = self._platform(platform)[0] if platform else None
+            ids = sorted({t.image_id for t in self.db.tags(str(ref), plat)})
+            ids = [i for i in ids if self.store.get(i) is not None]
+        if not ids:
+            raise NotFound(f"image {text!r} not found on the image gateway")
+        for i in ids:
+            self._remove_image(i, f"removed by {caller.name}")
+        return ids
+
+    def expire(self, caller: Caller, days: Any = None, ids: list[Any] | None = None) -> list[str]:
+        """Remove the given images, or those unused for *days* (default gateway.expire_days)."""
+        self._require_admin(caller, "expire images")
+        if ids:
+            found = []
+            for text in ids:
+                image_id = self._find_image_id(str(text))
+                if image_id is None or self.store.get(image_id) is None:
+                    raise NotFound(f"no image with id {text!r}")
+                found.append(image_id)
+            for image_id in found:
+                self._remove_image(image_id, f"expired by {caller.name}")
+            return found
+        if days is None:
+            days = self.config.gateway.expire_days
+        if not isinstance(days, int | float) or isinstance(days, bool) or days <= 0:
+            raise BadRequest(
+                "give a number of days greater than 0 or image ids",
+                hint="gateway.expire_days in the site config is 0 (never)" if not days else None,
+            )
+        return self._expire_older_than(float(days), caller.name)
+
+    def _expire_older_than(self, days: float, who: str) -> list[str]:
+        cutoff = time.time() - days * 86400
+        last_used = self.db.last_used()
+        busy = {j.image_id for j in self.db.jobs(states=ACTIVE_STATES) if j.image_id}
+        removed = []
+        for meta in list(self.store):
+            used = last_used.get(meta.id, meta.created)
+            if used < cutoff and meta.id not in busy:
+                self._remove_image(meta.id, f"unused for {days:g} days, expired by {who}")
+                removed.append(meta.id)
+        return removed
+
+    def _expiry_loop(self) -> None:
+        days = float(self.config.gateway.expire_days)
+        while not self._stopping.wait(EXPIRE_INTERVAL):
+            try:
+                self._expire_older_than(days, "the gateway")
+            except Exception:
+                log.exception("automatic expiry failed")
+
+    # -- other ---------------------------------------------------------------------------------
+
+    def check_login(self, caller: Caller, registry: Any) -> str:
+        """Check the registry credentials the caller sent (in the munge payload)."""
+        secret = caller.secret or {}
+        user, password = secret.get("username"), secret.get("password")
+        if not isinstance(registry, str) or not registry:
+            raise BadRequest("no registry given")
+        if not isinstance(user, str) or not isinstance(password, str) or not user:
+            raise BadRequest("no username and password were sent")
+        try:
+            name = normalize_registry(registry)
+        except CredentialError as err:
+            raise BadRequest(str(err)) from None
+        result = login.check_login(self.settings, name, user, password)
+        log.info("login check for %s at %s by %s: %s", user, name, caller.name, result)
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.cache.stats
+        return {
+            "layer_cache": {
+                "downloads": stats.downloads,
+                "hits": stats.hits,
+                "waited": stats.waited,
+                "bytes_written": stats.bytes_written,
+            },
+            "jobs": self.db.count_jobs(),
+            "workers": self.config.gateway.workers,
+            "queued": self._queue.qsize(),
+        }
