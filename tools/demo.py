@@ -109,6 +109,20 @@ def main() -> None:
     if nodes != {"n1", "n2", "n3"}:
         say("!!! no plugin log lines from every node")
         raise SystemExit(1)
+    step(
+        "shifterimg pull busybox: the image gateway pulls it into the image store",
+        ["shifterimg", "pull", "busybox"],
+        lambda out: None if "is READY:" in out else "the pull did not end READY",
+    )
+    step(
+        "shifterimg images: the image is READY for everyone",
+        ["shifterimg", "images"],
+        lambda out: (
+            None
+            if re.search(r"^READY\s+[0-9a-f]{12}\s.*docker\.io/library/busybox:latest$", out, re.M)
+            else "busybox is not listed READY"
+        ),
+    )
     say("\nDemo finished: every step did what it should.")
 
 

@@ -6,10 +6,14 @@ Run as root with the checkout's venv (made by ``tools/box/setup.sh``)::
     .venv/bin/python tools/box/box.py up       # start (a no-op for what already runs)
     .venv/bin/python tools/box/box.py status   # what runs
     .venv/bin/python tools/box/box.py down     # stop what the box started, unmount, detach
+    .venv/bin/python tools/box/box.py restart-gateway   # only the image gateway
 
 State lives in ``<checkout>/.box/``: ``etc/`` (generated slurm.conf, plugstack.conf,
 cgroup.conf, shifter.yaml, registry.yml), ``spool/``, ``log/``, ``run/`` (pid files),
-``registry/`` (registry storage), ``images/`` (the Shifter image store) and ``cache/``.
+``registry/`` (registry storage), ``images/`` (the Shifter image store), ``gateway/`` (the
+image gateway's database and layer cache) and ``cache/``. The gateway runs as the system user
+``shifter``, which owns ``images/`` and ``gateway/`` and nothing else; its log is
+``log/gateway.log``.
 The templates are in ``slurm_conf/box/``. ``up`` writes ``<checkout>/box.env`` to source.
 
 Every daemon is found again through its pid file, checked against ``/proc/PID/comm`` so a
@@ -49,6 +53,9 @@ NODES = ("n1", "n2", "n3")
 REGISTRY_ADDR = "127.0.0.1:5000"
 USERS = ("alice", "bob")
 GROUP = "science"
+SERVICE_USER = "shifter"  # the image gateway's system user: owns the store and gateway/
+GATEWAY_ADDR = "127.0.0.1:7080"
+GATEWAY_BIN = CHECKOUT / ".venv" / "bin" / "shifter-gateway"
 # (builder name, repository in the box registry)
 SEED_IMAGES = (("busybox", "library/busybox"), ("mpi", "library/mpich-hello"))
 
@@ -105,6 +112,11 @@ class BoxPaths:
         return self.root / "cache"
 
     @property
+    def gateway(self) -> Path:
+        """The gateway's database and layer cache (owned by the service user)."""
+        return self.root / "gateway"
+
+    @property
     def slurm_conf(self) -> Path:
         return self.etc / "slurm.conf"
 
@@ -140,7 +152,12 @@ class BoxPaths:
             self.registry,
             self.images,
             self.cache,
+            self.gateway,
         ]
+
+    def service_dirs(self) -> dict[Path, int]:
+        """Directories the gateway's service user owns, with their modes."""
+        return {self.images: 0o755, self.gateway: 0o700}
 
 
 PATHS = BoxPaths(CHECKOUT / ".box")
@@ -263,6 +280,15 @@ def registry_daemon(paths: BoxPaths = PATHS) -> Daemon:
     return Daemon("registry", "docker-registry", paths.run / "registry.pid")
 
 
+def gateway_daemon(paths: BoxPaths = PATHS) -> Daemon:
+    return Daemon(
+        "gateway",
+        "shifter-gateway",
+        paths.run / "gateway.pid",
+        ("--config", str(paths.shifter_yaml)),
+    )
+
+
 def munged_daemon() -> Daemon:
     return Daemon("munged", "munged", MUNGE_PIDFILE)
 
@@ -324,9 +350,13 @@ def render(template: str, **values: str) -> str:
 
 
 def make_dirs(paths: BoxPaths) -> None:
-    """Create the state directories, root-owned and writable by root only."""
+    """Create the state directories, root-owned and writable by root only (those of the
+    gateway's service user are only created here: ``prepare_gateway_dirs`` owns them)."""
+    service = paths.service_dirs()
     for d in paths.dirs():
         d.mkdir(parents=True, exist_ok=True)
+        if d in service:
+            continue
         st = d.stat()
         if st.st_uid != 0 or st.st_gid != 0:
             os.chown(d, 0, 0)
@@ -408,6 +438,27 @@ def write_box_env(paths: BoxPaths) -> None:
 
 
 # --- users -----------------------------------------------------------------------------------
+
+
+def ensure_service_user() -> None:
+    """The gateway's system user ``shifter`` (no home, no login shell)."""
+    try:
+        pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        log.info("useradd --system %s", SERVICE_USER)
+        run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                SERVICE_USER,
+            ]
+        )
 
 
 def ensure_users() -> None:
@@ -781,6 +832,81 @@ def seed_image(paths: BoxPaths, builder: Path, name: str, repo: str) -> None:
     log.info("pushed %s:latest as %s", repo, digest)
 
 
+# --- image gateway ---------------------------------------------------------------------------
+
+
+def prepare_gateway_dirs(paths: BoxPaths) -> None:
+    """The store and ``gateway/`` belong to the service user (it writes nothing else)."""
+    user = pwd.getpwnam(SERVICE_USER)
+    for d, mode in paths.service_dirs().items():
+        d.mkdir(parents=True, exist_ok=True)
+        st = d.stat()
+        if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
+            log.info("chown %s:%s %s", SERVICE_USER, SERVICE_USER, d)
+            os.chown(d, user.pw_uid, user.pw_gid)
+        if st.st_mode & 0o7777 != mode:
+            os.chmod(d, mode)
+
+
+def gateway_ok(timeout: float = 1.0) -> bool:
+    """True when something accepts connections on the gateway's address."""
+    host, _, port = GATEWAY_ADDR.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def start_gateway(paths: BoxPaths, changed: set[str]) -> None:
+    """Run ``shifter-gateway`` as the service user (restarted when shifter.yaml changed)."""
+    daemon = gateway_daemon(paths)
+    pid = daemon.pid()
+    if pid and "shifter.yaml" not in changed and gateway_ok():
+        log.info("gateway is running (pid %d)", pid)
+        return
+    if pid:
+        log.info("restarting the gateway (shifter.yaml changed or it does not answer)")
+        stop_pids({daemon.name: pid})
+    if not GATEWAY_BIN.exists():
+        raise BoxError(f"{GATEWAY_BIN} is missing: run tools/box/setup.sh")
+    prepare_gateway_dirs(paths)
+    user = pwd.getpwnam(SERVICE_USER)
+    logfile = paths.log / "gateway.log"
+    log.info("starting shifter-gateway as user %s on %s", SERVICE_USER, GATEWAY_ADDR)
+    with logfile.open("ab") as sink:
+        proc = subprocess.Popen(
+            [str(GATEWAY_BIN), "--config", str(paths.shifter_yaml)],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+            cwd=paths.gateway,
+            env={"PATH": DAEMON_PATH, "LANG": "C.UTF-8", "HOME": str(paths.gateway)},
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
+            start_new_session=True,
+        )
+    daemon.pidfile.write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 30
+    while not (daemon.pid() and gateway_ok()):
+        if proc.poll() is not None:
+            raise BoxError(f"shifter-gateway exited {proc.returncode}\n{tail(logfile)}")
+        if time.monotonic() > deadline:
+            raise BoxError(f"shifter-gateway does not answer on {GATEWAY_ADDR}\n{tail(logfile)}")
+        time.sleep(0.1)
+    log.info("gateway is up (pid %d)", proc.pid)
+
+
+def restart_gateway(paths: BoxPaths = PATHS) -> None:
+    """Stop and start only the gateway (after a code change; the rest keeps running)."""
+    require_root()
+    daemon = gateway_daemon(paths)
+    if pid := daemon.pid():
+        stop_pids({daemon.name: pid})
+    start_gateway(paths, set())
+
+
 # --- mounts and loop devices -----------------------------------------------------------------
 
 
@@ -857,10 +983,12 @@ def up(paths: BoxPaths = PATHS, *, plugin: bool = True) -> None:
     make_dirs(paths)
     changed = write_configs(paths, plugin=plugin)
     ensure_users()
+    ensure_service_user()
     start_munge(paths)
     start_slurm(paths, changed)
     start_registry(paths)
     failed = seed_images(paths)
+    start_gateway(paths, changed)
     wait_nodes_idle(paths)
     write_box_env(paths)
     log.info("box is up in %.1f s; source %s", time.monotonic() - started, BOX_ENV)
@@ -885,14 +1013,15 @@ def down(paths: BoxPaths = PATHS) -> None:
     stop_pids(stray)
     stopped += stray.values()
     reg = registry_daemon(paths)
-    for daemon in (slurmctld_daemon(paths), reg):
+    gateway = gateway_daemon(paths)
+    for daemon in (gateway, slurmctld_daemon(paths), reg):
         if pid := daemon.pid():
             stop_pids({daemon.name: pid})
             stopped.append(pid)
     stopped += stop_box_munged(paths)
     unmount_all(paths.root)
     detach_loops(paths.root)
-    for d in (*slurm_daemons(paths), reg):
+    for d in (*slurm_daemons(paths), reg, gateway):
         d.pidfile.unlink(missing_ok=True)
     wait_reaped(stopped)
     left = leftovers(paths)
@@ -908,7 +1037,7 @@ def leftovers(paths: BoxPaths) -> list[str]:
     """What of the box still runs or is mounted (empty when ``down`` did its job)."""
     left = [
         f"{d.name} (pid {pid})"
-        for d in (*slurm_daemons(paths), registry_daemon(paths))
+        for d in (*slurm_daemons(paths), registry_daemon(paths), gateway_daemon(paths))
         if (pid := d.pid())
     ]
     left += [f"{name} (pid {pid})" for name, pid in box_stepds(paths).items()]
@@ -952,8 +1081,15 @@ def stop_box_munged(paths: BoxPaths) -> list[int]:
 def is_up(paths: BoxPaths = PATHS) -> bool:
     """A cheap check that every service of the box runs with the current configuration
     (plugin enabled if built) and the nodes are usable: when True, ``up`` has nothing to do."""
-    daemons = [*slurm_daemons(paths), registry_daemon(paths), munged_daemon()]
+    daemons = [
+        *slurm_daemons(paths),
+        registry_daemon(paths),
+        munged_daemon(),
+        gateway_daemon(paths),
+    ]
     if not all(d.pid() for d in daemons) or not registry_ok() or not configs_current(paths):
+        return False
+    if not gateway_ok():
         return False
     states = node_states(paths)
     return all(states.get(n) in ("idle", "mixed", "allocated", "completing") for n in NODES)
@@ -961,7 +1097,12 @@ def is_up(paths: BoxPaths = PATHS) -> bool:
 
 def status(paths: BoxPaths = PATHS) -> int:
     """Print what runs; 0 when everything does."""
-    daemons = [munged_daemon(), *slurm_daemons(paths), registry_daemon(paths)]
+    daemons = [
+        munged_daemon(),
+        *slurm_daemons(paths),
+        registry_daemon(paths),
+        gateway_daemon(paths),
+    ]
     ok = True
     print(f"box: {paths.root}")
     for d in daemons:
@@ -999,6 +1140,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     sub.add_parser("down", help="stop the box")
     sub.add_parser("status", help="print what runs")
+    sub.add_parser("restart-gateway", help="restart only the image gateway")
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -1010,6 +1152,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             up(plugin=not args.no_plugin)
         elif args.command == "down":
             down()
+        elif args.command == "restart-gateway":
+            restart_gateway()
         else:
             return status()
     except BoxError as err:
