@@ -397,7 +397,8 @@ class Gateway:
         return self.job_view(job)
 
     def jobs(self, caller: Caller, limit: int = 50) -> list[dict[str, Any]]:
-        jobs = [j for j in self.db.jobs(limit=1000) if caller.sees(j.acl)]
+        """The caller's own recent jobs (an admin's: everyone's), newest first."""
+        jobs = [j for j in self.db.jobs(limit=1000) if caller.admin or j.requester == caller.uid]
         return [self.job_view(j) for j in jobs[:limit]]
 
     # -- workers -------------------------------------------------------------------------------
