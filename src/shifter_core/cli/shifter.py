@@ -1,0 +1,260 @@
+"""``shifter``: run a command in a container image, as yourself.
+
+See :data:`HELP` for the options. Option parsing stops at the first argument that is not an
+option (or after ``--``), so ``shifter --image=x ls -l`` passes ``-l`` to ``ls``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from ..errors import ShifterError
+
+PROG = "shifter"
+
+HELP = f"""\
+usage: {PROG} [OPTIONS] [COMMAND [ARG...]]
+
+Run COMMAND in a container made from an image, as yourself (your uid, gid and groups, no
+capabilities, no way to gain privilege). The image is read-only; /tmp and volumes are
+writable where you may write.
+
+Without COMMAND: with --entrypoint, the image's ENTRYPOINT and CMD run; otherwise your
+shell ($SHELL, else your login shell) runs.
+
+options:
+  --image=[TYPE:]NAME    the image: docker:NAME[:TAG] (or just NAME) resolved by the image
+                         gateway, or id:HEX. Default: the image of the Slurm job you are in
+                         ($SHIFTER_IMAGE, with its --volume and --module)
+  -V, --volume=SRC:DST[:ro|:rw|:perNodeCache=size=N]
+                         bind SRC of the host at DST in the container (rw unless :ro);
+                         repeat it or join several with ';'. SRC must be readable by you.
+                         DST may not be /, /etc, /var, /proc, /sys, /dev, /opt/udiImage or
+                         below them (site-configurable); missing directories are created.
+                         perNodeCache (node-local scratch) works in Slurm jobs only
+  --entrypoint[=CMD]     run the image's ENTRYPOINT (or CMD) with COMMAND as its arguments
+                         (the image's CMD when no COMMAND is given)
+  -w, --workdir[=DIR]    start in DIR; alone: the image's WORKDIR. Default: the current
+                         directory if it exists in the container, else /
+  -e, --env=NAME=VALUE   set a variable (NAME alone: copy it from your environment)
+  --env-file=FILE        variables from FILE, one NAME=VALUE a line (# comments)
+  -E, --clearenv         start from an empty environment instead of yours
+  -m, --module=A[,B]     load site modules (GPU, MPI ...) besides the defaults;
+                         --module=none loads none, not even the defaults
+  --writable-tmpfs       let the image be written (changes vanish at exit)
+  -v, --verbose          say what happens
+  -h, --help             show this help
+
+environment, lowest precedence first: yours (unless -E), the image's ENV, --env-file,
+--env, modules, the site; then SHIFTER_IMAGE (the image id), SHIFTER_IMAGEREQUEST and
+SHIFTER_RUNTIME=1 are set.
+
+exit status: COMMAND's own; 125 when shifter fails, 126 when COMMAND cannot be run, 127
+when it is not found in the container.
+"""
+
+EXIT_FAILED = 125  # 126 and 127 come with CommandError.exit_code
+
+
+class UsageError(Exception):
+    """A malformed command line."""
+
+
+@dataclass
+class Options:
+    image: str | None = None
+    volumes: list[str] = field(default_factory=list)
+    modules: str | None = None
+    env: list[str] = field(default_factory=list)
+    env_files: list[str] = field(default_factory=list)
+    clearenv: bool = False
+    entrypoint: str | None = None
+    workdir: str | None = None
+    writable_tmpfs: bool = False
+    verbose: int = 0
+    help: bool = False
+    command: list[str] = field(default_factory=list)
+
+
+# long name -> (attribute, takes: "required" | "optional" | "none")
+_LONG = {
+    "image": ("image", "required"),
+    "volume": ("volumes", "required"),
+    "entrypoint": ("entrypoint", "optional"),
+    "workdir": ("workdir", "optional"),
+    "env": ("env", "required"),
+    "env-file": ("env_files", "required"),
+    "clearenv": ("clearenv", "none"),
+    "module": ("modules", "required"),
+    "writable-tmpfs": ("writable_tmpfs", "none"),
+    "verbose": ("verbose", "none"),
+    "help": ("help", "none"),
+}
+_SHORT = {
+    "V": "volume",
+    "w": "workdir",
+    "e": "env",
+    "E": "clearenv",
+    "m": "module",
+    "v": "verbose",
+    "h": "help",
+}
+
+
+def _store(options: Options, attribute: str, value: str | None) -> None:
+    current = getattr(options, attribute)
+    if isinstance(current, list):
+        current.append(value)
+    elif attribute == "verbose":
+        options.verbose += 1
+    elif isinstance(current, bool) or attribute in ("clearenv", "writable_tmpfs", "help"):
+        setattr(options, attribute, True)
+    elif attribute in ("entrypoint", "workdir"):
+        setattr(options, attribute, value or "")
+    else:
+        setattr(options, attribute, value)
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Parse options up to the first non-option; the rest is the command."""
+    options = Options()
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--":
+            index += 1
+            break
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            if name not in _LONG:
+                raise UsageError(f"unknown option --{name}")
+            attribute, takes = _LONG[name]
+            if takes == "none" and sep:
+                raise UsageError(f"option --{name} takes no value")
+            if takes == "required" and not sep:
+                index += 1
+                if index >= len(argv):
+                    raise UsageError(f"option --{name} needs a value")
+                value = argv[index]
+            _store(options, attribute, value if (sep or takes == "required") else None)
+            index += 1
+            continue
+        if arg.startswith("-") and len(arg) > 1:
+            position = 1
+            while position < len(arg):
+                letter = arg[position]
+                if letter not in _SHORT:
+                    raise UsageError(f"unknown option -{letter}")
+                attribute, takes = _LONG[_SHORT[letter]]
+                rest = arg[position + 1 :]
+                if takes == "none":
+                    _store(options, attribute, None)
+                    position += 1
+                    continue
+                if takes == "optional":
+                    _store(options, attribute, rest or None)
+                elif rest:
+                    _store(options, attribute, rest)
+                else:
+                    index += 1
+                    if index >= len(argv):
+                        raise UsageError(f"option -{letter} needs a value")
+                    _store(options, attribute, argv[index])
+                break
+            index += 1
+            continue
+        break
+    options.command = list(argv[index:])
+    return options
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format=f"{PROG}: %(message)s", stream=sys.stderr)
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(f"{PROG}: {text}\n")
+    sys.stderr.flush()
+
+
+def run(options: Options) -> int:
+    """Build the plan and exec the command (returns only on failure)."""
+    from .. import config as config_module
+    from ..reference import ImageRequest
+    from ..runtime import RunRequest, User, build_plan, request_from_env, resolve_image
+    from ..runtime.plan import ENV_IMAGEREQUEST
+    from ..runtime.unprivileged import run as run_unprivileged
+
+    config = config_module.load()
+    user = User.current()
+    request = RunRequest(
+        image=options.image,
+        volumes=tuple(options.volumes),
+        modules=options.modules,
+        env=tuple(options.env),
+        env_files=tuple(options.env_files),
+        clearenv=options.clearenv,
+        entrypoint=options.entrypoint,
+        workdir=options.workdir,
+        command=tuple(options.command),
+        writable_tmpfs=options.writable_tmpfs,
+    )
+    from_job = request.image is None
+    request = request_from_env(os.environ, request)
+    if request.image is None:
+        raise UsageError("no image given: use --image=NAME (or run it in a job with --image)")
+    image, image_file = resolve_image(request.image, config, user)
+    if from_job and os.environ.get(ENV_IMAGEREQUEST):
+        image_request = os.environ[ENV_IMAGEREQUEST]
+    else:
+        image_request = str(ImageRequest.parse(request.image, config.default_image_type))
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:
+        cwd = None
+    plan = build_plan(
+        request,
+        config,
+        image,
+        image_file,
+        user,
+        caller_env=os.environ,
+        cwd=cwd,
+        image_request=image_request,
+    )
+    logging.getLogger(PROG).info(
+        "image %s (%s), command %s", plan.image_id[:12], image_request, " ".join(plan.argv)
+    )
+    run_unprivileged(plan)
+    return EXIT_FAILED  # not reached: run() execs or raises
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        options = parse_args(args)
+    except UsageError as err:
+        _say(f"{err}\nTry '{PROG} --help' for the options.")
+        return 2
+    if options.help:
+        sys.stdout.write(HELP)
+        return 0
+    _setup_logging(options.verbose)
+    try:
+        return run(options)
+    except UsageError as err:
+        _say(str(err))
+        return 2
+    except ShifterError as err:
+        _say(str(err))
+        return int(getattr(err, "exit_code", EXIT_FAILED))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

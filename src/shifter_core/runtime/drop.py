@@ -1,0 +1,115 @@
+"""The last steps in the container: become the user for good, run hooks, exec the command.
+
+After :func:`drop_privileges` the process has the user's uid, gid and groups, an empty
+capability bounding set, no effective, permitted, inheritable or ambient capabilities, and
+``no_new_privs``: nothing it executes can gain privilege (setuid bits and file capabilities
+are ignored). :func:`exec_command` then replaces the process with the command, so signals
+and the exit status are the command's own.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from .. import syscalls
+from .errors import CommandError, ContainerError, PrivilegeError
+from .plan import User
+
+log = logging.getLogger(__name__)
+
+
+def _last_cap() -> int:
+    # Bytes only: after pivot_root the host's Python library (codecs included) is gone.
+    try:
+        fd = os.open("/proc/sys/kernel/cap_last_cap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return int(os.read(fd, 32))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return 63
+
+
+def drop_privileges(user: User, *, in_user_namespace: bool = False) -> None:
+    """Become ``user`` with no capabilities at all and ``no_new_privs`` set.
+
+    In a user namespace that maps the caller to itself the ids are already the user's and
+    ``setgroups`` is denied: only the capabilities go.
+    """
+    if user.uid == 0 or user.gid == 0:
+        raise PrivilegeError("refusing to run a container as root (uid or gid 0)")
+    for cap in range(_last_cap() + 1):
+        try:
+            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+        except syscalls.SyscallError as err:
+            if err.errno != errno.EINVAL:
+                raise
+    if not in_user_namespace:
+        os.setgroups(list(user.groups))
+        os.setresgid(user.gid, user.gid, user.gid)
+        os.setresuid(user.uid, user.uid, user.uid)
+    syscalls.capset_clear()
+    syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
+    syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+    if os.getuid() == 0 or os.geteuid() == 0 or 0 in os.getresuid() or any(syscalls.capget()):
+        raise PrivilegeError("could not drop privileges (still root or holding capabilities)")
+
+
+def change_directory(workdir: str, explicit: bool) -> None:
+    """cd into the working directory; a default one that is missing falls back to ``/``."""
+    try:
+        os.chdir(workdir)
+    except OSError as err:
+        if explicit:
+            raise ContainerError(
+                f"cannot change to the working directory {workdir}: {err.strerror}",
+                hint="give a directory that exists in the container (-w DIR)",
+            ) from None
+        log.info("working directory %s is not in the container (%s): using /", workdir, err)
+        os.chdir("/")
+
+
+def run_hooks(hooks: Sequence[tuple[str, str]], env: Mapping[str, str]) -> None:
+    """Run each module's user hook (as the user, in the container) and wait for it."""
+    for module, hook in hooks:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                _reset_signals()
+                os.execve(hook, [hook], dict(env))
+            except OSError as err:
+                os.write(
+                    2, f"shifter: module {module}: cannot run {hook}: {err.strerror}\n".encode()
+                )
+            os._exit(127)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise ContainerError(f"module {module}: the user hook {hook} failed (exit {code})")
+
+
+def _reset_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; an exec'd program must start with the defaults."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def exec_command(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+    """Replace this process with ``argv`` (found on the container's ``PATH``)."""
+    _reset_signals()
+    try:
+        os.execvpe(argv[0], list(argv), dict(env))
+    except FileNotFoundError:
+        raise CommandError(
+            f"{argv[0]}: command not found in the container",
+            hint="check the image's PATH or give the full path",
+            exit_code=127,
+        ) from None
+    except OSError as err:
+        raise CommandError(f"cannot run {argv[0]} in the container: {err.strerror}") from None

@@ -1,0 +1,392 @@
+"""The plan: everything a container needs, as pure data, and the one builder of it.
+
+A :class:`RunRequest` is what a user asked for (from ``shifter``'s options, from Slurm's
+``--image``/``--volume``/``--module`` or from a job's ``SHIFTER_*`` environment);
+:func:`build_plan` checks it against the site configuration and the image and returns a
+:class:`Plan`, which both realisations (privileged and unprivileged) carry out.
+
+Environment precedence, lowest first: the caller's environment (dropped by ``--clearenv``),
+the image's ``ENV``, ``--env-file``, ``--env``, modules (in load order), the site
+(``runtime.env``); then ``SHIFTER_IMAGE``, ``SHIFTER_IMAGEREQUEST`` and ``SHIFTER_RUNTIME=1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Config, EnvChanges, ModuleConfig, RuntimeConfig
+from ..errors import OptionError
+from ..options import Volume, format_volumes, parse_size, parse_volumes
+from ..store import ImageMetadata
+from .errors import ContainerError, PrivilegeError, VolumeError
+from .modules import select_modules
+
+log = logging.getLogger(__name__)
+
+ENV_IMAGE = "SHIFTER_IMAGE"
+ENV_IMAGEREQUEST = "SHIFTER_IMAGEREQUEST"
+ENV_VOLUME = "SHIFTER_VOLUME"
+ENV_MODULE = "SHIFTER_MODULE"
+ENV_RUNTIME = "SHIFTER_RUNTIME"
+DEFAULT_SHELL = "/bin/sh"
+
+
+@dataclass(frozen=True)
+class User:
+    """Who the container runs as: never root."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    name: str
+    home: str = "/"
+    shell: str = DEFAULT_SHELL
+    gecos: str = ""
+    group_names: tuple[tuple[int, str], ...] = ()
+
+    @classmethod
+    def from_uid(
+        cls, uid: int, gid: int | None = None, groups: Iterable[int] | None = None
+    ) -> User:
+        """Look a user up (name, home, shell, groups) in the host's user database."""
+        import grp
+        import pwd
+
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            name, home, shell, gecos, primary = f"uid{uid}", "/", DEFAULT_SHELL, "", uid
+        else:
+            name, home, shell, gecos = entry.pw_name, entry.pw_dir, entry.pw_shell, entry.pw_gecos
+            primary = entry.pw_gid
+        gid = primary if gid is None else gid
+        if groups is None:
+            try:
+                groups = os.getgrouplist(name, gid)
+            except OSError:
+                groups = [gid]
+        ordered = [gid, *sorted({g for g in groups if g != gid})]
+        names = []
+        for g in ordered:
+            try:
+                names.append((g, grp.getgrgid(g).gr_name))
+            except KeyError:
+                continue
+        return cls(
+            uid, gid, tuple(ordered), name, home, shell or DEFAULT_SHELL, gecos, tuple(names)
+        )
+
+    @classmethod
+    def current(cls) -> User:
+        """The calling process's user, groups included."""
+        return cls.from_uid(os.getuid(), os.getgid(), os.getgroups())
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What was asked for, unchecked. ``entrypoint``/``workdir``: None = not given, "" = the
+    image's, else the value given."""
+
+    image: str | None = None
+    volumes: tuple[str, ...] = ()
+    modules: str | None = None
+    env: tuple[str, ...] = ()
+    env_files: tuple[str, ...] = ()
+    clearenv: bool = False
+    entrypoint: str | None = None
+    workdir: str | None = None
+    command: tuple[str, ...] = ()
+    writable_tmpfs: bool = False
+
+
+def request_from_env(environ: Mapping[str, str], base: RunRequest | None = None) -> RunRequest:
+    """Fill in the job's image, volumes and modules (``SHIFTER_*``) when ``base`` has no image.
+
+    An explicit ``--image`` means a different container: the job's values are then ignored.
+    """
+    base = base or RunRequest()
+    if base.image is not None:
+        return base
+    image_id = environ.get(ENV_IMAGE, "").strip()
+    image = f"id:{image_id}" if image_id else environ.get(ENV_IMAGEREQUEST, "").strip() or None
+    if image is None:
+        return base
+    volumes = base.volumes
+    if not volumes and environ.get(ENV_VOLUME):
+        volumes = (environ[ENV_VOLUME],)
+    modules = base.modules if base.modules is not None else environ.get(ENV_MODULE) or None
+    return dataclasses.replace(base, image=image, volumes=volumes, modules=modules)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A container, fully decided: realisations only carry it out."""
+
+    image: ImageMetadata
+    image_file: str
+    image_request: str
+    user: User
+    volumes: tuple[Volume, ...]
+    site_volumes: tuple[Volume, ...]
+    modules: tuple[tuple[str, ModuleConfig], ...]
+    env: tuple[tuple[str, str], ...]
+    workdir: str
+    workdir_explicit: bool
+    argv: tuple[str, ...]
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    writable: bool = False
+
+    @property
+    def image_id(self) -> str:
+        return self.image.id
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.modules)
+
+    def environ(self) -> dict[str, str]:
+        return dict(self.env)
+
+    def mount_key(self) -> dict[str, Any]:
+        """What determines the mounted root (not env, workdir or command): a prepared root
+        can be entered for any plan with the same key."""
+        return {
+            "image_id": self.image.id,
+            "uid": self.user.uid,
+            "gid": self.user.gid,
+            "volumes": format_volumes(self.volumes),
+            "site_volumes": format_volumes(self.site_volumes),
+            "modules": [
+                [name, hashlib.sha256(repr(module).encode()).hexdigest()[:16]]
+                for name, module in self.modules
+            ],
+            "tmp": self.runtime.tmp,
+            "writable": self.writable,
+        }
+
+    def mount_digest(self) -> str:
+        text = json.dumps(self.mount_key(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---- environment ---------------------------------------------------------------------------
+
+
+def parse_env_assignment(
+    text: str, where: str, caller: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """``K=V`` → (K, V); a bare ``K`` takes the caller's value (None when it has none)."""
+    name, sep, value = text.partition("=")
+    if not name or "\0" in text or any(c.isspace() for c in name):
+        raise OptionError(
+            f"invalid environment variable {text!r} in {where}", hint="use NAME=VALUE"
+        )
+    if not sep:
+        return (name, caller[name]) if name in caller else None
+    return name, value
+
+
+def read_env_file(path: str, caller: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``--env-file``: ``NAME=VALUE`` lines; blank lines and ``#`` comments are skipped; a
+    bare ``NAME`` copies the caller's value. Values are taken literally (no quotes)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as err:
+        raise OptionError(f"cannot read --env-file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise OptionError(f"--env-file {path} is not UTF-8 text") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if text.startswith("export "):
+            text = text[len("export ") :].lstrip()
+        item = parse_env_assignment(text, f"{path}, line {number}", caller)
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def apply_env_changes(env: dict[str, str], changes: EnvChanges) -> None:
+    """set, prepend, append, unset, in this order (``:``-lists never get empty elements)."""
+    env.update(changes.set)
+    for name, value in changes.prepend.items():
+        env[name] = f"{value}:{env[name]}" if env.get(name) else value
+    for name, value in changes.append.items():
+        env[name] = f"{env[name]}:{value}" if env.get(name) else value
+    for name in changes.unset:
+        env.pop(name, None)
+
+
+def build_env(
+    caller: Mapping[str, str],
+    image: ImageMetadata,
+    request: RunRequest,
+    modules: Iterable[tuple[str, ModuleConfig]],
+    site: EnvChanges,
+    image_request: str,
+) -> dict[str, str]:
+    """The container's environment (see the module docstring for the precedence)."""
+    env: dict[str, str] = {} if request.clearenv else dict(caller)
+    for item in image.env:
+        name, sep, value = item.partition("=")
+        if name and sep:
+            env[name] = value
+    for path in request.env_files:
+        env.update(read_env_file(path, caller))
+    for text in request.env:
+        item = parse_env_assignment(text, "--env", caller)
+        if item is not None:
+            env[item[0]] = item[1]
+    for _, module in modules:
+        apply_env_changes(env, module.env)
+    apply_env_changes(env, site)
+    env[ENV_IMAGE] = image.id
+    env[ENV_IMAGEREQUEST] = image_request
+    env[ENV_RUNTIME] = "1"
+    return env
+
+
+# ---- command and working directory ---------------------------------------------------------
+
+
+def build_argv(
+    request: RunRequest, image: ImageMetadata, caller: Mapping[str, str], user: User
+) -> tuple[str, ...]:
+    """``--entrypoint``: ENTRYPOINT (or the given program) + the command or the image's CMD.
+    Without it: the command, else the caller's ``$SHELL`` (then the user's login shell)."""
+    if request.entrypoint is not None:
+        entry = (request.entrypoint,) if request.entrypoint else tuple(image.entrypoint or ())
+        rest = request.command or tuple(image.cmd or ())
+        argv = entry + rest
+        if not argv:
+            raise ContainerError(
+                f"image {image.source or image.id} has no ENTRYPOINT and no CMD",
+                hint="give a command after the options",
+            )
+        return argv
+    if request.command:
+        return request.command
+    return (caller.get("SHELL") or user.shell or DEFAULT_SHELL,)
+
+
+def choose_workdir(request: RunRequest, image: ImageMetadata, cwd: str | None) -> tuple[str, bool]:
+    """(directory, explicit): ``-w DIR``; ``-w`` alone: the image's WORKDIR (``/`` if none);
+    default: the caller's current directory (``/`` in the container if it is missing there)."""
+    if request.workdir is None:
+        return (cwd or "/"), False
+    directory = request.workdir or image.workdir or "/"
+    if not directory.startswith("/"):
+        raise OptionError(f"invalid --workdir {directory!r}", hint="give an absolute path")
+    return directory, True
+
+
+# ---- the builder ---------------------------------------------------------------------------
+
+
+def build_plan(
+    request: RunRequest,
+    config: Config,
+    image: ImageMetadata,
+    image_file: str,
+    user: User,
+    *,
+    caller_env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    image_request: str | None = None,
+) -> Plan:
+    """Check a request against the configuration and the (resolved) image; pure.
+
+    ``image``/``image_file`` come from :func:`shifter_core.runtime.images.resolve_image`;
+    ``caller_env`` and ``cwd`` default to nothing (the Slurm side passes the task's).
+    """
+    if user.uid == 0:
+        raise PrivilegeError(
+            "Shifter does not run containers as root", hint="run it as an ordinary user"
+        )
+    caller = dict(caller_env or {})
+    volumes = tuple(parse_volumes(request.volumes)) if request.volumes else ()
+    check_volume_specs(volumes, config.runtime)
+    site_volumes = (
+        tuple(parse_volumes(config.runtime.site_volumes)) if config.runtime.site_volumes else ()
+    )
+    site_targets = {v.target for v in site_volumes}
+    for volume in volumes:
+        if volume.target in site_targets:
+            raise VolumeError(
+                f"volume {volume}: {volume.target} is a site file system in every container",
+                hint="choose another target",
+            )
+    modules = select_modules(request.modules, config.modules)
+    requested = image_request or request.image or f"id:{image.id}"
+    env = build_env(caller, image, request, modules, config.runtime.env, requested)
+    workdir, explicit = choose_workdir(request, image, cwd)
+    argv = build_argv(request, image, caller, user)
+    return Plan(
+        image=image,
+        image_file=image_file,
+        image_request=requested,
+        user=user,
+        volumes=volumes,
+        site_volumes=site_volumes,
+        modules=tuple(modules),
+        env=tuple(env.items()),
+        workdir=workdir,
+        workdir_explicit=explicit,
+        argv=argv,
+        runtime=config.runtime,
+        writable=request.writable_tmpfs,
+    )
+
+
+def is_below(path: str, prefix: str) -> bool:
+    """``path`` is ``prefix`` or inside it (both normalised absolute paths)."""
+    return path == prefix or prefix == "/" or path.startswith(prefix.rstrip("/") + "/")
+
+
+def forbidden_target(path: str, runtime: RuntimeConfig) -> str | None:
+    """The forbidden prefix that ``path`` falls under, or None if it is allowed."""
+    if any(is_below(path, allowed) and allowed != "/" for allowed in runtime.allowed_targets):
+        return None
+    for prefix in runtime.forbidden_targets:
+        if prefix == "/":
+            if path == "/":
+                return "/"
+        elif is_below(path, prefix):
+            return prefix
+    return None
+
+
+def check_volume_specs(volumes: Iterable[Volume], runtime: RuntimeConfig) -> None:
+    """What can be decided before anything is mounted: forbidden targets (as written),
+    nesting, perNodeCache sizes. Symlinks in the image are checked when mounting."""
+    volumes = list(volumes)
+    limit = parse_size(runtime.per_node_cache_max_size)
+    for volume in volumes:
+        prefix = forbidden_target(volume.target, runtime)
+        if prefix is not None:
+            where = "the container's root" if prefix == "/" else f"{prefix} or below it"
+            raise VolumeError(
+                f"volume {volume}: the target may not be {where}",
+                hint="choose another target, e.g. /data",
+            )
+        if volume.per_node_cache_bytes is not None and volume.per_node_cache_bytes > limit:
+            raise VolumeError(
+                f"volume {volume}: perNodeCache size is larger than the site's limit "
+                f"{runtime.per_node_cache_max_size}"
+            )
+        for other in volumes:
+            if other is not volume and is_below(volume.target, other.target):
+                raise VolumeError(
+                    f"volume {volume}: the target is inside the target of volume {other}",
+                    hint="volume targets may not be nested",
+                )

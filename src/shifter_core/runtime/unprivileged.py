@@ -1,0 +1,237 @@
+"""The unprivileged realisation: ``shifter`` run by a user, no setuid program anywhere.
+
+The process maps its own uid and gid into a new user namespace (``setgroups`` denied) with a
+new mount namespace, then either
+
+- **fast path**: ``chroot``s into the root that the prolog prepared for this job on this
+  node, when its state file matches the request (:mod:`.jobs`), or
+- **private root**: mounts the image with ``squashfuse_ll`` and builds the same root as the
+  privileged path (:mod:`.assemble`) in a tmpfs mounted over ``/tmp`` of its own mount
+  namespace, then ``pivot_root``s into it and detaches the host's mounts,
+
+drops every capability, sets ``no_new_privs`` and execs the command: no process of Shifter
+remains. The squashfuse_ll daemon is started before the namespaces are made (so it is in
+none of them), holds the FUSE connection the process mounted (``/dev/fd/N``), and exits when
+the connection goes away: when the last process of the container's mount namespace ends,
+the mounts are dropped and the kernel aborts the connection; a SIGKILL included.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+from typing import NoReturn
+
+from .. import syscalls
+from ..syscalls import SyscallError
+from .assemble import RootBuilder
+from .drop import change_directory, drop_privileges, exec_command, run_hooks
+from .errors import ContainerError, ImageError, PrivilegeError
+from .jobs import current_job, job_dir, read_state
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+STAGING = "/tmp"  # a tmpfs is mounted over it in the private mount namespace
+FUSE_DEVICE = "/dev/fuse"
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def enter_user_namespace(uid: int, gid: int) -> None:
+    """New user + mount namespaces mapping the caller to itself; mounts made private."""
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS)
+    except SyscallError as err:
+        raise ContainerError(
+            f"cannot create a user namespace: {err.strerror}",
+            hint="unprivileged user namespaces must be enabled (user.max_user_namespaces)",
+        ) from None
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+
+
+def _finish(plan: Plan) -> NoReturn:
+    drop_privileges(plan.user, in_user_namespace=True)
+    change_directory(plan.workdir, plan.workdir_explicit)
+    env = plan.environ()
+    run_hooks([(n, m.user_hook) for n, m in plan.modules if m.user_hook], env)
+    exec_command(plan.argv, env)
+
+
+def prepared_root(plan: Plan, environ: dict[str, str] | os._Environ[str]) -> str | None:
+    """The root prepared for this job on this node if it matches ``plan`` (else None)."""
+    job = current_job(environ)
+    if job is None:
+        return None
+    node, job_id = job
+    state = read_state(job_dir(plan.runtime.run_dir, node, job_id))
+    if state is None:
+        log.debug("no prepared root for job %s on %s", job_id, node)
+        return None
+    if state.uid != plan.user.uid:
+        log.info("the prepared root of job %s belongs to uid %d", job_id, state.uid)
+        return None
+    if state.mount_digest != plan.mount_digest():
+        log.info(
+            "the prepared root of job %s was made for another request (%s): building a private one",
+            job_id,
+            state.data.get("mount_key"),
+        )
+        return None
+    if not os.path.isdir(state.root):
+        return None
+    return state.root
+
+
+def run(plan: Plan, environ: dict[str, str] | os._Environ[str] | None = None) -> NoReturn:
+    """Run the plan's command in a container as the calling user (never returns)."""
+    if os.geteuid() == 0 or os.getuid() == 0:
+        raise PrivilegeError(
+            "shifter does not run as root", hint="run it as the user the container is for"
+        )
+    if os.getuid() != plan.user.uid:
+        raise PrivilegeError("the plan is for another user")
+    root = prepared_root(plan, os.environ if environ is None else environ)
+    if root is not None:
+        log.info("entering the root prepared for this job: %s", root)
+        enter_user_namespace(plan.user.uid, plan.user.gid)
+        os.chroot(root)
+        os.chdir("/")
+        _finish(plan)
+    _run_private(plan)
+
+
+# ---- a private root -------------------------------------------------------------------------
+
+
+class SquashfuseDaemon:
+    """squashfuse_ll, forked before the namespaces; it gets the FUSE descriptor (which must be
+    opened inside the user namespace that mounts it) over a socket once the mount exists."""
+
+    def __init__(self, program: str, image_file: str) -> None:
+        self.program = program
+        self.image_file = image_file
+        self.started = False
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.errors, err_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            self._child(theirs, err_write)
+        os.waitpid(pid, 0)  # the intermediate child exits at once
+        theirs.close()
+        os.close(err_write)
+
+    def _child(self, sock: socket.socket, err_write: int) -> NoReturn:
+        try:
+            os.setsid()  # out of the terminal's process group: ^C is for the command
+            if os.fork() != 0:
+                os._exit(0)
+            self.sock.close()
+            os.close(self.errors)
+            os.chdir("/")
+            _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+            if not fds:
+                os._exit(0)  # the container was never mounted
+            fuse_fd = fds[0]
+            null = os.open("/dev/null", os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.dup2(err_write, 2)
+            os.set_inheritable(fuse_fd, True)
+            os.execv(self.program, [self.program, "-f", self.image_file, f"/dev/fd/{fuse_fd}"])
+        except BaseException:
+            pass
+        os._exit(127)
+
+    def start(self, fuse_fd: int) -> None:
+        """Hand the mounted FUSE connection to the daemon."""
+        socket.send_fds(self.sock, [b"g"], [fuse_fd])
+        self.close()
+
+    def close(self) -> None:
+        """Let the daemon go: it serves the mount if ``start`` was called, else exits."""
+        if not self.started:
+            self.started = True
+            self.sock.close()
+
+    def failure(self) -> str:
+        """What the daemon said, if it said anything (non-blocking)."""
+        ready, _, _ = select.select([self.errors], [], [], 0.2)
+        if not ready:
+            return ""
+        return os.read(self.errors, 4096).decode("utf-8", "replace").strip()
+
+
+def _open_fuse() -> int:
+    try:
+        return os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        raise ContainerError(
+            f"cannot open {FUSE_DEVICE}: {err.strerror}",
+            hint="shifter needs FUSE outside Slurm jobs: ask the administrators to make "
+            "/dev/fuse mode 0666 (the default of most distributions)",
+        ) from None
+
+
+def _run_private(plan: Plan) -> NoReturn:
+    if not os.access(plan.image_file, os.R_OK):
+        raise ImageError(
+            f"cannot read the image file {plan.image_file}",
+            hint="private images can only be used in Slurm jobs (sbatch/srun --image)",
+        )
+    uid, gid = plan.user.uid, plan.user.gid
+    daemon = SquashfuseDaemon(plan.runtime.squashfuse, plan.image_file)
+
+    def mount_image(target: str) -> None:
+        fuse_fd = _open_fuse()  # in the user namespace: the kernel checks the opener's
+        try:
+            options = f"fd={fuse_fd},rootmode=40000,user_id={uid},group_id={gid}"
+            flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
+            syscalls.mount(
+                "squashfuse_ll",
+                target,
+                "fuse.squashfuse_ll",
+                flags,
+                options + ",default_permissions",
+            )
+            daemon.start(fuse_fd)
+        finally:
+            os.close(fuse_fd)
+
+    builder = RootBuilder(
+        plan, f"{STAGING}/root", f"{STAGING}/staging", privileged=False, mount_image=mount_image
+    )
+    try:
+        enter_user_namespace(uid, gid)
+        builder.collect()  # bind sources must be opened in the mount namespace they go to
+        syscalls.mount(
+            "tmpfs", STAGING, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0700"
+        )
+        try:
+            builder.build()
+        except (OSError, ContainerError) as err:
+            said = daemon.failure()
+            if said and getattr(err, "errno", None) in (errno.ENOTCONN, errno.ECONNABORTED, None):
+                raise ImageError(f"squashfuse_ll cannot serve {plan.image_file}: {said}") from None
+            raise
+    finally:
+        builder.close()
+        daemon.close()
+        os.close(daemon.errors)
+    os.chdir(f"{STAGING}/root")
+    syscalls.pivot_root(".", ".")
+    syscalls.umount2(".", syscalls.MNT_DETACH)
+    os.chdir("/")
+    _finish(plan)
