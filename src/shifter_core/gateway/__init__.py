@@ -39,7 +39,8 @@ or 503)
     (admins; without either, ``gateway.expire_days``).
     ``POST /api/v1/remove`` ``{"image": REF|ID, "platform"?}`` -> ``{"removed": [ids]}``
     (admins).
-    ``POST /api/v1/login`` ``{"registry"}`` + secret -> ``{"result": "..."}``: checks the
-    credentials against the registry (401 from it: 400 here with the registry's reason).
+    ``POST /api/v1/login`` ``{"registry"}`` + secret -> ``{"result": "...", "verified": bool}``:
+    checks the credentials against the registry itself; rejected ones are a 400 with the
+    registry's reason, ``verified: false`` when the registry could not be asked.
     ``GET  /api/v1/stats`` -> layer cache counters, jobs by state.
 """

@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -166,8 +167,7 @@ def create_app(gateway: Gateway, decoder: Decoder = munge.decode) -> Starlette:
         return {"removed": removed}
 
     async def login(request: Request, caller: Caller, data: dict[str, Any]) -> Any:
-        result = await run_in_threadpool(gateway.check_login, caller, data.get("registry"))
-        return {"result": result}
+        return await run_in_threadpool(gateway.check_login, caller, data.get("registry"))
 
     async def stats(request: Request, caller: Caller, data: Any) -> Any:
         return await run_in_threadpool(gateway.stats)
@@ -215,4 +215,10 @@ def create_app(gateway: Gateway, decoder: Decoder = munge.decode) -> Starlette:
         Route(f"{API}/login", json_endpoint(login), methods=["POST"]),
         Route(f"{API}/stats", json_endpoint(stats), methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -43,7 +43,7 @@ from ..errors import ShifterError
 from ..layercache import LayerCache
 from ..pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
 from ..reference import DockerReference
-from ..registry import Platform, RegistryClient, RegistrySettings
+from ..registry import Platform, RegistryClient, RegistrySettings, RegistryUnavailable
 from ..store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore
 from . import login
 from .db import ACTIVE_STATES, Database, Job, acl_to_json
@@ -738,8 +738,12 @@ class Gateway:
 
     # -- other ---------------------------------------------------------------------------------
 
-    def check_login(self, caller: Caller, registry: Any) -> str:
-        """Check the registry credentials the caller sent (in the munge payload)."""
+    def check_login(self, caller: Caller, registry: Any) -> dict[str, Any]:
+        """Check the registry credentials the caller sent (in the munge payload).
+
+        ``verified`` is False when the registry could not be asked (the answer says why);
+        credentials the registry rejects raise AuthenticationError.
+        """
         secret = caller.secret or {}
         user, password = secret.get("username"), secret.get("password")
         if not isinstance(registry, str) or not registry:
@@ -750,9 +754,13 @@ class Gateway:
             name = normalize_registry(registry)
         except CredentialError as err:
             raise BadRequest(str(err)) from None
-        result = login.check_login(self.settings, name, user, password)
+        try:
+            result = login.check_login(self.settings, name, user, password)
+        except RegistryUnavailable as err:
+            log.info("login check for %s at %s by %s: %s", user, name, caller.name, err)
+            return {"result": f"could not verify the credentials: {err}", "verified": False}
         log.info("login check for %s at %s by %s: %s", user, name, caller.name, result)
-        return result
+        return {"result": result, "verified": True}
 
     def stats(self) -> dict[str, Any]:
         stats = self.cache.stats
