@@ -4,7 +4,7 @@ VENV   := $(ROOT)/.venv
 PYTHON := $(VENV)/bin/python
 PLUGIN := $(ROOT)/build/shifter_spank.so
 
-.PHONY: setup plugin box box-down demo test lint bench bench-spank clean
+.PHONY: setup plugin box box-down demo test lint bench bench-spank bench-pull clean
 
 plugin: $(PLUGIN)
 
@@ -34,6 +34,10 @@ bench: bench-spank
 
 bench-spank: box
 	$(PYTHON) tools/bench/bench_spank.py
+
+# debian:bookworm to squashfs: Shifter's pull against skopeo + umoci + mksquashfs (root).
+bench-pull: box
+	$(PYTHON) tools/bench/bench_pull.py $(BENCH_PULL_ARGS)
 
 clean:
 	rm -rf build
