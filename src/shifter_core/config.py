@@ -171,9 +171,9 @@ def _module_names(value: dict[str, Any]) -> str | None:
             return f"holds an invalid module name {name!r}"
         if name == MODULE_NONE:
             return "holds a module named 'none' (--module=none means no modules)"
-        unknown = [c for c in module.conflicts if c not in value]
-        if unknown:
-            return f"module {name!r} conflicts with unknown module {unknown[0]!r}"
+        bad = [c for c in module.conflicts if c in (name, MODULE_NONE)]
+        if bad:
+            return f"module {name!r} cannot conflict with {bad[0]!r}"
     return None
 
 
