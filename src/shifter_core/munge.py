@@ -15,8 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ShifterError
 
@@ -59,9 +58,8 @@ class MungeAuthError(MungeError):
     """A credential that does not authenticate anyone: invalid, expired, replayed, ..."""
 
 
-@dataclass(frozen=True)
-class Credential:
-    """A decoded credential: who encoded it and what it carries."""
+class Credential(NamedTuple):
+    """A decoded credential: who encoded it and what it carries (``uid, gid, payload``)."""
 
     uid: int
     gid: int

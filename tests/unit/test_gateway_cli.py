@@ -111,6 +111,15 @@ def test_pull_prints_plain_progress_and_exits_0_when_ready(fake, capsys) -> None
     assert kwargs["groups"] == ["science"] and kwargs["secret"] is None
 
 
+def test_plain_progress_reports_bytes_of_long_downloads() -> None:
+    out = io.StringIO()
+    display = shifterimg.PlainProgress(out, every=0.0)
+    layers = [{"digest": "sha256:" + "2" * 64, "done": 1_500_000, "total": 3_000_000}]
+    info = {"layers": layers, "done": 1_500_000, "total": 3_000_000, "rate": 500_000}
+    display.update({"state": "PULLING", "progress": info})
+    assert out.getvalue().splitlines() == ["PULLING", "  1.5 MB of 3.0 MB (500.0 kB/s)"]
+
+
 def test_shifter_style_options_before_the_command(fake) -> None:
     assert shifterimg.main(["-u", "bob", "-g", "g1", "pull", "busybox"]) == 0
     _, kwargs = fake.calls[0][1]

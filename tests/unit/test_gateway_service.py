@@ -159,6 +159,8 @@ def test_a_pull_becomes_a_public_image(make_gateway) -> None:
     image = gw.lookup(BOB, f"{REGISTRY}/pub/app:1")
     assert image["id"] == job["image_id"] and image["status"] == "READY"
     assert gw.lookup(BOB, f"id:{job['image_id'][:12]}")["id"] == job["image_id"]
+    by_digest = gw.lookup(BOB, f"{REGISTRY}/pub/app@sha256:{job['image_id']}")
+    assert by_digest["id"] == job["image_id"]
     assert gw.store.image_file(job["image_id"]).stat().st_mode & 0o777 == 0o644
     listed = gw.images(CAROL)
     assert [(i["reference"], i["status"], i["private"]) for i in listed] == [
@@ -298,6 +300,7 @@ def test_restart_requeues_or_fails_interrupted_jobs_and_sweeps_partials(make_gat
     assert "import the file again" in messages["import"]
     assert "3 times" in messages["tired"]
     assert not [j for j in gw.db.jobs() if j.active]
+    assert gw.db.prune_jobs(time.time() + 1) == 5 and gw.db.jobs() == []
 
 
 def _docker_archive(path: Path) -> str:

@@ -78,12 +78,15 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 class PlainProgress:
-    """Progress as plain lines: every state change and every finished layer."""
+    """Progress as plain lines: every state change, every finished layer, and the bytes
+    downloaded every ``every`` seconds of a long download (batch logs show it moving)."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, every: float = 10.0) -> None:
         self.stream = stream
         self.state: str | None = None
         self.finished: set[str] = set()
+        self.every = every
+        self.last = time.monotonic()
 
     def __enter__(self) -> PlainProgress:
         return self
@@ -104,6 +107,15 @@ class PlainProgress:
             if layer["total"] and layer["done"] >= layer["total"] and digest not in self.finished:
                 self.finished.add(digest)
                 _out(f"  layer {digest[:19]} {_size(layer['total'])}", self.stream)
+        info = job.get("progress") or {}
+        now = time.monotonic()
+        if state == "PULLING" and info.get("total") and now - self.last >= self.every:
+            self.last = now
+            _out(
+                f"  {_size(info['done'])} of {_size(info['total'])} "
+                f"({_size(info.get('rate', 0))}/s)",
+                self.stream,
+            )
 
 
 class RichProgress:

@@ -226,6 +226,16 @@ class Database:
             rows = self._query(f"SELECT * FROM jobs ORDER BY created {order} LIMIT ?", (limit,))
         return [Job.from_row(r) for r in rows]
 
+    def prune_jobs(self, older_than: float) -> int:
+        """Forget finished jobs that ended before *older_than* (a time stamp)."""
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        with self._lock:
+            cursor = self._conn.execute(
+                f"DELETE FROM jobs WHERE state NOT IN ({marks}) AND finished < ?",
+                (*ACTIVE_STATES, older_than),
+            )
+            return int(cursor.rowcount)
+
     def count_jobs(self) -> dict[str, int]:
         rows = self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}

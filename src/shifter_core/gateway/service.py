@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 REPULL_AFTER = 60.0  # seconds a READY pull is reused for an identical request
 MAX_ATTEMPTS = 3  # starts of one job (gateway restarts in between) before it is failed
 EXPIRE_INTERVAL = 3600.0  # seconds between automatic expiry runs (gateway.expire_days > 0)
+KEEP_JOBS_DAYS = 30  # finished jobs are forgotten after this many days
 _ID_PREFIX_RE = re.compile(r"^(?:id:)?(?:sha256:)?([0-9a-f]{12,64})$")
 _DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7"}
 
@@ -176,6 +177,9 @@ class Gateway:
         cleaned = self.cache.clean_temporary()
         if swept or cleaned:
             log.info("removed %d partial file(s) from the store, %d from the cache", swept, cleaned)
+        pruned = self.db.prune_jobs(time.time() - KEEP_JOBS_DAYS * 86400)
+        if pruned:
+            log.info("forgot %d job(s) finished more than %d days ago", pruned, KEEP_JOBS_DAYS)
         self.recover()
         for i in range(self.config.gateway.workers):
             thread = threading.Thread(target=self._worker, name=f"gateway-worker-{i}", daemon=True)
@@ -547,6 +551,12 @@ class Gateway:
                 return self.image_view(
                     meta, reference=tag.reference, status=READY, pulled=tag.updated
                 )
+            if ref.digest is not None and ref.digest.startswith("sha256:"):
+                # By digest: the digest of a platform manifest is the image id.
+                meta = self.store.get(ref.digest.split(":", 1)[1])
+                if meta is not None and (caller.admin or meta.visible_to(caller.uid, caller.gids)):
+                    self.db.touch_image(meta.id)
+                    return self.image_view(meta, reference=str(ref), status=READY)
         raise NotFound(
             f"image {text!r} not found on the image gateway",
             hint=f"pull it first: shifterimg pull {text}" if image_id is None else None,
