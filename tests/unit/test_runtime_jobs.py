@@ -1,0 +1,84 @@
+"""Prepared-root state files, mount table parsing and the shipped module examples."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from shifter_core import config
+from shifter_core.runtime.errors import ContainerError
+from shifter_core.runtime.jobs import current_job, job_dir, read_state, write_state
+from shifter_core.runtime.mountinfo import mounts_under, read_mounts
+
+MODULES_DIR = Path(__file__).resolve().parents[2] / "slurm_conf" / "modules"
+
+
+def test_job_dir_names_are_checked():
+    assert job_dir("/run/shifter", "n1", "42") == "/run/shifter/n1/42"
+    for node, job in [("..", "1"), ("n1", "../x"), ("a/b", "1"), ("n1", "")]:
+        with pytest.raises(ContainerError):
+            job_dir("/run/shifter", node, job)
+
+
+def test_current_job():
+    assert current_job({"SLURMD_NODENAME": "n1", "SLURM_JOB_ID": "7"}) == ("n1", "7")
+    assert current_job({"SLURM_JOB_ID": "7"}) is None
+    assert current_job({"SLURMD_NODENAME": "../n", "SLURM_JOB_ID": "7"}) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="state files are trusted only when root's")
+def test_state_files_are_trusted_only_when_roots(tmp_path):
+    tmp_path.chmod(0o755)
+    data = {"version": 1, "root": "/r", "uid": 1001, "mount_digest": "d", "loop_devices": []}
+    path = write_state(str(tmp_path), data)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+    state = read_state(str(tmp_path))
+    assert state is not None and state.root == "/r" and state.uid == 1001
+    os.chmod(path, 0o666)
+    assert read_state(str(tmp_path)) is None
+    os.chmod(path, 0o644)
+    os.chown(path, 1001, 0)
+    assert read_state(str(tmp_path)) is None
+    os.chown(path, 0, 0)
+    Path(path).write_text(json.dumps({**data, "version": 99}))
+    assert read_state(str(tmp_path)) is None
+    Path(path).write_text("{not json")
+    assert read_state(str(tmp_path)) is None
+    assert read_state(str(tmp_path / "missing")) is None
+
+
+def test_mountinfo(tmp_path):
+    sample = tmp_path / "mountinfo"
+    sample.write_text(
+        "22 1 0:21 / / rw - ext4 /dev/vda rw\n"
+        "30 22 0:30 / /run/x\\040y rw,nosuid - tmpfs tmpfs rw\n"
+        "31 30 0:31 / /run/x\\040y/root ro - overlay overlay rw,lowerdir=/a\n"
+        "32 31 0:32 / /run/x\\040y/root/proc rw - proc proc rw\n"
+    )
+    assert [m.target for m in read_mounts(str(sample))][1] == "/run/x y"
+    under = mounts_under("/run/x y/root", str(sample))
+    assert [m.target for m in under] == ["/run/x y/root/proc", "/run/x y/root"]
+    assert mounts_under("/run/x", str(sample)) == []
+    assert read_mounts()  # this process's own table parses
+
+
+@pytest.mark.parametrize("name", ["gpu", "mpich", "infiniband", "aries", "slingshot"])
+def test_module_examples_are_valid(name):
+    path = MODULES_DIR / f"{name}.yaml"
+    cfg = config.parse(path.read_text(), str(path))
+    module = cfg.modules[name]
+    assert module.description
+    assert module.env.prepend.get("LD_LIBRARY_PATH", "").startswith("/opt/udiImage/modules/")
+
+
+def test_module_examples_combine():
+    text = "modules:\n"
+    for path in sorted(MODULES_DIR.glob("*.yaml")):
+        body = path.read_text().split("modules:\n", 1)[1]
+        text += body
+    cfg = config.parse(text, "all.yaml")
+    assert set(cfg.modules) == {"gpu", "mpich", "infiniband", "aries", "slingshot"}
+    assert "slingshot" in cfg.modules["aries"].conflicts
