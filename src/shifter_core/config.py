@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from . import config_cache
 from .config_cache import ENV_VAR, check_privileged_file, config_path
-from .errors import ConfigError
+from .errors import ConfigError, ShifterError
 
 T = TypeVar("T")
 
@@ -293,6 +293,43 @@ class RuntimeConfig:
     )
 
 
+def _size(value: str) -> str | None:
+    from .options import parse_size
+
+    if value == "0":
+        return None
+    try:
+        parse_size(value)
+    except ShifterError as err:
+        return f"is not a size ({err.hint})"
+    return None
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """How the Slurm plugin prepares containers for jobs."""
+
+    stage_images: bool = field(
+        default=True,
+        metadata=_doc(
+            "copy images into a node-local cache in the prolog (false: mount them straight "
+            "from image_path)"
+        ),
+    )
+    node_cache: str = field(
+        default="/var/cache/shifter/%n",
+        metadata=_doc("node-local image cache; %n is the node's name", check=_absolute),
+    )
+    node_cache_size: str = field(
+        default="0",
+        metadata=_doc("cap of the node cache (e.g. 50G); 0: no cap", check=_size),
+    )
+    batch_step: bool = field(
+        default=False,
+        metadata=_doc("run batch scripts of --image jobs in the container too"),
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole file."""
@@ -322,6 +359,10 @@ class Config:
     modules: dict[str, ModuleConfig] = field(
         default_factory=dict,
         metadata={"doc": "modules users load with --module (by name)", "check": _module_names},
+    )
+
+    slurm: SlurmConfig = field(
+        default_factory=SlurmConfig, metadata={"doc": "Slurm plugin: prolog, steps, epilog"}
     )
 
     source: str = field(default="<defaults>", metadata={"internal": True})

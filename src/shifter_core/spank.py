@@ -33,7 +33,12 @@ OPTION_NAMES = {OPT_IMAGE: "image", OPT_VOLUME: "volume", OPT_MODULE: "module"}
 ENV_IMAGEREQUEST = "SHIFTER_IMAGEREQUEST"
 ENV_VOLUME = "SHIFTER_VOLUME"
 ENV_MODULE = "SHIFTER_MODULE"
-EXPORTED = (ENV_IMAGEREQUEST, ENV_VOLUME, ENV_MODULE)
+ENV_IMAGE = "SHIFTER_IMAGE"
+# Set by srun for a step whose tasks run in the container (an explicit --image); sruns that
+# only inherit the job's --image (e.g. `srun shifter ...` in a batch job) set it to 0.
+ENV_CONTAINER_STEP = "SHIFTER_CONTAINER_STEP"
+EXPORTED = (ENV_IMAGE, ENV_IMAGEREQUEST, ENV_VOLUME, ENV_MODULE, ENV_CONTAINER_STEP)
+SLURM_BATCH_SCRIPT = 0xFFFFFFFB
 # How Slurm shows a job's options and job-control variables to the job's own sruns.
 INHERITED_OPTION = "SLURM_SPANK__SLURM_SPANK_OPTION_shifter_"
 JOB_CONTROL_PREFIX = "SLURM_SPANK_"
@@ -53,6 +58,12 @@ class PluginState:
         self.volumes: list[str] = []  # every --volume value, each maybe ';'-joined
         self.modules: str | None = None
         self.volumes_from_job = False
+        self.image_values: list[str] = []  # every --image value srun saw, replays included
+        # A container step (slurmstepd): the root its tasks enter, and their environment.
+        self.step_root: str | None = None
+        self.step_env: list[list[str]] = []
+        self.step_error: str | None = None
+        self.step_own_root: tuple[str, str] | None = None  # (job directory, step) to remove
 
 
 state = PluginState()
@@ -215,6 +226,7 @@ def handle_option(val: int, optarg: str) -> None:
     if val == OPT_IMAGE:
         default_type = str(state.config.get("default_image_type", "docker"))
         state.image = str(ImageRequest.parse(optarg, default_type))
+        state.image_values.append(optarg)
     elif val == OPT_VOLUME:
         parse_volumes([optarg])
         if not state.volumes and _inherited_volumes(optarg):
@@ -273,13 +285,37 @@ def _exports() -> dict[str, str]:
     return exports
 
 
+def image_inherited() -> bool:
+    """True when srun's only --image is the one Slurm replays from the enclosing job."""
+    replayed = os.environ.get(INHERITED_OPTION + "image")
+    return replayed is not None and state.image_values == [replayed]
+
+
+def resolve_image(request: str) -> str:
+    """The image id of ``request``, from the enclosing job when it resolved the same
+    request, else from the gateway (which says why when the user may not have it)."""
+    if os.environ.get(ENV_IMAGEREQUEST) == request and os.environ.get(ENV_IMAGE):
+        return os.environ[ENV_IMAGE]
+    from .client import GatewayClient
+
+    gateway = state.config.get("gateway", {})
+    url = str(gateway.get("url")) if isinstance(gateway, dict) else ""
+    with GatewayClient(url, timeout=30.0) as client:
+        image = client.lookup(request)
+    return str(image["id"])
+
+
 def hook_init_post_opt(spank: Spank) -> None:
-    """Submission side: export the checked values to the job (environment and prolog)."""
+    """Submission side: resolve the image, export everything to the job and its prolog."""
     if spank.context not in ("local", "allocator"):
         return
     if state.image is None and (state.volumes or state.modules is not None):
         raise ShifterError("--volume and --module need --image", hint="add --image=NAME")
     exports = _exports()
+    if state.image is not None:
+        exports[ENV_IMAGE] = resolve_image(state.image)
+        if spank.context == "local":
+            exports[ENV_CONTAINER_STEP] = "0" if image_inherited() else "1"
     for name, value in exports.items():
         os.environ[name] = value  # carried into the job's environment
         spank.job_control_setenv(name, value)  # seen by the prolog as SPANK_<name>
@@ -287,7 +323,7 @@ def hook_init_post_opt(spank: Spank) -> None:
 
 
 def hook_user_init(spank: Spank) -> None:
-    """A step starts on a node: make sure its tasks see the request, and say so."""
+    """A step starts on a node: its tasks see the request; a container step finds its root."""
     if state.image is None:
         return
     for name in EXPORTED:
@@ -296,23 +332,137 @@ def hook_user_init(spank: Spank) -> None:
             value = spank.getenv(JOB_CONTROL_PREFIX + name)
             if value is not None:
                 spank.setenv(name, value)
+    job, step = spank.item_u32("S_JOB_ID"), spank.item_u32("S_JOB_STEPID")
     node = spank.getenv("SLURMD_NODENAME") or os.environ.get("SLURMD_NODENAME", "?")
+    container = spank.getenv(ENV_CONTAINER_STEP) == "1"
+    if step == SLURM_BATCH_SCRIPT:
+        slurm = state.config.get("slurm", {})
+        container = isinstance(slurm, dict) and bool(slurm.get("batch_step"))
     log(
         INFO,
-        f"user_init: job {spank.item_u32('S_JOB_ID')} step {spank.item_u32('S_JOB_STEPID')} "
-        f"on node {node}: image {spank.getenv(ENV_IMAGEREQUEST) or state.image}",
+        f"user_init: job {job} step {step} on node {node}: image "
+        f"{spank.getenv(ENV_IMAGEREQUEST) or state.image}"
+        + (" (tasks in the container)" if container else ""),
     )
+    if container:
+        _find_step_root(spank, str(job), str(step), node)
+
+
+def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
+    """Decide the root this step's tasks enter (errors are kept for the tasks to report:
+    an error in user_init would leave srun's exit code 0)."""
+    from . import steps
+
+    runtime = state.config.get("runtime", {})
+    run_dir = str(runtime.get("run_dir", "/run/shifter")) if isinstance(runtime, dict) else ""
+    request = {
+        "image_id": spank.getenv(ENV_IMAGE) or "",
+        "image_request": spank.getenv(ENV_IMAGEREQUEST) or state.image or "",
+        "volume": spank.getenv(ENV_VOLUME) or "",
+        "module": spank.getenv(ENV_MODULE) or "",
+    }
+    try:
+        directory = steps.job_directory(run_dir, node, job)
+        found = steps.job_root_for(directory, request)
+        if found is None:
+            problem = steps.prolog_error(directory)
+            if problem is not None and request["image_id"] == spank.getenv(
+                JOB_CONTROL_PREFIX + ENV_IMAGE
+            ):
+                raise ShifterError(f"the container of this job could not be set up: {problem}")
+            uid = spank.item_u32("S_JOB_UID")
+            gid = spank.item_u32("S_JOB_GID")
+            euid = os.geteuid()
+            os.seteuid(0)
+            try:
+                found = steps.prepare_step_root(
+                    state.args.get("config"),
+                    directory,
+                    step,
+                    request,
+                    int(uid or 0),
+                    int(gid or 0),
+                )
+            finally:
+                os.seteuid(euid)
+            state.step_own_root = (directory, step)
+            log(INFO, f"step {job}.{step} on {node}: prepared a root of its own")
+        state.step_root, state.step_env = found
+    except ShifterError as err:
+        state.step_error = str(err)
+    except Exception as err:  # reported by every task; the details go to slurmd's log
+        _log_exception(f"preparing step {job}.{step}")
+        state.step_error = f"internal error: {err}"
+
+
+def hook_task_init_privileged(spank: Spank) -> None:
+    """In each task (root, just forked): enter the container before Slurm drops to the user."""
+    if state.step_error is not None:
+        raise ShifterError(state.step_error)
+    if state.step_root is None:
+        return
+    from . import steps
+
+    steps.enter_root(state.step_root)
+    steps.drop_bounding_set()
+    for name, value in state.step_env:
+        spank.setenv(name, value)
+
+
+def hook_task_init(spank: Spank) -> None:
+    """In each task, as the user, just before exec: nothing may gain privilege any more."""
+    if state.step_root is not None:
+        from . import steps
+
+        steps.set_no_new_privs()
+
+
+def hook_exit(spank: Spank) -> None:
+    """slurmstepd is done with the step: remove a root the step made for itself."""
+    if state.step_own_root is None or spank.context != "remote":
+        return
+    from . import steps
+
+    directory, step = state.step_own_root
+    state.step_own_root = None
+    for problem in steps.teardown_step_root(directory, step):
+        log(ERROR, f"step {step}: {problem}")
+
+
+class _SlurmLogHandler:
+    """Route :mod:`logging` records of the prolog's modules to Slurm's log."""
+
+    @staticmethod
+    def install() -> None:
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                level = ERROR if record.levelno >= logging.WARNING else INFO
+                if record.levelno < logging.INFO:
+                    level = DEBUG
+                log(level, self.format(record))
+
+        root = logging.getLogger("shifter_core")
+        root.addHandler(Handler())
+        root.setLevel(logging.INFO)
 
 
 def _job_script(what: str) -> None:
-    request = os.environ.get("SPANK_" + ENV_IMAGEREQUEST)
-    if request is None:
+    """Run the prolog or epilog of a job submitted with --image."""
+    if os.environ.get("SPANK_" + ENV_IMAGEREQUEST) is None:
         return
-    log(
-        INFO,
-        f"{what}: job {os.environ.get('SLURM_JOB_ID', '?')} on node "
-        f"{os.environ.get('SLURMD_NODENAME', '?')}: image {request}",
-    )
+    from . import prolog
+    from .config import load
+
+    _SlurmLogHandler.install()
+    config = load(state.args.get("config"), privileged=True)
+    node, job = os.environ.get("SLURMD_NODENAME", ""), os.environ.get("SLURM_JOB_ID", "")
+    log(INFO, f"{what}: job {job} on node {node}: image {os.environ['SPANK_' + ENV_IMAGEREQUEST]}")
+    if what == "prolog":
+        prolog.prolog(config, os.environ)
+    else:
+        prolog.epilog(config, node, job)
 
 
 def hook_job_prolog(spank: Spank) -> None:
@@ -326,6 +476,9 @@ def hook_job_epilog(spank: Spank) -> None:
 HOOKS = {
     "init_post_opt": hook_init_post_opt,
     "user_init": hook_user_init,
+    "task_init_privileged": hook_task_init_privileged,
+    "task_init": hook_task_init,
+    "exit": hook_exit,
     "job_prolog": hook_job_prolog,
     "job_epilog": hook_job_epilog,
 }
