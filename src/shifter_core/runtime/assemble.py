@@ -478,6 +478,8 @@ class RootBuilder:
                 self._bind(spec, target)
         finally:
             os.close(target_fd)
+        if spec.kind == "pernode":
+            self._give_to_user(root_fd, spec.resolved)
         if spec.kind in ("bind", "sys", "device") or (spec.kind == "proc" and not self.privileged):
             attrs = _ATTR_SAFE if spec.nodev else syscalls.MOUNT_ATTR_NOSUID
             if spec.kind in ("sys", "proc", "device"):
@@ -537,7 +539,14 @@ class RootBuilder:
         finally:
             os.close(loop_fd)
         self.result.loop_devices.append(device)
-        mounted = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _give_to_user(self, root_fd: int, path: str) -> None:
+        """The root of a fresh file system (perNodeCache) becomes the user's, mode 0700."""
+        fd = open_beneath(root_fd, path, directory=True)
+        try:
+            mounted = os.open(fd_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        finally:
+            os.close(fd)
         try:
             os.fchown(mounted, self.plan.user.uid, self.plan.user.gid)
             os.fchmod(mounted, 0o700)

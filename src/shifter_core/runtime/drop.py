@@ -22,6 +22,8 @@ from .plan import User
 
 log = logging.getLogger(__name__)
 
+FALLBACK_SHELL = "/bin/sh"
+
 
 def _last_cap() -> int:
     # Bytes only: after pivot_root the host's Python library (codecs included) is gone.
@@ -100,12 +102,18 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-def exec_command(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
-    """Replace this process with ``argv`` (found on the container's ``PATH``)."""
+def exec_command(
+    argv: Sequence[str], env: Mapping[str, str], *, shell_fallback: bool = False
+) -> NoReturn:
+    """Replace this process with ``argv`` (found on the container's ``PATH``); with
+    ``shell_fallback`` a shell missing from the image is replaced by ``/bin/sh``."""
     _reset_signals()
     try:
         os.execvpe(argv[0], list(argv), dict(env))
     except FileNotFoundError:
+        if shell_fallback and argv[0] != FALLBACK_SHELL:
+            log.info("%s is not in the container: running %s", argv[0], FALLBACK_SHELL)
+            exec_command([FALLBACK_SHELL], env)
         raise CommandError(
             f"{argv[0]}: command not found in the container",
             hint="check the image's PATH or give the full path",

@@ -142,6 +142,7 @@ class Plan:
     argv: tuple[str, ...]
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     writable: bool = False
+    default_shell: bool = False  # argv is the user's shell: /bin/sh if the image lacks it
 
     @property
     def image_id(self) -> str:
@@ -345,6 +346,7 @@ def build_plan(
         argv=argv,
         runtime=config.runtime,
         writable=request.writable_tmpfs,
+        default_shell=request.entrypoint is None and not request.command,
     )
 
 

@@ -179,7 +179,7 @@ def enter(plan: Plan, root_dir: str, *, run: bool = True) -> None:
     change_directory(plan.workdir, plan.workdir_explicit)
     env = plan.environ()
     run_hooks([(n, m.user_hook) for n, m in plan.modules if m.user_hook], env)
-    exec_command(plan.argv, env)
+    exec_command(plan.argv, env, shell_fallback=plan.default_shell)
 
 
 # ---- job directories -------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def _finish(plan: Plan) -> NoReturn:
     change_directory(plan.workdir, plan.workdir_explicit)
     env = plan.environ()
     run_hooks([(n, m.user_hook) for n, m in plan.modules if m.user_hook], env)
-    exec_command(plan.argv, env)
+    exec_command(plan.argv, env, shell_fallback=plan.default_shell)
 
 
 def prepared_root(plan: Plan, environ: dict[str, str] | os._Environ[str]) -> str | None:

@@ -1,0 +1,165 @@
+"""The privileged realisation (as the prolog and slurmstepd use it): prepare a job's root, let
+other processes enter it (root dropping to the user; the user's own ``shifter`` on the fast
+path), tear it down; perNodeCache; cleanup after failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shifter_core import config as config_module
+from shifter_core.runtime import RunRequest, User, build_plan, privileged, resolve_image
+from shifter_core.runtime.errors import ModuleError
+from shifter_core.runtime.jobs import read_state
+
+from .test_runtime_support import (  # noqa: F401 - runtime_fixture provides 'rt'
+    host_mounts_with,
+    loop_devices_of,
+    runtime_fixture,
+    shifter_as,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the privileged path needs root")
+
+
+def make_plan(rt, image_id: str, **request):
+    cfg = config_module.load(str(rt.config))
+    user = User.from_uid(1001)
+    meta, image_file = resolve_image(f"id:{image_id}", cfg, user)
+    req = RunRequest(image=f"id:{image_id}", **request)
+    return cfg, build_plan(req, cfg, meta, image_file, user, cwd="/tmp")
+
+
+def enter_and_run(plan, root: str) -> subprocess.CompletedProcess[str]:
+    """A second process (forked, as root) enters the prepared root and execs the command."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.dup2(write_end, 1)
+            os.dup2(write_end, 2)
+            privileged.enter(plan, root)
+        finally:
+            os._exit(99)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        output = fh.read()
+    _, status = os.waitpid(pid, 0)
+    return subprocess.CompletedProcess([], os.waitstatus_to_exitcode(status), output, "")
+
+
+def test_prepare_enter_teardown(rt):
+    script = (
+        "id; grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status; "
+        "/bin/catroot; touch /usr/x 2>&1; echo $SHIFTER_RUNTIME; ls /a/b"
+    )
+    volume = rt.base / "priv-vol"
+    volume.mkdir(exist_ok=True)
+    os.chown(volume, 1001, 1002)
+    cfg, plan = make_plan(
+        rt, rt.testimg, volumes=(f"{volume}:/a/b/c",), command=("sh", "-c", script)
+    )
+    prepared = privileged.prepare_job(plan, cfg.runtime.run_dir, "n1", "1001")
+    job = Path(cfg.runtime.run_dir) / "n1" / "1001"
+    try:
+        state = read_state(str(job))
+        assert state is not None and state.root == prepared.root == str(job / "root")
+        assert state.mount_digest == plan.mount_digest() and state.uid == 1001
+        assert prepared.loop_devices and loop_devices_of(rt.testimg)
+        assert oct((job / "state.json").stat().st_mode & 0o777) == "0o644"
+        result = enter_and_run(plan, prepared.root)
+        assert result.returncode == 0, result.stdout
+        lines = result.stdout.splitlines()
+        # as root drops to the user, the real groups are kept (and named)
+        assert lines[0] == "uid=1001(alice) gid=1002(alice) groups=1001(science),1002(alice)"
+        assert lines[1:5] == [
+            "CapPrm:\t0000000000000000",
+            "CapEff:\t0000000000000000",
+            "CapBnd:\t0000000000000000",
+            "NoNewPrivs:\t1",
+        ]
+        assert "euid=1001" in lines and "denied: Permission denied" in lines
+        assert "touch: /usr/x: Read-only file system" in lines
+        assert lines[-2:] == ["1", "c"]
+        # the user's own shifter in the job takes the fast path into the same root
+        env = {
+            "SLURM_JOB_ID": "1001",
+            "SLURMD_NODENAME": "n1",
+            "SHIFTER_IMAGE": rt.testimg,
+            "SHIFTER_VOLUME": f"{volume}:/a/b/c",
+        }
+        out = shifter_as(rt, ["-v", "sh", "-c", "touch /a/b/c/from-shifter && id -u"], **env)
+        assert out.returncode == 0, out.stderr
+        assert f"entering the root prepared for this job: {prepared.root}" in out.stderr
+        assert out.stdout == "1001\n"
+        assert (volume / "from-shifter").stat().st_uid == 1001
+        # another request (a different volume) builds a private root instead
+        out = shifter_as(rt, ["-v", "-V/tmp:/other", "true"], **env)
+        assert out.returncode == 0 and "made for another request" in out.stderr
+    finally:
+        problems = privileged.teardown_job(cfg.runtime.run_dir, "n1", "1001")
+    assert problems == []
+    assert not job.exists()
+    assert host_mounts_with(str(job)) == []
+    assert loop_devices_of(rt.testimg) == []
+    assert privileged.teardown_job(cfg.runtime.run_dir, "n1", "1001") == []  # idempotent
+
+
+def test_per_node_cache(rt):
+    _, plan = make_plan(rt, rt.busybox, volumes=("/dev/null:/scratch:perNodeCache=size=64M",))
+    cache_dir = Path(plan.runtime.per_node_cache_dir)
+    root = str(rt.base / "pnc-root")
+    prepared = privileged.prepare(plan, root)
+    try:
+        assert list(cache_dir.iterdir()) == []  # unlinked once mounted
+        script = "stat -c '%u %a' /scratch; echo x > /scratch/f && df -k /scratch | tail -1"
+        plan = dataclasses.replace(plan, argv=("sh", "-c", script))
+        result = enter_and_run(plan, prepared.root)
+        assert result.returncode == 0, result.stdout
+        first, df = result.stdout.splitlines()
+        assert first == "1001 700"
+        assert 50_000 < int(df.split()[1]) <= 65_536
+        assert len(prepared.loop_devices) == 2
+    finally:
+        assert privileged.teardown(root, prepared.loop_devices) == []
+    assert host_mounts_with(root) == []
+    assert loop_devices_of(str(cache_dir)) == [] and loop_devices_of(rt.busybox) == []
+    # shifter itself refuses perNodeCache (it needs root)
+    out = shifter_as(rt, [f"--image=id:{rt.busybox}", "-V/x:/s:perNodeCache=size=1M", "true"])
+    assert out.returncode == 125 and "perNodeCache needs a root prepared by Slurm" in out.stderr
+
+
+def test_failed_prepare_leaves_nothing(rt):
+    hook = rt.base / "failing-hook"
+    hook.write_text("#!/bin/sh\necho hook ran on $1 >&2\nexit 3\n")
+    hook.chmod(0o755)
+    cfg, plan = make_plan(rt, rt.busybox)
+    module = config_module.ModuleConfig(root_hook=str(hook))
+    plan = dataclasses.replace(plan, modules=(("hooked", module),))
+    root = str(rt.base / "failed-root")
+    with pytest.raises(ModuleError, match=r"root hook .* failed \(exit 3\): hook ran on"):
+        privileged.prepare(plan, root)
+    assert host_mounts_with(root) == []
+    assert loop_devices_of(rt.busybox) == []
+    assert not Path(root).exists() and not Path(root + ".staging").exists()
+    # a stale job directory (a crashed prepare) does not stop the next prolog
+    job = Path(cfg.runtime.run_dir) / "n2" / "77"
+    (job / "root").mkdir(parents=True)
+    (job / "state.json").write_text("{}")
+    _, plan = make_plan(rt, rt.busybox)
+    prepared = privileged.prepare_job(plan, cfg.runtime.run_dir, "n2", "77")
+    assert privileged.teardown_job(cfg.runtime.run_dir, "n2", "77") == []
+    assert host_mounts_with(prepared.root) == [] and not job.exists()
+
+
+def test_refusals(rt):
+    _, plan = make_plan(rt, rt.busybox)
+    root_user = dataclasses.replace(plan, user=User(0, 0, (0,), "root"))
+    with pytest.raises(Exception, match="as root"):
+        privileged.enter(root_user, "/")
+    with pytest.raises(Exception, match="not a prepared root"):
+        privileged.enter(plan, str(rt.base))
