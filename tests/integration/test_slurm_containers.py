@@ -1,0 +1,295 @@
+"""Jobs in containers on the box's cluster: submission, prolog, steps, MPI, epilog, leftovers.
+
+Everything runs as the test users through the real plugin, gateway, munge and kernel mounts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.registries import OCILayout, make_layer, skopeo_copy
+
+from .slurm import (
+    BOX,
+    SLURM_CONF,
+    jobs_named,
+    run_as,
+    slurmd_logs,
+    unique_name,
+    wait_for_idle_cluster,
+)
+
+pytestmark = pytest.mark.usefixtures("box")
+
+RUN_DIR = BOX / "run" / "shifter"
+NODE_CACHE = BOX / "cache" / "nodes"
+STORE = BOX / "images"
+BUSYBOX_TEXT = "shifter busybox test image"
+NODES = ("n1", "n2", "n3")
+
+
+def pull(image: str, user: str = "alice") -> str:
+    result = run_as(["shifterimg", "pull", image], user=user, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_as(["shifterimg", "lookup", image], user=user).stdout.strip()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def images() -> dict[str, str]:
+    return {"busybox": pull("busybox"), "mpi": pull("mpich-hello")}
+
+
+@pytest.fixture
+def user_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="shifter-slurm-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sbatch(script: str, *options: str, output: Path, timeout: float = 300) -> str:
+    """Run a batch job to its end (``--wait``); its output."""
+    result = run_as(
+        ["sbatch", "--wait", "-o", str(output), *options, "--wrap", script], timeout=timeout
+    )
+    text = output.read_text() if output.exists() else ""
+    assert result.returncode == 0, result.stderr + text
+    return text
+
+
+def leftovers() -> list[str]:
+    """Mounts, loop devices and job directories the plugin left behind."""
+    found = []
+    run_dir = str(RUN_DIR)
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point.startswith(run_dir + "/"):
+            found.append(f"mount {point}")
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        target = backing.read_text().strip()
+        if target.startswith((str(NODE_CACHE), str(STORE))):
+            found.append(f"loop {backing.parent.parent.name} -> {target}")
+    found += [f"job dir {p}" for p in RUN_DIR.glob("*/*")]
+    return found
+
+
+def prepared_lines(job: str) -> list[str]:
+    return re.findall(rf"prepared \S+/(n\d)/{job}/root ", slurmd_logs())
+
+
+def test_srun_image_runs_tasks_in_the_container_on_three_nodes():
+    result = run_as(["srun", "-N3", "--image=busybox", "cat", "/etc/shifter-test-image"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == [BUSYBOX_TEXT] * 3
+    host = run_as(["srun", "-N3", "cat", "/etc/shifter-test-image"])
+    assert host.returncode != 0 and "No such file" in host.stderr
+
+
+def test_tasks_run_as_the_user_without_privilege():
+    result = run_as(
+        [
+            "srun",
+            "-N1",
+            "--image=busybox",
+            "sh",
+            "-c",
+            "id -u; grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status",
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split()
+    assert lines[0] == str(int(run_as(["id", "-u"]).stdout))
+    status = dict(zip(lines[1::2], lines[2::2], strict=True))
+    assert status == {
+        "CapPrm:": "0000000000000000",
+        "CapEff:": "0000000000000000",
+        "CapBnd:": "0000000000000000",
+        "NoNewPrivs:": "1",
+    }
+
+
+def test_batch_job_mounts_once_per_node_for_twenty_steps(user_tmp):
+    name = unique_name("batch")
+    script = (
+        "for i in $(seq 20); do srun -N3 shifter cat /etc/shifter-test-image || exit 1; done\n"
+        "srun -N3 --image=busybox cat /etc/shifter-test-image\n"
+        "srun -N1 cat /etc/hostname\n"
+    )
+    output = sbatch(script, "-J", name, "-N3", "--image=busybox", output=user_tmp / "out")
+    assert output.count(BUSYBOX_TEXT) == 63
+    assert output.strip().endswith(os.uname().nodename)  # a plain srun stays on the host
+    (job,) = jobs_named(name)
+    assert sorted(prepared_lines(job)) == list(NODES)  # one root per node, for 21 steps
+
+
+def test_missing_image_fails_at_submission():
+    name = unique_name()
+    result = run_as(["sbatch", "-J", name, "--image=doesnotexist:1", "--wrap", "true"])
+    assert result.returncode != 0
+    assert "doesnotexist" in result.stderr and "not found" in result.stderr
+    assert jobs_named(name) == []
+
+
+def test_mpi_hello_sees_six_ranks_on_three_nodes():
+    result = run_as(
+        ["srun", "--mpi=pmi2", "-N3", "-n6", "--image=mpich-hello", "/usr/local/bin/mpi-hello"],
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    ranks = re.findall(
+        r"hello from rank (\d) of (\d) on \S+ \(SLURMD_NODENAME=(n\d)\)", result.stdout
+    )
+    assert sorted(int(r) for r, _, _ in ranks) == list(range(6))
+    assert {size for _, size, _ in ranks} == {"6"}
+    assert {node for _, _, node in ranks} == set(NODES)
+
+
+def test_two_jobs_with_different_images_share_a_node(user_tmp):
+    script = "srun --image={image} cat /etc/shifter-test-image; sleep 2"
+    procs = []
+    for image in ("busybox", "mpich-hello"):
+        output = user_tmp / image
+        procs.append(
+            (
+                output,
+                subprocess.Popen(
+                    [
+                        "runuser",
+                        "-u",
+                        "alice",
+                        "--",
+                        "env",
+                        f"SLURM_CONF={SLURM_CONF}",
+                        "PATH=/usr/bin:/bin",
+                        "sbatch",
+                        "--wait",
+                        "-w",
+                        "n2",
+                        "-o",
+                        str(output),
+                        f"--image={image}",
+                        "--wrap",
+                        script.format(image=image),
+                    ],
+                    cwd="/tmp",
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+        )
+    for _, proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert procs[0][0].read_text().strip() == BUSYBOX_TEXT
+    assert procs[1][0].read_text().strip() == "shifter mpi test image"
+
+
+def test_second_job_on_a_node_uses_the_cached_copy():
+    stats = NODE_CACHE / "n1" / "stats.json"
+    run_as(["srun", "-w", "n1", "--image=busybox", "true"])
+    before = json.loads(stats.read_text())
+    result = run_as(["srun", "-w", "n1", "--image=busybox", "true"])
+    assert result.returncode == 0, result.stderr
+    after = json.loads(stats.read_text())
+    assert after["copies"] == before["copies"]
+    assert after["hits"] == before["hits"] + 1
+
+
+def _private_test_image() -> str:
+    """A small image of its own (busybox and a marker file), pushed to the box registry."""
+    name = f"library/tmp-{uuid.uuid4().hex[:8]}"
+    layout = OCILayout(Path(tempfile.mkdtemp(prefix="shifter-img-")))
+    try:
+        layer = make_layer(
+            {
+                "bin/busybox": Path("/bin/busybox").read_bytes(),
+                "etc/shifter-test-image": f"{name}\n",
+            }
+        )
+        layout.tag("latest", layout.add_image([layer]))
+        skopeo_copy(layout, "latest", f"127.0.0.1:5000/{name}:latest")
+    finally:
+        shutil.rmtree(layout.path, ignore_errors=True)
+    return name.removeprefix("library/")
+
+
+def test_thirty_jobs_leave_every_node_idle_and_nothing_behind(user_tmp):
+    wait_for_idle_cluster()
+    gone = _private_test_image()
+    gone_id = pull(gone)
+    slow = "srun -N3 --image=busybox sleep 30"
+    submitted = []
+
+    def submit(*options: str, script: str = "srun -N3 --image=busybox true") -> str:
+        name = unique_name("robust")
+        result = run_as(
+            ["sbatch", "-J", name, "-o", str(user_tmp / f"{name}.out"), *options, "--wrap", script]
+        )
+        assert result.returncode == 0, result.stderr
+        submitted.append(name)
+        return name
+
+    for _ in range(20):
+        submit("-N3", "--image=busybox")
+    cancelled = [submit("-N3", "--image=busybox", script=slow) for _ in range(3)]
+    for _ in range(3):  # their tasks get a SIGKILL below
+        submit("-N1", "--image=busybox", script="srun --image=busybox sleep 30")
+    # A job whose image disappears from the store after submission: its prolog fails.
+    failing = submit(
+        "-N1",
+        "--begin=now+3",
+        f"--image={gone}",
+        script=f"srun --image={gone} /bin/busybox cat /etc/shifter-test-image",
+    )
+    for path in STORE.glob(f"{gone_id}.*"):
+        path.unlink()
+    restarted = [submit("-N3", "--image=busybox", script=slow) for _ in range(3)]
+
+    time.sleep(4)
+    subprocess.run(
+        ["scancel", "-n", ",".join(cancelled)], check=True, env={"SLURM_CONF": str(SLURM_CONF)}
+    )
+    for _ in range(100):  # SIGKILL the tasks of the killed jobs as soon as they run
+        pids = subprocess.run(
+            ["pgrep", "-u", "alice", "-x", "sleep"], capture_output=True, text=True
+        ).stdout.split()
+        if pids:
+            for pid in pids:
+                os.kill(int(pid), signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    # slurmd of n2 restarts while jobs run.
+    pid = int((BOX / "run" / "slurmd-n2.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(2)
+    subprocess.run(
+        [
+            str(BOX.parent / ".venv" / "bin" / "python"),
+            str(BOX.parent / "tools" / "box" / "box.py"),
+            "up",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["scancel", "-n", ",".join(restarted)], check=False, env={"SLURM_CONF": str(SLURM_CONF)}
+    )
+    wait_for_idle_cluster(timeout=240)
+    assert len(submitted) == 30
+    failed = (user_tmp / f"{failing}.out").read_text()
+    assert "could not be set up" in failed and "no longer in the image store" in failed
+    assert leftovers() == []
