@@ -4,7 +4,6 @@ path), tear it down; perNodeCache; cleanup after failures."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 from pathlib import Path
@@ -117,7 +116,7 @@ def test_per_node_cache(rt):
     try:
         assert list(cache_dir.iterdir()) == []  # unlinked once mounted
         script = "stat -c '%u %a' /scratch; echo x > /scratch/f && df -k /scratch | tail -1"
-        plan = dataclasses.replace(plan, argv=("sh", "-c", script))
+        plan = plan._replace(argv=("sh", "-c", script))
         result = enter_and_run(plan, prepared.root)
         assert result.returncode == 0, result.stdout
         first, df = result.stdout.splitlines()
@@ -139,7 +138,7 @@ def test_failed_prepare_leaves_nothing(rt):
     hook.chmod(0o755)
     cfg, plan = make_plan(rt, rt.busybox)
     module = config_module.ModuleConfig(root_hook=str(hook))
-    plan = dataclasses.replace(plan, modules=(("hooked", module),))
+    plan = plan._replace(modules=(("hooked", module),))
     root = str(rt.base / "failed-root")
     with pytest.raises(ModuleError, match=r"root hook .* failed \(exit 3\): hook ran on"):
         privileged.prepare(plan, root)
@@ -158,7 +157,7 @@ def test_failed_prepare_leaves_nothing(rt):
 
 def test_refusals(rt):
     _, plan = make_plan(rt, rt.busybox)
-    root_user = dataclasses.replace(plan, user=User(0, 0, (0,), "root"))
+    root_user = plan._replace(user=User(0, 0, (0,), "root"))
     with pytest.raises(Exception, match="as root"):
         privileged.enter(root_user, "/")
     with pytest.raises(Exception, match="not a prepared root"):

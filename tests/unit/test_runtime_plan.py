@@ -311,3 +311,22 @@ def test_mount_key_ignores_environment_and_command():
     assert c.mount_digest() != a.mount_digest()
     d = plan_for(RunRequest(image="b", writable_tmpfs=True))
     assert d.mount_digest() != a.mount_digest()
+
+
+def test_cached_configuration_gives_the_same_plan():
+    """shifter reads root's cached values; the prolog parses the file: same mount digest."""
+    from shifter_core.runtime import settings
+
+    text = (
+        "runtime:\n  site_volumes: [/home:/home]\n  env: {set: {S: s}}\n"
+        "modules:\n  gpu: {default: true, devices: [/dev/nvidia*], env: {prepend: {P: /x}}}\n"
+    )
+    parsed = config.parse(text, "t.yaml")
+    cached = settings.from_values(config.as_values(parsed))
+    request = RunRequest(image="b", volumes=("/a:/data",), command=("env",))
+    plans = [
+        build_plan(request, cfg, image(), "/f", USER, caller_env={}) for cfg in (parsed, cached)
+    ]
+    assert plans[0].mount_digest() == plans[1].mount_digest()
+    assert plans[0].environ() == plans[1].environ()
+    assert plans[1].site_volumes[0].target == "/home"

@@ -6,10 +6,8 @@ option (or after ``--``), so ``shifter --image=x ls -l`` passes ``-l`` to ``ls``
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from dataclasses import dataclass, field
 
 from ..errors import ShifterError
 
@@ -63,20 +61,22 @@ class UsageError(Exception):
     """A malformed command line."""
 
 
-@dataclass
 class Options:
-    image: str | None = None
-    volumes: list[str] = field(default_factory=list)
-    modules: str | None = None
-    env: list[str] = field(default_factory=list)
-    env_files: list[str] = field(default_factory=list)
-    clearenv: bool = False
-    entrypoint: str | None = None
-    workdir: str | None = None
-    writable_tmpfs: bool = False
-    verbose: int = 0
-    help: bool = False
-    command: list[str] = field(default_factory=list)
+    """The parsed command line."""
+
+    def __init__(self) -> None:
+        self.image: str | None = None
+        self.volumes: list[str] = []
+        self.modules: str | None = None
+        self.env: list[str] = []
+        self.env_files: list[str] = []
+        self.clearenv = False
+        self.entrypoint: str | None = None
+        self.workdir: str | None = None
+        self.writable_tmpfs = False
+        self.verbose = 0
+        self.help = False
+        self.command: list[str] = []
 
 
 # long name -> (attribute, takes: "required" | "optional" | "none")
@@ -172,8 +172,23 @@ def parse_args(argv: list[str]) -> Options:
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format=f"{PROG}: %(message)s", stream=sys.stderr)
+    """Messages as ``shifter: ...`` on stderr; warnings only unless ``-v`` (INFO) or ``-vv``.
+
+    Without ``-v`` :mod:`logging` is only imported if there is a warning to show.
+    """
+
+    def setup() -> None:
+        import logging
+
+        level = (logging.WARNING, logging.INFO)[verbose] if verbose < 2 else logging.DEBUG
+        logging.basicConfig(level=level, format=f"{PROG}: %(message)s", stream=sys.stderr)
+
+    from ..runtime import _log
+
+    if verbose:
+        setup()
+    else:
+        _log.on_first_use = setup
 
 
 def _say(text: str) -> None:
@@ -183,13 +198,13 @@ def _say(text: str) -> None:
 
 def run(options: Options) -> int:
     """Build the plan and exec the command (returns only on failure)."""
-    from .. import config as config_module
     from ..reference import ImageRequest
     from ..runtime import RunRequest, User, build_plan, request_from_env, resolve_image
     from ..runtime.plan import ENV_IMAGEREQUEST
+    from ..runtime.settings import load as load_config
     from ..runtime.unprivileged import run as run_unprivileged
 
-    config = config_module.load()
+    config = load_config()
     user = User.current()
     request = RunRequest(
         image=options.image,
@@ -226,7 +241,9 @@ def run(options: Options) -> int:
         cwd=cwd,
         image_request=image_request,
     )
-    logging.getLogger(PROG).info(
+    from ..runtime._log import get_logger
+
+    get_logger(PROG).info(
         "image %s (%s), command %s", plan.image_id[:12], image_request, " ".join(plan.argv)
     )
     run_unprivileged(plan)

@@ -21,25 +21,25 @@ Every mount is nosuid and nodev, except the device nodes bound into ``/dev``.
 from __future__ import annotations
 
 import contextlib
-import glob
-import logging
 import os
-import shutil
 import stat
-import subprocess
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from .. import syscalls
 from ..options import parse_volume
+from ._log import get_logger
 from .errors import ContainerError, ModuleError, VolumeError
 from .identity import group_file, passwd_file
 from .paths import fd_path, make_path, open_beneath, read_image_file, resolve_in_root, write_file
 from .plan import Plan, forbidden_target, is_below
 from .sources import open_as_user
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
+
+if TYPE_CHECKING:
+    from typing import Any
+
+log = get_logger(__name__)
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty", "ptmx")
 DEV_LINKS = (
@@ -54,31 +54,48 @@ _ATTR_SAFE = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
 _BAD_OPTION_CHARS = (",", ":", "\\", "\n")
 
 
-@dataclass
 class MountSpec:
-    """One mount into the container."""
+    """One mount into the container: ``target`` (as configured), ``what`` (for messages),
+    ``kind`` (bind, device, proc, sys, tmpfs, pernode), the host ``source_fd`` and whether it
+    is a directory, flags; ``resolved`` (the target inside the image) and ``inner`` (below
+    /dev or a private /tmp: made inside that tmpfs) are filled in while building."""
 
-    target: str
-    what: str
-    kind: str  # bind | device | proc | sys | tmpfs | pernode
-    source_fd: int | None = None
-    source_is_dir: bool = True
-    read_only: bool = False
-    recursive: bool = True
-    user_volume: bool = False
-    size: int | None = None
-    tmpfs_mode: int = 0o755
-    resolved: str = ""
-    inner: bool = False  # below /dev (or a private /tmp): made inside that tmpfs
-    nodev: bool = True
+    def __init__(
+        self,
+        target: str,
+        what: str,
+        kind: str,
+        source_fd: int | None = None,
+        source_is_dir: bool = True,
+        *,
+        read_only: bool = False,
+        recursive: bool = True,
+        user_volume: bool = False,
+        size: int | None = None,
+        tmpfs_mode: int = 0o755,
+        inner: bool = False,
+        nodev: bool = True,
+    ) -> None:
+        self.target = target
+        self.what = what
+        self.kind = kind
+        self.source_fd = source_fd
+        self.source_is_dir = source_is_dir
+        self.read_only = read_only
+        self.recursive = recursive
+        self.user_volume = user_volume
+        self.size = size
+        self.tmpfs_mode = tmpfs_mode
+        self.inner = inner
+        self.nodev = nodev
+        self.resolved = ""
 
 
-@dataclass
 class BuildResult:
     """What a build left mounted that teardown must know about."""
 
-    loop_devices: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.loop_devices: list[str] = []
 
 
 def _o_path(path: str, directory: bool = False) -> int:
@@ -95,6 +112,8 @@ def _set_attrs(root_fd: int, target: str, attr_set: int, recursive: bool) -> Non
 
 
 def _mkfs_program(candidates: list[str]) -> tuple[str, list[str]]:
+    import shutil
+
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     for fs in candidates:
         program = shutil.which(f"mkfs.{fs}", path=search)
@@ -226,10 +245,9 @@ class RootBuilder:
                 )
             )
 
-    def _collect_module(self, name: str, module: object) -> None:
-        from ..config import ModuleConfig
+    def _collect_module(self, name: str, module: Any) -> None:
+        import glob
 
-        assert isinstance(module, ModuleConfig)
         if module.root_hook and not self.privileged:
             raise ModuleError(
                 f"module {name!r} needs root to set it up (it has a root hook)",
@@ -367,6 +385,8 @@ class RootBuilder:
             write_file(upper_fd, target.path, text.encode(), 0o644, **mirror)
 
     def _module_copy(self, name: str, spec: str, lower_fd: int, upper_fd: int) -> None:
+        import glob
+
         source, _, target = spec.partition(":")
         matches = sorted(glob.glob(source)) if glob.has_magic(source) else [source]
         into = glob.has_magic(source) or target.endswith("/")
@@ -515,6 +535,9 @@ class RootBuilder:
             os.close(dev_fd)
 
     def _per_node_cache(self, spec: MountSpec, target: str) -> None:
+        import subprocess
+        import uuid
+
         runtime = self.plan.runtime
         fs, mkfs = _mkfs_program(list(runtime.per_node_cache_fs))
         directory = runtime.per_node_cache_dir
@@ -554,6 +577,8 @@ class RootBuilder:
             os.close(mounted)
 
     def _root_hook(self, name: str, hook: str) -> None:
+        import subprocess
+
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "SHIFTER_ROOT": self.root,

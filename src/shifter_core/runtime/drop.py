@@ -10,17 +10,21 @@ and the exit status are the command's own.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
 
 from .. import syscalls
+from ._log import get_logger
 from .errors import CommandError, ContainerError, PrivilegeError
 from .plan import User
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
+
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+log = get_logger(__name__)
 
 FALLBACK_SHELL = "/bin/sh"
 
@@ -102,6 +106,22 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
+def _execvpe(file: str, argv: list[str], env: dict[str, str]) -> None:
+    """``execvpe`` without :func:`os.get_exec_path`, which imports :mod:`warnings`: after
+    ``pivot_root`` the host's Python library is gone, so nothing may be imported here."""
+    if "/" in file:
+        os.execve(file, argv, env)
+    last: OSError | None = None
+    for directory in (env.get("PATH") or "/usr/local/bin:/usr/bin:/bin").split(":"):
+        try:
+            os.execve(os.path.join(directory or ".", file), argv, env)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            last = last or err
+        except OSError as err:
+            last = err
+    raise last or FileNotFoundError(errno.ENOENT, "No such file or directory", file)
+
+
 def exec_command(
     argv: Sequence[str], env: Mapping[str, str], *, shell_fallback: bool = False
 ) -> NoReturn:
@@ -109,7 +129,7 @@ def exec_command(
     ``shell_fallback`` a shell missing from the image is replaced by ``/bin/sh``."""
     _reset_signals()
     try:
-        os.execvpe(argv[0], list(argv), dict(env))
+        _execvpe(argv[0], list(argv), dict(env))
     except FileNotFoundError:
         if shell_fallback and argv[0] != FALLBACK_SHELL:
             log.info("%s is not in the container: running %s", argv[0], FALLBACK_SHELL)

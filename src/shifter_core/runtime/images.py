@@ -4,38 +4,114 @@
 Names go to the image gateway (munge-authenticated; it applies the image's ACL); if the
 gateway cannot be reached, images whose recorded source matches are found in the store,
 with a warning.
+
+For ``id:`` the store's ``<id>.json`` is read here as an :class:`ImageRecord` instead of
+through :mod:`shifter_core.store`: this is every container's start-up path, and the store
+module's imports cost more than the lookup. The record has the attributes the runtime uses
+of :class:`~shifter_core.store.ImageMetadata` (which the other paths return).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from pathlib import Path
+import os
+import re
+from collections import namedtuple
 
-from ..config import Config
 from ..reference import ImageRequest
-from ..store import ImageMetadata, ImageStore
+from ._log import get_logger
 from .errors import ImageError
 from .plan import User
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ..config import Config
+    from ..store import ImageMetadata
+
+log = get_logger(__name__)
+
+_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _by_id(store: ImageStore, prefix: str) -> ImageMetadata | None:
-    try:
-        if len(prefix) == 64:
-            return store.get(prefix)
-        found = [m for m in store if m.id.startswith(prefix)]
-    except OSError:
-        return None
-    if len(found) > 1:
-        raise ImageError(f"image id prefix {prefix} is ambiguous", hint="give more digits")
-    return found[0] if found else None
+class ImageRecord(
+    namedtuple(
+        "_ImageRecord",
+        "id source digest platform env entrypoint cmd workdir user acl",
+        defaults=((), None, None, "", "", None),
+    )
+):
+    """An image's metadata as the store records it (``acl``: None or {users, groups})."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageRecord:
+        data = json.loads(text)
+        listed = ("entrypoint", "cmd")
+        return cls(
+            id=data["id"],
+            source=data.get("source", ""),
+            digest=data.get("digest", ""),
+            platform=data.get("platform", ""),
+            env=tuple(data.get("env") or ()),
+            workdir=data.get("workdir") or "",
+            user=data.get("user") or "",
+            acl=data.get("acl"),
+            **{k: tuple(data[k]) if data.get(k) is not None else None for k in listed},
+        )
+
+    @property
+    def private(self) -> bool:
+        return self.acl is not None
+
+    def visible_to(self, uid: int, gids: Any) -> bool:
+        """Public images are visible to all; private ones to root and their ACL."""
+        if self.acl is None or uid == 0:
+            return True
+        return uid in self.acl.get("users", ()) or any(
+            g in self.acl.get("groups", ()) for g in gids
+        )
 
 
-def _by_source(store: ImageStore, request: ImageRequest) -> ImageMetadata | None:
+def image_file(image_path: str, image_id: str) -> str:
+    return os.path.join(image_path, f"{image_id}.squashfs")
+
+
+def _by_id(image_path: str, prefix: str) -> ImageRecord | None:
+    """The complete image (metadata and squashfs) whose id is or starts with ``prefix``."""
+    if len(prefix) == 64:
+        ids = [prefix]
+    else:
+        try:
+            names = os.listdir(image_path)
+        except OSError:
+            return None
+        ids = sorted(
+            {n[:-5] for n in names if n.endswith(".json") and _ID_RE.match(n[:-5])}
+            & {n[:-9] for n in names if n.endswith(".squashfs")}
+        )
+        ids = [i for i in ids if i.startswith(prefix)]
+        if len(ids) > 1:
+            raise ImageError(f"image id prefix {prefix} is ambiguous", hint="give more digits")
+    for image_id in ids:
+        try:
+            with open(os.path.join(image_path, f"{image_id}.json"), encoding="utf-8") as fh:
+                record = ImageRecord.from_json(fh.read())
+        except (OSError, ValueError, KeyError):
+            return None
+        if os.path.exists(image_file(image_path, image_id)) and record.id == image_id:
+            return record
+    return None
+
+
+def _by_source(image_path: str, request: ImageRequest) -> ImageMetadata | None:
+    from ..store import ImageStore
+
     wanted = str(request.docker)
-    for meta in store:
+    for meta in ImageStore(image_path):
         if meta.source == wanted:
             return meta
     return None
@@ -44,6 +120,7 @@ def _by_source(store: ImageStore, request: ImageRequest) -> ImageMetadata | None
 def _from_gateway(config: Config, text: str) -> ImageMetadata | None:
     """The gateway's answer; None when the gateway is unreachable."""
     from ..client import GatewayClient, GatewayError, GatewayUnreachable
+    from ..store import ImageMetadata
 
     try:
         with GatewayClient(config.gateway.url) as client:
@@ -58,25 +135,19 @@ def _from_gateway(config: Config, text: str) -> ImageMetadata | None:
     return ImageMetadata.from_json(json.dumps(meta))
 
 
-def resolve_image(text: str, config: Config, user: User) -> tuple[ImageMetadata, str]:
+def resolve_image(text: str, config: Config, user: User) -> tuple[Any, str]:
     """(metadata, squashfs path) of the image ``text`` names, if ``user`` may use it."""
     request = ImageRequest.parse(text, config.default_image_type)
-    store = ImageStore(config.image_path)
-    meta: ImageMetadata | None = None
+    meta: Any = None
     if request.type == "id":
-        meta = _by_id(store, request.tag)
+        meta = _by_id(config.image_path, request.tag)
         if meta is None:
             meta = _from_gateway(config, f"id:{request.tag}")
     else:
         meta = _from_gateway(config, str(request))
         if meta is None:
-            meta = _by_source(store, request)
+            meta = _by_source(config.image_path, request)
     if meta is None or not meta.visible_to(user.uid, user.groups):
-        raise ImageError(
-            f"image {text!r} not found",
-            hint=f"pull it first: shifterimg pull {request.tag}"
-            if request.type == "docker"
-            else None,
-        )
-    image_file = Path(store.image_file(meta.id))
-    return meta, str(image_file)
+        hint = f"pull it first: shifterimg pull {request.tag}" if request.type == "docker" else None
+        raise ImageError(f"image {text!r} not found", hint=hint)
+    return meta, image_file(config.image_path, meta.id)

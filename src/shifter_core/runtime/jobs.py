@@ -25,17 +25,20 @@ caller's own plan (:meth:`Plan.mount_digest`); otherwise it builds a private roo
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import stat
 import time
-from dataclasses import dataclass
-from typing import Any
 
+from ._log import get_logger
 from .errors import ContainerError
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
+
+if TYPE_CHECKING:
+    from typing import Any
+
+log = get_logger(__name__)
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
@@ -56,12 +59,14 @@ def job_dir(run_dir: str, node: str, job_id: str) -> str:
     return os.path.join(run_dir, _check_name("node name", node), _check_name("job id", job_id))
 
 
-@dataclass(frozen=True)
 class JobState:
     """A parsed, trusted ``state.json``."""
 
-    path: str
-    data: dict[str, Any]
+    __slots__ = ("data", "path")
+
+    def __init__(self, path: str, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
 
     @property
     def root(self) -> str:

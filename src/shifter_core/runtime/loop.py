@@ -7,14 +7,14 @@ when the process that attached it dies before mounting.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import time
 
 from .. import syscalls
 from ..syscalls import SyscallError
+from ._log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 LOOP_CONTROL = "/dev/loop-control"
 

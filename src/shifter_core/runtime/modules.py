@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..config import ModuleConfig
 from ..options import MODULE_NONE, parse_modules
 from .errors import ModuleError
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
+
+if TYPE_CHECKING:
+    from ..config import ModuleConfig
 
 
 def select_modules(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .. import syscalls
 from .errors import VolumeError
@@ -22,16 +22,12 @@ MAX_SYMLINKS = 40
 _BENEATH = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS
 
 
-@dataclass(frozen=True)
-class Resolved:
+class Resolved(namedtuple("_Resolved", "path existing missing kind")):
     """Where a container path really is: ``path`` (absolute, no symlinks), the deepest part
     that exists (``existing``), the components below it that do not (``missing``) and the
     type of the final component (``dir``, ``file``, ``other``; None when missing)."""
 
-    path: str
-    existing: str
-    missing: tuple[str, ...]
-    kind: str | None
+    __slots__ = ()
 
 
 def _join(parts: list[str]) -> str:

@@ -12,23 +12,26 @@ the image's ``ENV``, ``--env-file``, ``--env``, modules (in load order), the sit
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import logging
 import os
+from collections import namedtuple
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
-from ..config import Config, EnvChanges, ModuleConfig, RuntimeConfig
 from ..errors import OptionError
 from ..options import Volume, format_volumes, parse_size, parse_volumes
-from ..store import ImageMetadata
+from ._log import get_logger
 from .errors import ContainerError, PrivilegeError, VolumeError
 from .modules import select_modules
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ..config import Config, EnvChanges, ModuleConfig, RuntimeConfig
+    from ..store import ImageMetadata
+
+log = get_logger(__name__)
 
 ENV_IMAGE = "SHIFTER_IMAGE"
 ENV_IMAGEREQUEST = "SHIFTER_IMAGEREQUEST"
@@ -38,18 +41,20 @@ ENV_RUNTIME = "SHIFTER_RUNTIME"
 DEFAULT_SHELL = "/bin/sh"
 
 
-@dataclass(frozen=True)
-class User:
-    """Who the container runs as: never root."""
+# Named tuples, not dataclasses: ``shifter`` imports this for every container and the
+# dataclasses module (with inspect) costs more to import than the plan costs to build.
+_User = namedtuple(
+    "_User",
+    "uid gid groups name home shell gecos group_names",
+    defaults=("/", DEFAULT_SHELL, "", ()),
+)
 
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    name: str
-    home: str = "/"
-    shell: str = DEFAULT_SHELL
-    gecos: str = ""
-    group_names: tuple[tuple[int, str], ...] = ()
+
+class User(_User):
+    """Who the container runs as (never root): ``uid``, ``gid``, ``groups`` (the primary
+    first), ``name``, ``home``, ``shell``, ``gecos``, ``group_names`` ((gid, name), ...)."""
+
+    __slots__ = ()
 
     @classmethod
     def from_uid(
@@ -89,21 +94,20 @@ class User:
         return cls.from_uid(os.getuid(), os.getgid(), os.getgroups())
 
 
-@dataclass(frozen=True)
-class RunRequest:
-    """What was asked for, unchecked. ``entrypoint``/``workdir``: None = not given, "" = the
-    image's, else the value given."""
+_RunRequest = namedtuple(
+    "_RunRequest",
+    "image volumes modules env env_files clearenv entrypoint workdir command writable_tmpfs",
+    defaults=(None, (), None, (), (), False, None, None, (), False),
+)
 
-    image: str | None = None
-    volumes: tuple[str, ...] = ()
-    modules: str | None = None
-    env: tuple[str, ...] = ()
-    env_files: tuple[str, ...] = ()
-    clearenv: bool = False
-    entrypoint: str | None = None
-    workdir: str | None = None
-    command: tuple[str, ...] = ()
-    writable_tmpfs: bool = False
+
+class RunRequest(_RunRequest):
+    """What was asked for, unchecked: ``image`` (``--image`` text), ``volumes`` (``-V``
+    values), ``modules`` (``--module`` value), ``env`` (``K=V``), ``env_files``,
+    ``clearenv``, ``entrypoint`` and ``workdir`` (None: not given, "": the image's, else the
+    value given), ``command``, ``writable_tmpfs``."""
+
+    __slots__ = ()
 
 
 def request_from_env(environ: Mapping[str, str], base: RunRequest | None = None) -> RunRequest:
@@ -122,27 +126,27 @@ def request_from_env(environ: Mapping[str, str], base: RunRequest | None = None)
     if not volumes and environ.get(ENV_VOLUME):
         volumes = (environ[ENV_VOLUME],)
     modules = base.modules if base.modules is not None else environ.get(ENV_MODULE) or None
-    return dataclasses.replace(base, image=image, volumes=volumes, modules=modules)
+    return base._replace(image=image, volumes=volumes, modules=modules)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A container, fully decided: realisations only carry it out."""
+_Plan = namedtuple(
+    "_Plan",
+    "image image_file image_request user volumes site_volumes modules env workdir "
+    "workdir_explicit argv runtime writable default_shell",
+    defaults=(False, False),
+)
 
-    image: ImageMetadata
-    image_file: str
-    image_request: str
-    user: User
-    volumes: tuple[Volume, ...]
-    site_volumes: tuple[Volume, ...]
-    modules: tuple[tuple[str, ModuleConfig], ...]
-    env: tuple[tuple[str, str], ...]
-    workdir: str
-    workdir_explicit: bool
-    argv: tuple[str, ...]
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    writable: bool = False
-    default_shell: bool = False  # argv is the user's shell: /bin/sh if the image lacks it
+
+class Plan(_Plan):
+    """A container, fully decided (realisations only carry it out): ``image`` (metadata),
+    ``image_file`` (the squashfs to mount), ``image_request`` (as the user wrote it),
+    ``user``, ``volumes`` and ``site_volumes`` (:class:`~shifter_core.options.Volume`),
+    ``modules`` ((name, definition), ...), ``env`` ((name, value), ...), ``workdir`` and
+    ``workdir_explicit``, ``argv``, ``runtime`` (the ``runtime`` settings), ``writable``
+    (``--writable-tmpfs``), ``default_shell`` (argv is the user's shell: ``/bin/sh`` if the
+    image lacks it). Change one with ``plan._replace(field=value)``."""
+
+    __slots__ = ()
 
     @property
     def image_id(self) -> str:
@@ -164,17 +168,35 @@ class Plan:
             "gid": self.user.gid,
             "volumes": format_volumes(self.volumes),
             "site_volumes": format_volumes(self.site_volumes),
-            "modules": [
-                [name, hashlib.sha256(repr(module).encode()).hexdigest()[:16]]
-                for name, module in self.modules
-            ],
+            "modules": [[name, module_fingerprint(module)] for name, module in self.modules],
             "tmp": self.runtime.tmp,
             "writable": self.writable,
         }
 
     def mount_digest(self) -> str:
+        import hashlib
+
         text = json.dumps(self.mount_key(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """Configuration values (dataclasses or cached sections) as plain JSON data."""
+    if hasattr(value, "__dict__"):
+        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def module_fingerprint(module: Any) -> str:
+    """A digest of a module's definition (the same for parsed and cached configurations)."""
+    import hashlib
+
+    text = json.dumps(_plain(module), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # ---- environment ---------------------------------------------------------------------------

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 from dataclasses import dataclass, field
 
 from .. import syscalls
 from ..syscalls import SyscallError
 from . import loop
+from ._log import get_logger
 from .assemble import RootBuilder
 from .drop import change_directory, drop_privileges, exec_command, run_hooks
 from .errors import ContainerError, ImageError, PrivilegeError
@@ -31,7 +31,7 @@ from .jobs import ROOT_DIR, job_dir, read_state, state_data, write_state
 from .mountinfo import mounts_under, read_mounts
 from .plan import Plan
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 STAGING_SUFFIX = ".staging"
 

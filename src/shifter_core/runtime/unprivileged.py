@@ -19,21 +19,25 @@ the mounts are dropped and the kernel aborts the connection; a SIGKILL included.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import select
 import socket
-from typing import NoReturn
 
 from .. import syscalls
 from ..syscalls import SyscallError
+from ._log import get_logger
 from .assemble import RootBuilder
 from .drop import change_directory, drop_privileges, exec_command, run_hooks
 from .errors import ContainerError, ImageError, PrivilegeError
 from .jobs import current_job, job_dir, read_state
 from .plan import Plan
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
+
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+log = get_logger(__name__)
 
 STAGING = "/tmp"  # a tmpfs is mounted over it in the private mount namespace
 FUSE_DEVICE = "/dev/fuse"
