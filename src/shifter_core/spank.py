@@ -352,6 +352,7 @@ def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
     """Decide the root this step's tasks enter (errors are kept for the tasks to report:
     an error in user_init would leave srun's exit code 0)."""
     from . import steps
+    from .jobdirs import job_dir
 
     runtime = state.config.get("runtime", {})
     run_dir = str(runtime.get("run_dir", "/run/shifter")) if isinstance(runtime, dict) else ""
@@ -362,7 +363,7 @@ def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
         "module": spank.getenv(ENV_MODULE) or "",
     }
     try:
-        directory = steps.job_directory(run_dir, node, job)
+        directory = job_dir(run_dir, node, job)
         found = steps.job_root_for(directory, request)
         if found is None:
             problem = steps.prolog_error(directory)
@@ -388,6 +389,7 @@ def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
             state.step_own_root = (directory, step)
             log(INFO, f"step {job}.{step} on {node}: prepared a root of its own")
         state.step_root, state.step_env = found
+        from . import syscalls  # noqa: F401 - once here, not in every forked task
     except ShifterError as err:
         state.step_error = str(err)
     except Exception as err:  # reported by every task; the details go to slurmd's log

@@ -19,6 +19,8 @@ import os
 import stat
 from collections.abc import Mapping
 
+from .jobdirs import STATE_FILE
+
 REQUEST_FILE = "request.json"
 ERROR_FILE = "error"
 STEPS_DIR = "steps"
@@ -55,12 +57,6 @@ def _trusted_json(path: str) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def job_directory(run_dir: str, node: str, job: str) -> str:
-    from .runtime.jobs import job_dir
-
-    return job_dir(run_dir, node, job)
-
-
 def prolog_error(directory: str) -> str | None:
     """The message the prolog left when it could not prepare the job's container."""
     try:
@@ -76,7 +72,7 @@ def prolog_error(directory: str) -> str | None:
 def job_root_for(directory: str, request: Mapping[str, str]) -> tuple[str, list[list[str]]] | None:
     """(root, container environment) of the job's prepared root if it serves ``request``."""
     recorded = _trusted_json(os.path.join(directory, REQUEST_FILE))
-    state = _trusted_json(os.path.join(directory, "state.json"))
+    state = _trusted_json(os.path.join(directory, STATE_FILE))
     if not recorded or not state:
         return None
     if any(recorded.get(k, "") != request[k] for k in ("image_id", "volume", "module")):

@@ -1,0 +1,29 @@
+"""Where a job's container lives on a node: ``RUN_DIR/NODE/JOB`` (see
+:mod:`shifter_core.runtime.jobs` for what is inside).
+
+Kept apart from the runtime so that slurmstepd can find a job's root without importing it:
+this module is on the start-up path of every container step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .errors import ShifterError
+
+STATE_FILE = "state.json"
+ROOT_DIR = "root"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """A node name or job id usable as one path component (no ``..``, no ``/``)."""
+    if not NAME_RE.match(value) or value in (".", ".."):
+        raise ShifterError(f"invalid {kind} {value!r} for a job directory")
+    return value
+
+
+def job_dir(run_dir: str, node: str, job_id: str) -> str:
+    """``RUN_DIR/NODE/JOB`` (names checked: no path tricks)."""
+    return os.path.join(run_dir, check_name("node name", node), check_name("job id", job_id))
