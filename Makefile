@@ -4,7 +4,7 @@ VENV   := $(ROOT)/.venv
 PYTHON := $(VENV)/bin/python
 PLUGIN := $(ROOT)/build/shifter_spank.so
 
-.PHONY: setup plugin box box-down demo test lint bench bench-spank bench-pull clean
+.PHONY: setup plugin box box-down demo test lint bench bench-spank bench-pull bench-start clean
 
 plugin: $(PLUGIN)
 
@@ -38,6 +38,10 @@ bench-spank: box
 # debian:bookworm to squashfs: Shifter's pull against skopeo + umoci + mksquashfs (root).
 bench-pull: box
 	$(PYTHON) tools/bench/bench_pull.py $(BENCH_PULL_ARGS)
+
+# shifter --image=X true against ch-run (same squashfs) and bwrap: medians and ratios.
+bench-start: box
+	$(PYTHON) tools/bench/bench_start.py
 
 clean:
 	rm -rf build

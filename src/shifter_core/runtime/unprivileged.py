@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import errno
 import os
-import select
-import socket
 
 from .. import syscalls
 from ..syscalls import SyscallError
 from ._log import get_logger
-from .assemble import RootBuilder
 from .drop import change_directory, drop_privileges, exec_command, run_hooks
 from .errors import ContainerError, ImageError, PrivilegeError
 from .jobs import current_job, job_dir, read_state
@@ -35,6 +32,7 @@ from .plan import Plan
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
 
 if TYPE_CHECKING:
+    import socket
     from typing import NoReturn
 
 log = get_logger(__name__)
@@ -125,6 +123,8 @@ class SquashfuseDaemon:
     opened inside the user namespace that mounts it) over a socket once the mount exists."""
 
     def __init__(self, program: str, image_file: str) -> None:
+        import socket
+
         self.program = program
         self.image_file = image_file
         self.started = False
@@ -138,6 +138,8 @@ class SquashfuseDaemon:
         os.close(err_write)
 
     def _child(self, sock: socket.socket, err_write: int) -> NoReturn:
+        import socket
+
         try:
             os.setsid()  # out of the terminal's process group: ^C is for the command
             if os.fork() != 0:
@@ -161,6 +163,8 @@ class SquashfuseDaemon:
 
     def start(self, fuse_fd: int) -> None:
         """Hand the mounted FUSE connection to the daemon."""
+        import socket
+
         socket.send_fds(self.sock, [b"g"], [fuse_fd])
         self.close()
 
@@ -172,6 +176,8 @@ class SquashfuseDaemon:
 
     def failure(self) -> str:
         """What the daemon said, if it said anything (non-blocking)."""
+        import select
+
         ready, _, _ = select.select([self.errors], [], [], 0.2)
         if not ready:
             return ""
@@ -190,6 +196,8 @@ def _open_fuse() -> int:
 
 
 def _run_private(plan: Plan) -> NoReturn:
+    from .assemble import RootBuilder  # only here: the fast path needs none of it
+
     if not os.access(plan.image_file, os.R_OK):
         raise ImageError(
             f"cannot read the image file {plan.image_file}",
