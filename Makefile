@@ -35,6 +35,9 @@ bench: bench-spank
 bench-spank: box
 	$(PYTHON) tools/bench/bench_spank.py
 
+bench-srun: box
+	$(PYTHON) tools/bench/bench_srun.py
+
 # debian:bookworm to squashfs: Shifter's pull against skopeo + umoci + mksquashfs (root).
 bench-pull: box
 	$(PYTHON) tools/bench/bench_pull.py $(BENCH_PULL_ARGS)

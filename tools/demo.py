@@ -7,6 +7,7 @@ non-zero at the first step that does not do what it should.
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -62,6 +63,34 @@ def three_idle_nodes(output: str) -> str | None:
     return None if sorted(nodes) == ["n1", "n2", "n3"] else "expected n1, n2, n3 idle"
 
 
+def expect(pattern: str, count: int, what: str) -> Callable[[str], str | None]:
+    """A check: ``pattern`` occurs ``count`` times in the output."""
+
+    def check(output: str) -> str | None:
+        found = len(re.findall(pattern, output, re.M))
+        return None if found == count else f"expected {count} x {what}, saw {found}"
+
+    return check
+
+
+def plugin_evidence(job: str) -> None:
+    """Show the plugin's prolog and step log lines of ``job`` from every node's slurmd log."""
+    say(f"\n=== The plugin's evidence for job {job} in the slurmd logs of all three nodes")
+    pattern = re.compile(rf"shifter: (user_init|prolog): job {job}\b.* on (?:node )?(n\d)")
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in slurmd_logs().splitlines() if pattern.search(line)]
+        nodes = {pattern.search(line).group(2) for line in lines}
+        if nodes == {"n1", "n2", "n3"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for line in sorted(lines, key=lambda text: pattern.search(text).group(2)):
+        say(line)
+    if nodes != {"n1", "n2", "n3"}:
+        say("!!! no plugin log lines from every node")
+        raise SystemExit(1)
+
+
 def main() -> None:
     step(
         "The box's Slurm cluster: three nodes on this machine",
@@ -83,32 +112,6 @@ def main() -> None:
             else "srun should have failed"
         ),
     )
-    probe = 'echo "$(hostname) $SLURMD_NODENAME: SHIFTER_IMAGEREQUEST=$SHIFTER_IMAGEREQUEST"'
-    name = unique_name("demo")
-    step(
-        "srun -N3 --image=busybox on every node: tasks get the request",
-        ["srun", "-J", name, "-N3", "--image=busybox", "--volume=/tmp:/scratch", "sh", "-c", probe],
-        lambda out: (
-            None
-            if len(re.findall(r"n\d: SHIFTER_IMAGEREQUEST=docker:busybox", out)) == 3
-            else "expected 3 nodes"
-        ),
-    )
-    (job,) = jobs_named(name)
-    say(f"\n=== The plugin's evidence for job {job} in the slurmd logs of all three nodes")
-    pattern = re.compile(rf"shifter: (user_init|prolog): job {job}\b.* on node (n\d)")
-    deadline = time.monotonic() + 10
-    while True:
-        lines = [line for line in slurmd_logs().splitlines() if pattern.search(line)]
-        nodes = {pattern.search(line).group(2) for line in lines}
-        if nodes == {"n1", "n2", "n3"} or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    for line in sorted(lines, key=lambda text: pattern.search(text).group(2)):
-        say(line)
-    if nodes != {"n1", "n2", "n3"}:
-        say("!!! no plugin log lines from every node")
-        raise SystemExit(1)
     step(
         "shifterimg pull busybox: the image gateway pulls it into the image store",
         ["shifterimg", "pull", "busybox"],
@@ -122,6 +125,65 @@ def main() -> None:
             if re.search(r"^READY\s+[0-9a-f]{12}\s.*docker\.io/library/busybox:latest$", out, re.M)
             else "busybox is not listed READY"
         ),
+    )
+    step(
+        "shifter on a login node: the container runs as the user, without privilege",
+        [
+            "sh",
+            "-c",
+            'shifter --image=busybox sh -c \'id; grep -E "^(CapEff|NoNewPrivs)" '
+            "/proc/self/status; cat /etc/shifter-test-image'",
+        ],
+        expect(r"^shifter busybox test image$", 1, "the image's file"),
+    )
+    name = unique_name("demo")
+    step(
+        "srun -N3 --image=busybox: every task in the container, on three nodes",
+        [
+            "srun",
+            "-J",
+            name,
+            "-N3",
+            "--image=busybox",
+            "sh",
+            "-c",
+            'echo "$SLURMD_NODENAME: $(cat /etc/shifter-test-image)"',
+        ],
+        expect(r"^n\d: shifter busybox test image$", 3, "a task in the container"),
+    )
+    (job,) = jobs_named(name)
+    plugin_evidence(job)
+    step(
+        "The same command without --image runs on the host, where the file does not exist",
+        ["sh", "-c", "srun -N3 cat /etc/shifter-test-image; echo exit code $?"],
+        expect(r"No such file or directory", 3, "a task on the host"),
+    )
+    script = (
+        'echo "batch script on $(hostname), image $SHIFTER_IMAGEREQUEST"; '
+        "srun -N3 shifter cat /etc/shifter-test-image; "
+        "srun -N3 --image=busybox sh -c 'echo $SLURMD_NODENAME in the container: "
+        "$(cat /etc/shifter-test-image)'"
+    )
+    output = f"/tmp/{unique_name('demo-batch')}.out"
+    batch = (
+        f"sbatch --wait -N3 --image=busybox -o {output} --wrap {shlex.quote(script)} && "
+        f"cat {output}; rm -f {output}"
+    )
+    step(
+        "sbatch --image=busybox: the prolog prepares the container once per node; "
+        "`srun shifter` and `srun --image` steps enter it",
+        ["sh", "-c", batch],
+        expect(r"shifter busybox test image$", 6, "a line from the container"),
+    )
+    step(
+        "shifterimg pull mpich-hello: an image with MPICH and a compiled MPI program",
+        ["shifterimg", "pull", "mpich-hello"],
+        lambda out: None if "is READY:" in out else "the pull did not end READY",
+    )
+    step(
+        "MPI across the cluster: srun --mpi=pmi2 -N3 -n6 --image=mpich-hello",
+        ["srun", "--mpi=pmi2", "-N3", "-n6", "--image=mpich-hello", "/usr/local/bin/mpi-hello"],
+        expect(r"^hello from rank \d of 6 on \S+ \(SLURMD_NODENAME=n\d\)$", 6, "an MPI rank"),
     )
     say("\nDemo finished: every step did what it should.")
 
