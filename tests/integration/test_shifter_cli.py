@@ -299,3 +299,13 @@ def test_hundred_runs_leave_nothing_behind(rt):
     assert host_mounts_with("squashfuse") == []
     assert host_mounts_with(str(rt.base)) == []
     assert loop_devices_of(str(rt.base)) == []
+
+
+def test_writable_tmpfs_changes_vanish(rt):
+    image = f"--image=id:{rt.testimg}"
+    script = "mkdir /newdir && echo x > /newdir/f && cat /newdir/f"
+    assert ok(shifter_as(rt, [image, "--writable-tmpfs", "sh", "-c", script])) == "x\n"
+    result = shifter_as(rt, [image, "ls", "/newdir"])
+    assert result.returncode != 0  # a new container: the changes are gone
+    result = shifter_as(rt, [image, "mkdir", "/newdir"])
+    assert "Read-only file system" in result.stderr

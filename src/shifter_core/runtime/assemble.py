@@ -486,9 +486,8 @@ class RootBuilder:
                 else:
                     self._bind(spec, target)
             elif spec.kind == "tmpfs":
-                flags = syscalls.MS_NOSUID | syscalls.MS_NOEXEC
-                if spec.target != "/dev":
-                    flags |= syscalls.MS_NODEV
+                flags = syscalls.MS_NOSUID  # /dev: noexec; a private /tmp: nodev
+                flags |= syscalls.MS_NOEXEC if spec.target == "/dev" else syscalls.MS_NODEV
                 syscalls.mount("tmpfs", target, "tmpfs", flags, f"mode={spec.tmpfs_mode:o}")
                 if spec.target == "/dev":
                     self._populate_dev(root_fd)
