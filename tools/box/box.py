@@ -976,6 +976,15 @@ def require_root() -> None:
         raise BoxError("the box must be run as root (it starts Slurm, munge and mounts)")
 
 
+def ensure_fuse_for_users() -> None:
+    """/dev/fuse mode 0666, as most distributions ship it (these VMs have 0600): users'
+    ``shifter`` mounts images with squashfuse_ll when no prepared root is there."""
+    fuse = Path("/dev/fuse")
+    if fuse.exists() and fuse.stat().st_mode & 0o777 != 0o666:
+        fuse.chmod(0o666)
+        log.info("chmod 0666 /dev/fuse (unprivileged squashfuse_ll for shifter)")
+
+
 def up(paths: BoxPaths = PATHS, *, plugin: bool = True) -> None:
     """Start everything that does not run yet."""
     require_root()
@@ -984,6 +993,7 @@ def up(paths: BoxPaths = PATHS, *, plugin: bool = True) -> None:
     changed = write_configs(paths, plugin=plugin)
     ensure_users()
     ensure_service_user()
+    ensure_fuse_for_users()
     start_munge(paths)
     start_slurm(paths, changed)
     start_registry(paths)
