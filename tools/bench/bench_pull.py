@@ -460,7 +460,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"\n{REFERENCE} ({report['layers']} layer, {report['compressed_bytes'] / 1e6:.1f} MB "
         f"compressed, {report['digest'][:19]}), median of {report['runs']} interleaved runs, "
-        f"scratch on {report['scratch']} ({report['scratch_fs']})"
+        f"scratch on {report['scratch']} ({report['scratch_fs']}), load average "
+        f"{report['loadavg_before'][0]:.2f} before, {report['loadavg_after'][0]:.2f} after"
     )
     print(f"{'variant / stage':<40} {'median s':>9} {'cpu s':>7}")
     labels = {
@@ -540,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     if fs_type(BOX) != kind:
         log(f"warning: scratch is {kind}, the box dir is {fs_type(BOX)}")
 
+    load_before = os.getloadavg()
+    if load_before[0] > 1.0:
+        log(f"warning: load average {load_before[0]:.2f}: other work will skew the figures")
     digest = ensure_image()
     compressed, layers = warm_registry()
     skipped = Shifterimg.unavailable()
@@ -578,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         "scratch": str(args.scratch),
         "scratch_fs": kind,
         "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "target": TARGET,
     }
     for variant in VARIANTS:
