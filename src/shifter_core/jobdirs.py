@@ -8,18 +8,22 @@ this module is on the start-up path of every container step.
 from __future__ import annotations
 
 import os
-import re
 
 from .errors import ShifterError
 
 STATE_FILE = "state.json"
 ROOT_DIR = "root"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_REST = _FIRST | frozenset("._-")
 
 
 def check_name(kind: str, value: str) -> str:
-    """A node name or job id usable as one path component (no ``..``, no ``/``)."""
-    if not NAME_RE.match(value) or value in (".", ".."):
+    """A node name or job id usable as one path component (no ``..``, no ``/``).
+
+    (Checked without ``re`` or ``string``, which imports ``re``: that would cost every
+    container step ~8 ms.)
+    """
+    if not (0 < len(value) <= 128 and value[0] in _FIRST and set(value) <= _REST):
         raise ShifterError(f"invalid {kind} {value!r} for a job directory")
     return value
 

@@ -4,7 +4,7 @@ Prolog (root, every allocated node, ``PrologFlags=Alloc``), for jobs submitted w
 ``--image``: sweep what crashed jobs left on this node; stage the image into the node cache
 (or use it from the store); prepare the job's root with the runtime
 (``RUN_DIR/NODE/JOB/root``, see :mod:`shifter_core.runtime.jobs`) and record the request it
-was built for (``request.json``), so job steps can enter it without building anything.
+was built for (``step.marshal``), so job steps can enter it without building anything.
 
 A problem the user caused (an image removed or not shared with them, a bad volume) must not
 drain the node: the prolog then records the message in ``RUN_DIR/NODE/JOB/error`` and
@@ -17,7 +17,6 @@ hold on the node cache; idempotent, also after a failed or partial prolog.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ from .options import parse_size
 from .runtime.jobs import job_dir
 from .runtime.plan import RunRequest, User, build_plan
 from .runtime.privileged import prepare_job, teardown, teardown_job
-from .steps import ERROR_FILE, REQUEST_FILE, STEPS_DIR, step_request
+from .steps import ERROR_FILE, STEP_RECORD, STEPS_DIR, step_request, write_record
 from .store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -121,9 +120,10 @@ def prolog(config: Config, environ: Mapping[str, str]) -> None:
         plan = build_plan(
             run, config, image, image_file, user, image_request=request["image_request"]
         )
-        prepare_job(plan, config.runtime.run_dir, node, job)
-        record = {**request, "env": [list(kv) for kv in plan.env]}
-        _write_root_file(os.path.join(directory, REQUEST_FILE), json.dumps(record))
+        prepared = prepare_job(plan, config.runtime.run_dir, node, job)
+        write_record(
+            directory, {**request, "root": prepared.root, "env": [list(kv) for kv in plan.env]}
+        )
         log.info("prolog: job %s on %s: %s ready", job, node, request["image_request"])
     except ShifterError as err:
         os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -141,7 +141,7 @@ def epilog(config: Config, node: str, job: str) -> list[str]:
             problems += teardown(os.path.join(steps, step, "root"))
             shutil.rmtree(os.path.join(steps, step), ignore_errors=True)
         os.rmdir(steps)
-    for name in (REQUEST_FILE, ERROR_FILE):
+    for name in (STEP_RECORD, ERROR_FILE):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
     if os.path.isdir(directory):

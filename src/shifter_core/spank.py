@@ -220,14 +220,22 @@ def handle_remote_option(val: int, optarg: str) -> None:
 
 def handle_option(val: int, optarg: str) -> None:
     """srun, sbatch, salloc: parse and check the user's value."""
-    from .options import parse_modules, parse_volumes
-    from .reference import ImageRequest
 
     if val == OPT_IMAGE:
+        state.image_values.append(optarg)
+        if optarg == os.environ.get(INHERITED_OPTION + "image") and os.environ.get(
+            ENV_IMAGEREQUEST
+        ):
+            # The job's own --image, checked when the job was submitted.
+            state.image = os.environ[ENV_IMAGEREQUEST]
+            return
+        from .reference import ImageRequest
+
         default_type = str(state.config.get("default_image_type", "docker"))
         state.image = str(ImageRequest.parse(optarg, default_type))
-        state.image_values.append(optarg)
     elif val == OPT_VOLUME:
+        from .options import parse_volumes
+
         parse_volumes([optarg])
         if not state.volumes and _inherited_volumes(optarg):
             # srun inside a job: Slurm replays the job's last --volume first; the job's
@@ -241,6 +249,8 @@ def handle_option(val: int, optarg: str) -> None:
         else:
             state.volumes.append(optarg)
     elif val == OPT_MODULE:
+        from .options import parse_modules
+
         state.modules = ",".join(parse_modules(optarg))
     else:
         raise ShifterError(f"unknown option number {val}")
@@ -273,12 +283,12 @@ def on_hook(hook: str, handle: object, args: list[str]) -> int:
 
 
 def _exports() -> dict[str, str]:
-    from .options import format_volumes, parse_volumes
-
     exports: dict[str, str] = {}
     if state.image is not None:
         exports[ENV_IMAGEREQUEST] = state.image
     if state.volumes:
+        from .options import format_volumes, parse_volumes
+
         exports[ENV_VOLUME] = format_volumes(parse_volumes(state.volumes))
     if state.modules is not None:
         exports[ENV_MODULE] = state.modules

@@ -14,14 +14,17 @@ proper is imported only for a step that needs its own root).
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import stat
-from collections.abc import Mapping
 
-from .jobdirs import STATE_FILE
+TYPE_CHECKING = False  # typing and collections.abc cost start-up time on this path
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
-REQUEST_FILE = "request.json"
+# What the prolog recorded for the job's steps: the request its root serves, the root, and
+# the container's environment (marshal: the step path must not import json, hence re).
+STEP_RECORD = "step.marshal"
 ERROR_FILE = "error"
 STEPS_DIR = "steps"
 ENV_IMAGE = "SHIFTER_IMAGE"
@@ -40,8 +43,8 @@ def step_request(environ: Mapping[str, str], prefix: str = "") -> dict[str, str]
     }
 
 
-def _trusted_json(path: str) -> dict[str, object] | None:
-    """A root-owned, not group/other-writable JSON file, or None."""
+def _trusted_record(path: str) -> dict[str, object] | None:
+    """A root-owned, not group/other-writable marshal record, or None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -51,10 +54,20 @@ def _trusted_json(path: str) -> dict[str, object] | None:
         if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return None
         try:
-            data = json.loads(fh.read())
-        except ValueError:
+            data = marshal.load(fh)
+        except (EOFError, ValueError, TypeError):
             return None
     return data if isinstance(data, dict) else None
+
+
+def write_record(directory: str, record: dict[str, object]) -> None:
+    """Record (as root) what the job's root serves, for its steps."""
+    path = os.path.join(directory, STEP_RECORD)
+    partial = f"{path}.{os.getpid()}.partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        marshal.dump(record, fh)
+    os.replace(partial, path)
 
 
 def prolog_error(directory: str) -> str | None:
@@ -71,14 +84,13 @@ def prolog_error(directory: str) -> str | None:
 
 def job_root_for(directory: str, request: Mapping[str, str]) -> tuple[str, list[list[str]]] | None:
     """(root, container environment) of the job's prepared root if it serves ``request``."""
-    recorded = _trusted_json(os.path.join(directory, REQUEST_FILE))
-    state = _trusted_json(os.path.join(directory, STATE_FILE))
-    if not recorded or not state:
+    recorded = _trusted_record(os.path.join(directory, STEP_RECORD))
+    if not recorded or not os.path.isdir(str(recorded.get("root", ""))):
         return None
     if any(recorded.get(k, "") != request[k] for k in ("image_id", "volume", "module")):
         return None
     env = recorded.get("env")
-    return str(state["root"]), env if isinstance(env, list) else []
+    return str(recorded["root"]), env if isinstance(env, list) else []
 
 
 def enter_root(root: str) -> None:

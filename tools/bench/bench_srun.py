@@ -105,7 +105,11 @@ def main() -> None:
 
     plain, _ = allocate()
     contained, _ = allocate("--image=busybox")
-    env = {"SHIFTER_IMAGEREQUEST": "docker:busybox", "SHIFTER_IMAGE": busybox}
+    env = {  # what a job submitted with --image=busybox has in its environment
+        "SHIFTER_IMAGEREQUEST": "docker:busybox",
+        "SHIFTER_IMAGE": busybox,
+        "SLURM_SPANK__SLURM_SPANK_OPTION_shifter_image": "busybox",
+    }
     times: dict[str, list[float]] = {"srun -N3 true": [], "srun -N3 --image=busybox true": []}
     try:
         step(contained, env, image=True)  # warm-up
