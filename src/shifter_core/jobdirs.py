@@ -11,20 +11,28 @@ import os
 
 from .errors import ShifterError
 
+
+class JobDirectoryError(ShifterError):
+    """A node name or job id that cannot name a directory."""
+
 STATE_FILE = "state.json"
 ROOT_DIR = "root"
 _FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _REST = _FIRST | frozenset("._-")
 
 
-def check_name(kind: str, value: str) -> str:
+def valid_name(value: str) -> bool:
     """A node name or job id usable as one path component (no ``..``, no ``/``).
 
     (Checked without ``re`` or ``string``, which imports ``re``: that would cost every
     container step ~8 ms.)
     """
-    if not (0 < len(value) <= 128 and value[0] in _FIRST and set(value) <= _REST):
-        raise ShifterError(f"invalid {kind} {value!r} for a job directory")
+    return 0 < len(value) <= 128 and value[0] in _FIRST and set(value) <= _REST
+
+
+def check_name(kind: str, value: str) -> str:
+    if not valid_name(value):
+        raise JobDirectoryError(f"invalid {kind} {value!r} for a job directory")
     return value
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shifter_core import config
-from shifter_core.runtime.errors import ContainerError
+from shifter_core.jobdirs import JobDirectoryError
 from shifter_core.runtime.jobs import current_job, job_dir, read_state, write_state
 from shifter_core.runtime.mountinfo import mounts_under, read_mounts
 
@@ -19,7 +19,7 @@ MODULES_DIR = Path(__file__).resolve().parents[2] / "slurm_conf" / "modules"
 def test_job_dir_names_are_checked():
     assert job_dir("/run/shifter", "n1", "42") == "/run/shifter/n1/42"
     for node, job in [("..", "1"), ("n1", "../x"), ("a/b", "1"), ("n1", "")]:
-        with pytest.raises(ContainerError):
+        with pytest.raises(JobDirectoryError):
             job_dir("/run/shifter", node, job)
 
 

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import time
 
+from ..jobdirs import ROOT_DIR as ROOT_DIR
+from ..jobdirs import STATE_FILE, valid_name
+from ..jobdirs import job_dir as job_dir
 from ._log import get_logger
-from .errors import ContainerError
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
 
@@ -41,22 +42,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 STATE_VERSION = 1
-STATE_FILE = "state.json"
-ROOT_DIR = "root"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ENV_NODE = "SLURMD_NODENAME"
 ENV_JOB = "SLURM_JOB_ID"
-
-
-def _check_name(kind: str, value: str) -> str:
-    if not _NAME_RE.match(value) or value in (".", ".."):
-        raise ContainerError(f"invalid {kind} {value!r} for a job directory")
-    return value
-
-
-def job_dir(run_dir: str, node: str, job_id: str) -> str:
-    """``RUN_DIR/NODE/JOB`` (names checked: no path tricks)."""
-    return os.path.join(run_dir, _check_name("node name", node), _check_name("job id", job_id))
 
 
 class JobState:
@@ -160,6 +147,6 @@ def current_job(environ: dict[str, str] | os._Environ[str]) -> tuple[str, str] |
     """(node, job id) of the Slurm job this process runs in, from its environment."""
     node = environ.get(ENV_NODE, "")
     job = environ.get(ENV_JOB, "")
-    if not node or not job or not _NAME_RE.match(node) or not _NAME_RE.match(job):
+    if not node or not job or not valid_name(node) or not valid_name(job):
         return None
     return node, job
