@@ -57,7 +57,11 @@ SERVICE_USER = "shifter"  # the image gateway's system user: owns the store and 
 GATEWAY_ADDR = "127.0.0.1:7080"
 GATEWAY_BIN = CHECKOUT / ".venv" / "bin" / "shifter-gateway"
 # (builder name, repository in the box registry)
-SEED_IMAGES = (("busybox", "library/busybox"), ("mpi", "library/mpich-hello"))
+SEED_IMAGES = (
+    ("busybox", "library/busybox"),
+    ("mpi", "library/mpich-hello"),
+    ("openmpi", "library/openmpi-hello"),
+)
 
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN = Path("/run/munge")

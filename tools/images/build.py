@@ -5,8 +5,9 @@ Usage::
 
     build.py NAME --out DIR [--cache DIR] [--mirror URL]
 
-NAME is ``busybox`` or ``mpi``.  DIR becomes an OCI image layout (``oci-layout``,
-``index.json``, ``blobs/sha256/...``) whose only manifest is tagged ``latest``, ready for
+NAME is ``busybox``, ``mpi`` (MPICH) or ``openmpi`` (Open MPI, for ``srun --mpi=pmix``).
+DIR becomes an OCI image layout (``oci-layout``, ``index.json``, ``blobs/sha256/...``) whose
+only manifest is tagged ``latest``, ready for
 ``skopeo copy oci:DIR:latest docker://127.0.0.1:5000/library/NAME:latest
 --dest-tls-verify=false``.  The manifest digest is printed on stdout; progress goes to stderr.
 
@@ -19,14 +20,16 @@ file name, canonical JSON.
 Host packages (Debian 12), also listed one a line in ``tools/images/APT_PACKAGES``:
 
     busybox-static   the /bin/busybox copied into the busybox image
-    debootstrap      the root file system of the mpi image
+    debootstrap      the root file systems of the mpi and openmpi images
     mpich            MPICH runtime and mpiexec (hydra) on the host
-    libmpich-dev     mpicc, to compile hello.c for the mpi image (pulls in gcc)
+    libmpich-dev     mpicc.mpich, to compile hello.c for the mpi image (pulls in gcc)
+    libpmix2         PMIx for Slurm's mpi/pmix_v4 plugin on the nodes (the openmpi image)
+    libopenmpi-dev   mpicc.openmpi, to compile hello.c for the openmpi image
     umoci            tests: unpacking the layouts
     skopeo           pushing the layouts to a registry
 
-The ``mpi`` image needs root (debootstrap, chroot) and the Debian mirror named in the apt
-sources; the ``busybox`` image needs neither.  Python 3.11 standard library only.
+The ``mpi`` and ``openmpi`` images need root (debootstrap, chroot) and the Debian mirror named
+in the apt sources; the ``busybox`` image needs neither.  Python 3.11 standard library only.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ MPI_HOST_PACKAGES = (
     "libc6-dev",
     "binutils",
 )
+#: MPICH's compiler wrapper: ``mpicc`` is an alternative that Open MPI's libopenmpi-dev (for the
+#: openmpi image) takes over in auto mode, since it has the higher priority.
+MPI_MPICC = "mpicc.mpich"
 #: Paths removed from the mpi root to shrink it (relative to the root; globs allowed).
 MPI_PRUNE = (
     "var/lib/apt/lists/*",
@@ -106,6 +112,33 @@ MPI_PRUNE = (
     "usr/share/linda",
     "etc/resolv.conf",  # copied from the host by debootstrap; runtimes provide their own
 )
+
+#: Debian packages installed into the openmpi image on top of debootstrap's minbase (Open MPI
+#: 4.1.4; libopenmpi3 links the external PMIx client library libpmix2, pulled in as a dependency).
+OPENMPI_INCLUDE = ("openmpi-bin", "libopenmpi3", "libpmix2")
+#: Host packages whose versions go into the openmpi cache key.
+OPENMPI_HOST_PACKAGES = (
+    "debootstrap",
+    "libopenmpi-dev",
+    "libopenmpi3",
+    "libpmix2",
+    "gcc-12",
+    "libc6-dev",
+    "binutils",
+)
+#: The compiler wrapper of Debian's Open MPI (``mpicc`` itself is an alternative that may
+#: point at MPICH's).
+OPENMPI_MPICC = "mpicc.openmpi"
+#: Environment for running mpi-hello as a root singleton in the openmpi build check: Open MPI
+#: refuses root without these, and shared-memory single-copy needs ptrace rights chroot lacks.
+OPENMPI_CHECK_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_btl": "self,tcp",
+    "OMPI_MCA_pml": "ob1",
+    "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+    "PMIX_MCA_gds": "hash",
+}
 
 GZIP_LEVEL = 6
 CHUNK = 1 << 20
@@ -705,12 +738,12 @@ def remove_tree(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def compile_hello(dest: Path, workdir: Path) -> None:
-    """Compile tools/images/hello.c with the host's mpicc into ``dest``, reproducibly."""
+def compile_hello(dest: Path, workdir: Path, compiler: str) -> None:
+    """Compile tools/images/hello.c with the host's ``compiler`` into ``dest``, reproducibly."""
     src = workdir / "hello.c"
     shutil.copyfile(HELLO_SOURCE, src)
     run(
-        ["mpicc", "-O2", "-Wall", f"-ffile-prefix-map={workdir}=.", "-o", str(dest), str(src)],
+        [compiler, "-O2", "-Wall", f"-ffile-prefix-map={workdir}=.", "-o", str(dest), str(src)],
         cwd=workdir,
         env={**os.environ, "LC_ALL": "C"},
     )
@@ -808,14 +841,14 @@ def build_mpi(out: Path, cache: Path, mirror: str | None) -> str:
     def build(layout: Path, entry: Path) -> None:
         if os.geteuid() != 0:
             raise BuildError("building the mpi image needs root (debootstrap, chroot)")
-        for tool in ("debootstrap", "mpicc", "chroot"):
+        for tool in ("debootstrap", MPI_MPICC, "chroot"):
             if shutil.which(tool) is None:
                 raise BuildError(f"{tool}: not found (see tools/images/APT_PACKAGES)")
         scratch = scratch_dir("shifter-image-mpi-")
         root = scratch / "rootfs"
         try:
             hello = scratch / "mpi-hello"
-            compile_hello(hello, scratch)
+            compile_hello(hello, scratch, MPI_MPICC)
             LOG.info("mpi: compiled mpi-hello")
             started = time.monotonic()
             LOG.info(
@@ -885,13 +918,122 @@ def _check_mpich_matches(packages: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# openmpi
+
+
+def check_openmpi_hello(root: Path) -> None:
+    """Run mpi-hello as a singleton in ``root`` with /proc, /sys and /dev (chroot_run.py).
+
+    An Open MPI singleton (no PMIx server around) starts its own orted from the image, so this
+    also checks that openmpi-bin is complete.  A bare chroot is not tried: Open MPI needs /proc.
+    """
+    env = {"PATH": PATH_ENV.removeprefix("PATH="), "LC_ALL": "C", **OPENMPI_CHECK_ENV}
+    cmd = [sys.executable, str(HERE / "chroot_run.py"), str(root), "/usr/local/bin/mpi-hello"]
+    output = run(cmd, env=env)
+    lines = [line for line in output.splitlines() if line.startswith("hello from rank")]
+    if not lines or "hello from rank 0 of 1" not in lines[0]:
+        raise BuildError(f"mpi-hello in the openmpi image printed {output!r}")
+    LOG.info("openmpi: chroot with /proc, /sys, /dev: %s", lines[0])
+
+
+def build_openmpi(out: Path, cache: Path, mirror: str | None) -> str:
+    """Build the openmpi image (minbase + Open MPI + mpi-hello) into ``out``; return its digest."""
+    codename = host_codename()
+    mirror = (mirror or debian_mirror(codename)).rstrip("/")
+    inputs = {
+        "image": "openmpi",
+        "script_version": SCRIPT_VERSION,
+        "architecture": oci_architecture(),
+        "suite": codename,
+        "mirror": mirror,
+        "include": list(OPENMPI_INCLUDE),
+        "suite_inrelease_sha256": suite_release_digest(mirror, codename),
+        "host_packages": host_package_versions(OPENMPI_HOST_PACKAGES),
+        "hello_c_sha256": sha256_file(HELLO_SOURCE),
+    }
+
+    def build(layout: Path, entry: Path) -> None:
+        if os.geteuid() != 0:
+            raise BuildError("building the openmpi image needs root (debootstrap, chroot)")
+        for tool in ("debootstrap", OPENMPI_MPICC, "chroot"):
+            if shutil.which(tool) is None:
+                raise BuildError(f"{tool}: not found (see tools/images/APT_PACKAGES)")
+        scratch = scratch_dir("shifter-image-openmpi-")
+        root = scratch / "rootfs"
+        try:
+            hello = scratch / "mpi-hello"
+            compile_hello(hello, scratch, OPENMPI_MPICC)
+            LOG.info("openmpi: compiled mpi-hello with %s", OPENMPI_MPICC)
+            started = time.monotonic()
+            LOG.info("openmpi: debootstrap --variant=minbase %s from %s", codename, mirror)
+            run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(OPENMPI_INCLUDE)}",
+                    "--components=main",
+                    codename,
+                    str(root),
+                    mirror,
+                ],
+                log_file=scratch / "debootstrap.log",
+                env={**os.environ, "LC_ALL": "C"},
+            )
+            LOG.info("openmpi: debootstrap done in %.0f s", time.monotonic() - started)
+            unmount_below(root)
+            packages = run(
+                [
+                    "dpkg-query",
+                    f"--admindir={root}/var/lib/dpkg",
+                    "-W",
+                    "-f",
+                    "${Package} ${Version}\n",
+                ]
+            )
+            (entry / "packages.txt").write_text(packages)
+            image = dict(line.split(" ", 1) for line in packages.splitlines() if " " in line)
+            host = host_package_versions(["libopenmpi3"])
+            if image.get("libopenmpi3") != host.get("libopenmpi3"):
+                LOG.warning(
+                    "image libopenmpi3 %s differs from the host's %s that compiled mpi-hello",
+                    image.get("libopenmpi3"),
+                    host.get("libopenmpi3"),
+                )
+            target = root / "usr" / "local" / "bin" / "mpi-hello"
+            shutil.copyfile(hello, target)
+            target.chmod(0o755)
+            (root / "etc" / "shifter-test-image").write_text("shifter openmpi test image\n")
+            prune_root(root)
+            size, count = tree_size(root)
+            LOG.info("openmpi: root is %.0f MB in %d entries", size / 1e6, count)
+            check_openmpi_hello(root)
+            started = time.monotonic()
+            layer = write_layer(tree_entries(root), layout / "blobs" / "sha256")
+            LOG.info(
+                "openmpi: layer %.1f MB gz in %.1f s",
+                layer.blob.size / 1e6,
+                time.monotonic() - started,
+            )
+        finally:
+            remove_tree(scratch)
+        write_layout(
+            layout,
+            [layer],
+            cmd=["/usr/local/bin/mpi-hello"],
+            created_by="tools/images/build.py openmpi",
+        )
+
+    return cached_build("openmpi", inputs, cache, out, build)
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, build the image, print its manifest digest."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", choices=["busybox", "mpi"], help="image to build")
+    parser.add_argument("name", choices=["busybox", "mpi", "openmpi"], help="image to build")
     parser.add_argument("--out", type=Path, required=True, help="OCI image layout to write")
     parser.add_argument(
         "--cache",
@@ -899,7 +1041,9 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_CACHE,
         help=f"cache directory (default {DEFAULT_CACHE})",
     )
-    parser.add_argument("--mirror", help="Debian mirror for the mpi image (default: apt sources)")
+    parser.add_argument(
+        "--mirror", help="Debian mirror for the mpi/openmpi images (default: apt sources)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -912,6 +1056,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.name == "busybox":
             digest = build_busybox(args.out, cache)
+        elif args.name == "openmpi":
+            digest = build_openmpi(args.out, cache, args.mirror)
         else:
             digest = build_mpi(args.out, cache, args.mirror)
     except BuildError as exc:
