@@ -185,6 +185,27 @@ def main() -> None:
         ["srun", "--mpi=pmi2", "-N3", "-n6", "--image=mpich-hello", "/usr/local/bin/mpi-hello"],
         expect(r"^hello from rank \d of 6 on \S+ \(SLURMD_NODENAME=n\d\)$", 6, "an MPI rank"),
     )
+    step(
+        "shifterimg pull openmpi-hello: the same program built with Open MPI",
+        ["shifterimg", "pull", "openmpi-hello"],
+        lambda out: None if "is READY:" in out else "the pull did not end READY",
+    )
+    step(
+        "Open MPI over PMIx: srun --mpi=pmix -N3 -n6 --image=openmpi-hello "
+        "(OMPI_MCA_btl=self,tcp: the box's three nodes share one host's shared memory)",
+        [
+            "env",
+            "OMPI_MCA_btl=self,tcp",
+            "PMIX_MCA_gds=hash",
+            "srun",
+            "--mpi=pmix",
+            "-N3",
+            "-n6",
+            "--image=openmpi-hello",
+            "/usr/local/bin/mpi-hello",
+        ],
+        expect(r"^hello from rank \d of 6 on \S+ \(SLURMD_NODENAME=n\d\)$", 6, "an MPI rank"),
+    )
     say("\nDemo finished: every step did what it should.")
 
 

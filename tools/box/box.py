@@ -355,7 +355,12 @@ def render(template: str, **values: str) -> str:
 
 def make_dirs(paths: BoxPaths) -> None:
     """Create the state directories, root-owned and writable by root only (those of the
-    gateway's service user are only created here: ``prepare_gateway_dirs`` owns them)."""
+    gateway's service user are only created here: ``prepare_gateway_dirs`` owns them), and
+    each node's TmpFS (slurm.conf), sticky and writable by all like /tmp."""
+    for node in NODES:
+        tmpfs = Path(f"/tmp/slurm-box-{node}")
+        tmpfs.mkdir(exist_ok=True)
+        tmpfs.chmod(0o1777)
     service = paths.service_dirs()
     for d in paths.dirs():
         d.mkdir(parents=True, exist_ok=True)
