@@ -136,6 +136,27 @@ def test_batch_job_mounts_once_per_node_for_twenty_steps(user_tmp):
     assert sorted(prepared_lines(job)) == list(NODES)  # one root per node, for 21 steps
 
 
+def test_steps_with_another_image_or_volume_get_a_root_of_their_own(user_tmp):
+    (user_tmp / "data.txt").write_text("from the host\n")
+    (user_tmp / "data.txt").chmod(0o644)
+    name = unique_name("steps")
+    script = (
+        "srun -N2 --image=mpich-hello cat /etc/shifter-test-image\n"
+        f"srun -N2 --image=busybox --volume={user_tmp}:/data cat /data/data.txt\n"
+        "srun -N2 --image=busybox cat /etc/shifter-test-image\n"
+    )
+    output = sbatch(script, "-J", name, "-N2", "--image=busybox", output=user_tmp / "out")
+    assert (
+        output.splitlines()
+        == ["shifter mpi test image"] * 2 + ["from the host"] * 2 + [BUSYBOX_TEXT] * 2
+    )
+    (job,) = jobs_named(name)
+    own = re.findall(rf"step {job}\.(\d+) on (n\d): prepared a root of its own", slurmd_logs())
+    assert sorted(step for step, _ in own) == ["0", "0", "1", "1"]  # not step 2: the job's
+    wait_for_idle_cluster()
+    assert not any(str(job) in item for item in leftovers())
+
+
 def test_missing_image_fails_at_submission():
     name = unique_name()
     result = run_as(["sbatch", "-J", name, "--image=doesnotexist:1", "--wrap", "true"])
