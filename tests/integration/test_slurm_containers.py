@@ -33,7 +33,7 @@ from .slurm import (
 
 pytestmark = pytest.mark.usefixtures("box")
 
-RUN_DIR = BOX / "run" / "shifter"
+RUN_DIR = Path("/run/shifter-box")  # runtime.run_dir of the box
 NODE_CACHE = BOX / "cache" / "nodes"
 STORE = BOX / "images"
 BUSYBOX_TEXT = "shifter busybox test image"

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pwd
+import shutil
 import signal
 import socket
 import string
@@ -50,6 +51,10 @@ VENV_PYTHON = CHECKOUT / ".venv" / "bin" / "python"
 BOX_ENV = CHECKOUT / "box.env"
 
 NODES = ("n1", "n2", "n3")
+# The plugin's prepared job roots (runtime.run_dir in the box's shifter.yaml). Not below the
+# checkout: it may live under /tmp, and mounts below /tmp would stop users' shifter from
+# binding /tmp in a user namespace (locked child mounts).
+RUN_DIR = Path("/run/shifter-box")
 REGISTRY_ADDR = "127.0.0.1:5000"
 USERS = ("alice", "bob")
 GROUP = "science"
@@ -1038,7 +1043,9 @@ def down(paths: BoxPaths = PATHS) -> None:
             stop_pids({daemon.name: pid})
             stopped.append(pid)
     stopped += stop_box_munged(paths)
-    unmount_all(paths.root)
+    for root in (paths.root, RUN_DIR):
+        unmount_all(root)
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
     detach_loops(paths.root)
     for d in (*slurm_daemons(paths), reg, gateway):
         d.pidfile.unlink(missing_ok=True)
@@ -1060,7 +1067,7 @@ def leftovers(paths: BoxPaths) -> list[str]:
         if (pid := d.pid())
     ]
     left += [f"{name} (pid {pid})" for name, pid in box_stepds(paths).items()]
-    left += [f"mount {point}" for point in box_mounts(paths.root)]
+    left += [f"mount {point}" for root in (paths.root, RUN_DIR) for point in box_mounts(root)]
     left += [f"loop device {dev} ({file})" for dev, file in box_loop_devices(paths.root).items()]
     return left
 
