@@ -222,10 +222,13 @@ class GatewayClient:
     ) -> dict[str, Any]:
         """Poll a job until it is READY or FAILED; returns the final job.
 
-        A gateway that goes away meanwhile (a restart) is retried for ``reconnect_timeout``
-        seconds: jobs survive restarts.
+        Polls start at 50 ms and slow down to ``interval``, so a quick job is seen done at
+        once without a long job costing the gateway many requests. A gateway that goes away
+        meanwhile (a restart) is retried for ``reconnect_timeout`` seconds: jobs survive
+        restarts.
         """
         lost: float | None = None
+        delay = min(0.05, interval)
         while True:
             try:
                 job = self.job(job_id)
@@ -244,4 +247,5 @@ class GatewayClient:
                 on_update(job)
             if job.get("state") in FINAL_STATES:
                 return job
-            time.sleep(interval)
+            time.sleep(delay)
+            delay = min(delay * 1.5, interval)
