@@ -15,6 +15,7 @@ from .errors import ShifterError
 class JobDirectoryError(ShifterError):
     """A node name or job id that cannot name a directory."""
 
+
 STATE_FILE = "state.json"
 ROOT_DIR = "root"
 _FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
@@ -39,3 +40,33 @@ def check_name(kind: str, value: str) -> str:
 def job_dir(run_dir: str, node: str, job_id: str) -> str:
     """``RUN_DIR/NODE/JOB`` (names checked: no path tricks)."""
     return os.path.join(run_dir, check_name("node name", node), check_name("job id", job_id))
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Slurm's compact host lists: ``n[1-3,5],gpu07`` → ``n1 n2 n3 n5 gpu07`` (zero padding
+    kept, one bracket per name)."""
+    names: list[str] = []
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    for item in filter(None, items):
+        prefix, bracket, rest = item.partition("[")
+        if not bracket:
+            names.append(item)
+            continue
+        ranges, _, suffix = rest.partition("]")
+        for part in ranges.split(","):
+            low, dash, high = part.partition("-")
+            if not dash:
+                names.append(f"{prefix}{low}{suffix}")
+                continue
+            names.extend(
+                f"{prefix}{n:0{len(low)}d}{suffix}" for n in range(int(low), int(high) + 1)
+            )
+    return names

@@ -343,7 +343,7 @@ def hook_user_init(spank: Spank) -> None:
             if value is not None:
                 spank.setenv(name, value)
     job, step = spank.item_u32("S_JOB_ID"), spank.item_u32("S_JOB_STEPID")
-    node = spank.getenv("SLURMD_NODENAME") or os.environ.get("SLURMD_NODENAME", "?")
+    node = _node_name(spank, step)
     container = spank.getenv(ENV_CONTAINER_STEP) == "1"
     if step == SLURM_BATCH_SCRIPT:
         slurm = state.config.get("slurm", {})
@@ -356,6 +356,26 @@ def hook_user_init(spank: Spank) -> None:
     )
     if container:
         _find_step_root(spank, str(job), str(step), node)
+
+
+def _node_name(spank: Spank, step: int | None) -> str:
+    """This node's name, as the prolog knew it (SLURMD_NODENAME).
+
+    slurmstepd has no item for it, and the step's SLURMD_NODENAME is not set yet in
+    user_init: an srun in a batch script passes on the batch node's. The step's node list
+    and this node's index in it say which node this is.
+    """
+    from .jobdirs import expand_hostlist
+
+    if step == SLURM_BATCH_SCRIPT:
+        nodes = expand_hostlist(spank.getenv("SLURM_JOB_NODELIST") or "")[:1]
+        index = 0
+    else:
+        nodes = expand_hostlist(spank.getenv("SLURM_STEP_NODELIST") or "")
+        index = spank.item_u32("S_JOB_NODEID") or 0
+    if index < len(nodes):
+        return nodes[index]
+    return spank.getenv("SLURMD_NODENAME") or "?"
 
 
 def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
