@@ -109,8 +109,7 @@ def _import_squashfs(path: Path, name: str, file_sha256: str, store: ImageStore)
         size=path.stat().st_size,
         created=time.time(),
     )
-    store.publish(metadata, path)
-    return metadata
+    return store.publish(metadata, path)  # with the file's sha256, for node caches
 
 
 def _norm(name: str) -> str:
@@ -230,7 +229,7 @@ def _import_tar(
             size=size,
             created=time.time(),
         )
-        store.publish(metadata, partial)
+        metadata = store.publish(metadata, partial)  # with the file's sha256
     finally:
         partial.unlink(missing_ok=True)
     return metadata
