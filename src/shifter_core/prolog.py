@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import subprocess
 from collections.abc import Mapping
 
@@ -29,8 +28,16 @@ from .nodecache import NodeCache
 from .options import parse_size
 from .runtime.jobs import job_dir
 from .runtime.plan import RunRequest, User, build_plan
-from .runtime.privileged import prepare_job, teardown, teardown_job
-from .steps import ERROR_FILE, STEP_RECORD, STEPS_DIR, step_request, write_record
+from .runtime.privileged import prepare_job, teardown_job
+from .steps import (
+    ERROR_FILE,
+    STEP_RECORD,
+    STEPS_DIR,
+    step_request,
+    teardown_step_root,
+    write_error,
+    write_record,
+)
 from .store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -42,14 +49,6 @@ def node_cache(config: Config, node: str) -> NodeCache:
     return NodeCache(
         config.slurm.node_cache.replace("%n", node), 0 if size == "0" else parse_size(size)
     )
-
-
-def _write_root_file(path: str, text: str) -> None:
-    partial = f"{path}.{os.getpid()}.partial"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(partial, path)
 
 
 def running_jobs(node: str) -> set[str] | None:
@@ -126,8 +125,7 @@ def prolog(config: Config, environ: Mapping[str, str]) -> None:
         )
         log.info("prolog: job %s on %s: %s ready", job, node, request["image_request"])
     except ShifterError as err:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        _write_root_file(os.path.join(directory, ERROR_FILE), str(err))
+        write_error(directory, str(err))
         log.error("prolog: job %s on %s: %s", job, node, err)
 
 
@@ -138,8 +136,7 @@ def epilog(config: Config, node: str, job: str) -> list[str]:
     steps = os.path.join(directory, STEPS_DIR)
     if os.path.isdir(steps):
         for step in os.listdir(steps):
-            problems += teardown(os.path.join(steps, step, "root"))
-            shutil.rmtree(os.path.join(steps, step), ignore_errors=True)
+            problems += teardown_step_root(directory, step)
         os.rmdir(steps)
     for name in (STEP_RECORD, ERROR_FILE):
         with contextlib.suppress(FileNotFoundError):

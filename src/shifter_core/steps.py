@@ -60,14 +60,24 @@ def _trusted_record(path: str) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_record(directory: str, record: dict[str, object]) -> None:
-    """Record (as root) what the job's root serves, for its steps."""
-    path = os.path.join(directory, STEP_RECORD)
+def _write_root_file(path: str, data: bytes) -> None:
+    """Write a file atomically (as root, 0644): steps trust only such files."""
     partial = f"{path}.{os.getpid()}.partial"
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "wb") as fh:
-        marshal.dump(record, fh)
+        fh.write(data)
     os.replace(partial, path)
+
+
+def write_record(directory: str, record: dict[str, object]) -> None:
+    """Record (as root) what the job's root serves, for its steps."""
+    _write_root_file(os.path.join(directory, STEP_RECORD), marshal.dumps(record))
+
+
+def write_error(directory: str, message: str) -> None:
+    """Record (as root) why the prolog could not prepare the job's container."""
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    _write_root_file(os.path.join(directory, ERROR_FILE), message.encode())
 
 
 def prolog_error(directory: str) -> str | None:
