@@ -14,6 +14,7 @@ setup(
         "cffi>=1.15",
         "httpx>=0.27",
         "zstandard>=0.22",
+        "isal>=1.6",  # ISA-L gzip: layers decompress 2-3x faster than with zlib
         "starlette>=0.37",
         "uvicorn>=0.29",
         "rich>=13",

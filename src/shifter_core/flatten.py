@@ -5,25 +5,26 @@ changesets" describes, and writes ONE PAX tar of the final tree to ``out`` (mean
 stdin of ``tar2sqfs``).  Layers may be gzip-, zstd- or un-compressed; the compression is
 detected from the magic bytes, never from the name.
 
-How it works (two passes, memory proportional to the number of entries in the final tree,
-never to file sizes):
+How it works (two passes; memory proportional to the number of entries in the final tree,
+never to file sizes; each layer decompressed once):
 
-1. *Plan*: every layer is decompressed and its headers read in order (file data is skipped,
-   never kept).  An in-memory tree is updated as each member is applied: directories hold
-   their metadata and children; every other name points to an *inode* (regular file, symlink,
-   device or FIFO) that remembers the layer and member index holding its data.  Hardlinks
-   add a name to the inode that their target names at that moment, so a hardlink keeps its
-   content when the original is later whited out or replaced, and hardlinks across layers
-   work.
+1. *Plan*: every compressed layer is decompressed once (gzip with ISA-L, zstd with
+   python-zstandard) into an anonymous spool file (``spool_dir``; an uncompressed layer is
+   used in place), and its headers are read in order, seeking over the data.  An in-memory
+   tree is updated as each member is applied: directories hold their metadata and children;
+   every other name points to an *inode* (regular file, symlink, device or FIFO) that
+   remembers the layer and the offset of its data.  Hardlinks add a name to the inode that
+   their target names at that moment, so a hardlink keeps its content when the original is
+   later whited out or replaced, and hardlinks across layers work.
 2. *Emit*: the final tree is written in this order:
 
    a. every directory, root (``./``) first, then sorted by path, so parents come before their
       children (metadata from the last layer that declared the directory; directories no
       layer declares are emitted as mode 0755, uid/gid 0, mtime 0, as ``tar2sqfs`` does);
    b. inodes without data (symlinks, empty files, devices when kept), sorted by path;
-   c. regular files with data, in layer order and member order inside a layer: each layer
-      that holds surviving data is streamed a second time (and only as far as its last
-      surviving member) and the data is copied straight from the input to the output.
+   c. regular files with data, in layer order and offset order inside a layer; the kernel
+      copies the data from the spool files to the output (``sendfile``) when the output is
+      a pipe or a file.
 
    An inode with several surviving names is written once, under its first surviving name
    (the name that was created first), immediately followed by hardlinks to it for the other
@@ -69,9 +70,12 @@ python-zstandard would otherwise end such a layer early without a word.
 
 from __future__ import annotations
 
-import gzip
+import contextlib
+import errno
 import logging
+import os
 import tarfile
+import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +83,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
+from isal import igzip, isal_zlib
 
 from shifter_core.errors import ShifterError
 
@@ -99,9 +104,17 @@ _UNSUPPORTED_MAGIC = {
 # tarfile's stream buffers slice their whole buffer on every read and write: larger buffers
 # cost more than they save (measured: 64 KiB is the sweet spot).
 _BUFSIZE = 1 << 16
+_SPOOL_CHUNK = 1 << 20  # decompression and copy chunks
 _XATTR_PREFIX = "SCHILY.xattr."
 # What reading a corrupt or truncated layer raises, from tarfile and the decompressors.
-_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError)
+_READ_ERRORS = (
+    tarfile.TarError,
+    OSError,
+    EOFError,
+    zlib.error,
+    isal_zlib.error,
+    zstandard.ZstdError,
+)
 
 # Inode kinds.
 _REG, _SYM, _DEV = "reg", "sym", "dev"
@@ -148,24 +161,11 @@ class FlattenStats:
     escaping_dropped: int = 0
     whiteouts: int = 0
     other_dropped: int = 0
-    layers_reread: list[int] = field(default_factory=list)
+    layers_with_data: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
 # Reading layers
-
-
-class _Counting:
-    """A read-only stream wrapper that counts the bytes it returned."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.count += len(data)
-        return data
 
 
 class _ZstdFrames:
@@ -247,16 +247,16 @@ class _ZstdFrames:
             self._state = "magic"
 
 
-def _open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
-    """Wrap ``raw`` (positioned at 0) in the decompressor its magic bytes call for."""
+def _decompressor(path: Path, raw: BinaryIO) -> BinaryIO | None:
+    """The decompressor ``raw``'s magic bytes call for (``raw`` at 0), None for a plain tar."""
     head = raw.read(8)
     raw.seek(0)
     if head.startswith(_GZIP_MAGIC):
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if head.startswith(_ZSTD_MAGIC):
         reader = zstandard.ZstdDecompressor().stream_reader(
             _ZstdFrames(raw),  # type: ignore[arg-type]
-            read_size=_BUFSIZE,
+            read_size=_SPOOL_CHUNK,
             read_across_frames=True,
             closefd=False,
         )
@@ -267,38 +267,73 @@ def _open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
                 f"layer {path} is {name}-compressed, which image layers may not be",
                 "only gzip, zstd and uncompressed tar layers are supported",
             )
-    return raw
+    return None
 
 
-class _Layer:
-    """One pass over one layer: ``for index, member in layer`` with data readable meanwhile."""
+class _LayerSource:
+    """One layer as a seekable, uncompressed tar: the layer file itself when it is a plain tar,
+    else an anonymous spool file (``O_TMPFILE``: gone with the process) it was decompressed
+    into, once.  Headers are then read with seeks over the data, and data is copied by offset.
+    """
 
-    def __init__(self, path: Path, index: int) -> None:
+    def __init__(self, path: Path, index: int, spool_dir: Path | None) -> None:
         self.path = path
         self.index = index
-        self._raw: BinaryIO | None = None
         self.tar: tarfile.TarFile | None = None
-        self._stream: _Counting | None = None
+        self.file = self._open(spool_dir)
+        self.size = os.fstat(self.file.fileno()).st_size
 
-    def __enter__(self) -> _Layer:
+    def _open(self, spool_dir: Path | None) -> BinaryIO:
         try:
-            self._raw = open(self.path, "rb")
-            self._stream = _Counting(_open_decompressed(self.path, self._raw))
+            raw = open(self.path, "rb")  # noqa: SIM115 - returned, or closed below
         except OSError as exc:
-            self.close()
             raise FlattenError(
                 f"cannot read layer {self.path}: {exc.strerror or exc}",
                 "check that the layer was downloaded completely",
             ) from exc
-        return self
+        try:
+            decompressor = _decompressor(self.path, raw)
+            if decompressor is None:
+                return raw
+            with raw:
+                return self._spool(decompressor, spool_dir)
+        except BaseException:
+            raw.close()
+            raise
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _spool(self, decompressor: BinaryIO, spool_dir: Path | None) -> BinaryIO:
+        try:
+            spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - kept until close()
+        except OSError as exc:
+            raise FlattenError(
+                f"cannot create a spool file in {spool_dir or tempfile.gettempdir()}: "
+                f"{exc.strerror or exc}",
+                "layers are decompressed there while an image is converted",
+            ) from exc
+        buffer = bytearray(_SPOOL_CHUNK)
+        view = memoryview(buffer)
+        try:
+            while True:
+                try:
+                    count = decompressor.readinto(buffer)  # type: ignore[attr-defined]
+                except _READ_ERRORS as exc:
+                    raise self.fail(exc) from exc
+                if not count:
+                    return spool  # type: ignore[return-value]
+                try:
+                    spool.write(view[:count])
+                except OSError as exc:
+                    raise FlattenError(
+                        f"cannot decompress layer {self.index + 1} into "
+                        f"{spool_dir or tempfile.gettempdir()}: {exc.strerror or exc}",
+                        "the image's uncompressed layers must fit there while it is converted",
+                    ) from exc
+        except BaseException:
+            spool.close()
+            raise
 
     def close(self) -> None:
-        if self._raw is not None:
-            self._raw.close()
-            self._raw = None
+        self.file.close()
 
     def fail(self, exc: BaseException) -> FlattenError:
         return FlattenError(
@@ -306,66 +341,115 @@ class _Layer:
             "the layer is corrupt or truncated; remove it from the layer cache and pull again",
         )
 
-    def __iter__(self) -> Iterator[tuple[int, tarfile.TarInfo]]:
-        assert self._stream is not None
+    def members(self) -> Iterator[tarfile.TarInfo]:
+        """The layer's members in order (headers only: the data is skipped by seeking)."""
+        self.file.seek(0)
         try:
             try:
-                self.tar = tarfile.open(  # noqa: SIM115 - lives as long as the iteration
-                    fileobj=self._stream,  # type: ignore[arg-type]
-                    mode="r|",
-                    bufsize=_BUFSIZE,
+                self.tar = tarfile.open(  # noqa: SIM115 - closed with the file
+                    fileobj=self.file,  # type: ignore[arg-type]
+                    mode="r:",
                     encoding="utf-8",
                     errors="surrogateescape",
                     tarinfo=_StrictTarInfo,
                 )
             except tarfile.ReadError:
-                if self._stream.count == 0:
-                    return  # an empty stream is an empty layer
+                if self.size == 0:
+                    return  # an empty layer
                 raise
-            index = 0
             while True:
                 member = self.tar.next()
                 if member is None:
-                    return
-                # Stream mode would otherwise keep every header of the layer in memory.
-                self.tar.members.clear()
-                yield index, member
-                index += 1
+                    break
+                self.tar.members.clear()  # memory per entry of the final tree, not per member
+                yield member
+            if self.tar.offset > self.size:
+                raise tarfile.ReadError("unexpected end of data")
         except _READ_ERRORS as exc:
             raise self.fail(exc) from exc
 
-    def data(self, member: tarfile.TarInfo) -> BinaryIO:
-        """The current member's data; read errors become ``FlattenError``."""
+    def sparse_data(self, member: tarfile.TarInfo) -> BinaryIO:
+        """The expanded data of a GNU sparse member."""
         assert self.tar is not None
-        fileobj = self.tar.extractfile(member)
-        assert fileobj is not None
-        return _DataReader(self, fileobj)  # type: ignore[return-value]
+        data = self.tar.extractfile(member)
+        assert data is not None
+        return data  # type: ignore[return-value]
 
-    def drain(self) -> None:
-        """Decompress the rest, so that a truncated stream or a bad checksum is an error.
 
-        Whatever follows the end-of-archive marker is ignored, as Go's ``archive/tar`` does.
-        """
-        assert self._stream is not None
+class _TarWriter:
+    """Writes a PAX tar stream: headers made by ``tarfile``, file data copied from the layer
+    sources by the kernel (``sendfile``) when ``out`` is a file or a pipe."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.pending = bytearray()
         try:
-            while self._stream.read(_BUFSIZE):
-                pass
-        except _READ_ERRORS as exc:
-            raise self.fail(exc) from exc
+            self.fd: int | None = out.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: BytesIO
+            self.fd = None
+
+    def add(self, info: tarfile.TarInfo) -> None:
+        self.pending += info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        if len(self.pending) >= _BUFSIZE:
+            self.flush()
+
+    def add_data(self, info: tarfile.TarInfo, source: _LayerSource, offset: int) -> None:
+        """``info`` followed by ``info.size`` bytes at ``offset`` of ``source``."""
+        self.add(info)
+        self.flush()
+        self.out.flush()
+        size = info.size
+        copied = 0
+        if self.fd is not None:
+            try:
+                copied = _sendfile(self.fd, source.file.fileno(), offset, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+        position = offset + copied
+        while copied < size:
+            chunk = os.pread(source.file.fileno(), min(_SPOOL_CHUNK, size - copied), position)
+            if not chunk:
+                raise source.fail(tarfile.ReadError("unexpected end of data"))
+            self.out.write(chunk)
+            copied += len(chunk)
+            position += len(chunk)
+        self.pending += bytes(-size % tarfile.BLOCKSIZE)
+
+    def add_stream(self, info: tarfile.TarInfo, data: BinaryIO) -> None:
+        """``info`` followed by ``info.size`` bytes read from ``data``."""
+        self.add(info)
+        self.flush()
+        left = info.size
+        while left:
+            chunk = data.read(min(_SPOOL_CHUNK, left))
+            if not chunk:
+                raise FlattenError(f"{info.name}: its data ends early")
+            self.out.write(chunk)
+            left -= len(chunk)
+        self.pending += bytes(-info.size % tarfile.BLOCKSIZE)
+
+    def close(self) -> None:
+        """The end-of-archive marker: two zero blocks."""
+        self.flush()
+        self.out.write(bytes(2 * tarfile.BLOCKSIZE))
+        self.out.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.out.write(self.pending)
+            self.pending.clear()
 
 
-class _DataReader:
-    """A member's data stream whose read errors name the layer."""
-
-    def __init__(self, layer: _Layer, fileobj: BinaryIO) -> None:
-        self.layer = layer
-        self.fileobj = fileobj
-
-    def read(self, size: int = -1) -> bytes:
-        try:
-            return self.fileobj.read(size)
-        except _READ_ERRORS as exc:
-            raise self.layer.fail(exc) from exc
+def _sendfile(out_fd: int, in_fd: int, offset: int, size: int) -> int:
+    """Copy ``size`` bytes at ``offset`` of ``in_fd`` to ``out_fd``; return how many were."""
+    copied = 0
+    while copied < size:
+        sent = os.sendfile(out_fd, in_fd, offset + copied, size - copied)
+        if sent == 0:
+            break  # the source ends early: the caller says so
+        copied += sent
+    return copied
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -428,16 +512,17 @@ class _Meta:
 
 
 class _Inode:
-    """A non-directory object; ``layer``/``member`` locate its data."""
+    """A non-directory object; ``layer`` and ``offset`` (of its data in the uncompressed
+    layer) locate its data; ``sparse`` is the member of a GNU sparse file."""
 
-    __slots__ = ("kind", "layer", "member", "meta", "name")
+    __slots__ = ("kind", "layer", "meta", "offset", "sparse")
 
-    def __init__(self, kind: str, meta: _Meta, layer: int, member: int, name: str) -> None:
+    def __init__(self, kind: str, meta: _Meta, layer: int, member: tarfile.TarInfo) -> None:
         self.kind = kind
         self.meta = meta
         self.layer = layer
-        self.member = member
-        self.name = name  # the member's name in its layer, checked on the second pass
+        self.offset = member.offset_data
+        self.sparse = member if member.sparse is not None else None
 
 
 class _Dir:
@@ -530,7 +615,7 @@ class _Tree:
 
     # -- applying one member -----------------------------------------------------------------
 
-    def apply(self, layer: int, index: int, member: tarfile.TarInfo) -> None:
+    def apply(self, layer: int, member: tarfile.TarInfo) -> None:
         path = normalise(member.name)
         if path is None:
             self.stats.escaping_dropped += 1
@@ -570,11 +655,11 @@ class _Tree:
             if inode is None:
                 return
         elif member.type in _REGULAR_TYPES:
-            inode = _Inode(_REG, _Meta(member, self.policy.keep_xattrs), layer, index, member.name)
+            inode = _Inode(_REG, _Meta(member, self.policy.keep_xattrs), layer, member)
         elif member.issym():
-            inode = _Inode(_SYM, _Meta(member, self.policy.keep_xattrs), layer, index, member.name)
+            inode = _Inode(_SYM, _Meta(member, self.policy.keep_xattrs), layer, member)
         elif member.type in _DEVICE_TYPES:
-            inode = _Inode(_DEV, _Meta(member, self.policy.keep_xattrs), layer, index, member.name)
+            inode = _Inode(_DEV, _Meta(member, self.policy.keep_xattrs), layer, member)
         else:
             self.stats.other_dropped += 1
             LOG.warning(
@@ -705,99 +790,88 @@ def flatten(
     out: BinaryIO,
     *,
     policy: FlattenPolicy | None = None,
+    spool_dir: Path | None = None,
 ) -> FlattenStats:
     """Apply ``layers`` (lowest first) and write the final tree to ``out`` as a PAX tar stream.
 
-    ``out`` is only written sequentially (a pipe is fine) and is flushed, not closed.  Raises
-    ``FlattenError`` when a layer cannot be read or is not a tar archive; errors writing to
-    ``out`` (``BrokenPipeError`` when the converter died) propagate unchanged.  After any
-    error the output is incomplete (no end-of-archive blocks) and must be discarded.
+    Compressed layers are decompressed once each into anonymous files in ``spool_dir``
+    (default: the temporary directory), which need the image's uncompressed size while the
+    call runs.  ``out`` is only written sequentially (a pipe is fine) and is flushed, not
+    closed.  Raises ``FlattenError`` when a layer cannot be read or is not a tar archive;
+    errors writing to ``out`` (``BrokenPipeError`` when the converter died) propagate
+    unchanged.  After any error the output is incomplete (no end-of-archive blocks) and must
+    be discarded.
     """
     policy = policy or FlattenPolicy()
     stats = FlattenStats(layers=len(layers))
     tree = _Tree(policy, stats)
-    paths = [Path(layer) for layer in layers]
+    with contextlib.ExitStack() as stack:
+        sources: list[_LayerSource] = []
+        # Pass 1: each layer decompressed once, its headers applied to the tree.
+        for index, path in enumerate(layers):
+            source = _LayerSource(Path(path), index, spool_dir)
+            stack.callback(source.close)
+            sources.append(source)
+            for member in source.members():
+                tree.apply(index, member)
+        _emit(tree, sources, _TarWriter(out), policy, stats)
+    LOG.debug("flattened %d layers: %s", len(layers), stats)
+    return stats
 
-    # Pass 1: headers only.
-    for index, path in enumerate(paths):
-        with _Layer(path, index) as layer:
-            for member_index, member in layer:
-                tree.apply(index, member_index, member)
-            layer.drain()
 
+def _emit(
+    tree: _Tree,
+    sources: list[_LayerSource],
+    writer: _TarWriter,
+    policy: FlattenPolicy,
+    stats: FlattenStats,
+) -> None:
+    """Pass 2: write the final tree (see the module's docstring for the order)."""
     dirs, names, inodes = tree.walk()
     no_data: list[tuple[str, _Inode, list[str]]] = []
-    with_data: dict[int, dict[int, tuple[_Inode, list[str]]]] = {}
+    with_data: list[tuple[int, int, _Inode, list[str]]] = []
     for key, inode in inodes.items():
         inode_names = [path for _, path in sorted(names[key])]
         if inode.kind == _DEV and not policy.keep_devices:
             stats.devices_dropped += len(inode_names)
             continue
         if inode.kind == _REG and inode.meta.size > 0:
-            with_data.setdefault(inode.layer, {})[inode.member] = (inode, inode_names)
+            with_data.append((inode.layer, inode.offset, inode, inode_names))
         else:
             no_data.append((inode_names[0], inode, inode_names))
     no_data.sort(key=lambda item: item[0])
+    with_data.sort(key=lambda item: item[:2])  # layer by layer, each read front to back
 
-    tar = tarfile.open(  # noqa: SIM115 - closed (end-of-archive written) only on success
-        fileobj=out,  # type: ignore[arg-type]
-        mode="w|",
-        format=tarfile.PAX_FORMAT,
-        encoding="utf-8",
-        errors="surrogateescape",
-        bufsize=_BUFSIZE,
-        copybufsize=_BUFSIZE,
-    )
-
-    def write_names(inode: _Inode, inode_names: list[str], data: BinaryIO | None) -> None:
+    def write_names(inode: _Inode, inode_names: list[str]) -> None:
         primary = _header(inode_names[0], inode.meta, policy)
         if inode.kind == _REG:
             primary.type = tarfile.REGTYPE
             stats.files += 1
             stats.bytes += primary.size
+            source = sources[inode.layer]
+            if inode.sparse is not None:
+                writer.add_stream(primary, source.sparse_data(inode.sparse))
+            elif primary.size:
+                writer.add_data(primary, source, inode.offset)
+            else:
+                writer.add(primary)
         elif inode.kind == _SYM:
             stats.symlinks += 1
+            writer.add(primary)
         else:
             stats.devices += 1
-        tar.addfile(primary, data)
+            writer.add(primary)
         for other in inode_names[1:]:
-            tar.addfile(_link_header(other, inode_names[0], primary))
+            writer.add(_link_header(other, inode_names[0], primary))
             stats.hardlinks += 1
 
     for path, meta in dirs:
-        tar.addfile(_header(path, meta, policy))
+        writer.add(_header(path, meta, policy))
         stats.dirs += 1
     for _, inode, inode_names in no_data:
-        write_names(inode, inode_names, None)
-
-    # Pass 2: the data, layer by layer, each read only as far as its last surviving member.
-    for index in sorted(with_data):
-        wanted = with_data[index]
-        stats.layers_reread.append(index)
-        with _Layer(paths[index], index) as layer:
-            for member_index, member in layer:
-                found = wanted.pop(member_index, None)
-                if found is None:
-                    continue
-                inode, inode_names = found
-                if member.name != inode.name or member.size != inode.meta.size:
-                    raise FlattenError(
-                        f"layer {index + 1} ({paths[index]}) changed while it was flattened",
-                        "layers must not be modified during a conversion",
-                    )
-                try:
-                    write_names(inode, inode_names, layer.data(member))
-                except tarfile.ReadError as exc:  # the layer ended inside the member's data
-                    raise layer.fail(exc) from exc
-                if not wanted:
-                    break
-        if wanted:
-            raise FlattenError(
-                f"layer {index + 1} ({paths[index]}) changed while it was flattened",
-                "layers must not be modified during a conversion",
-            )
-
-    tar.close()  # writes the end-of-archive blocks; does not close ``out``
-    out.flush()
-    LOG.debug("flattened %d layers: %s", len(paths), stats)
-    return stats
+        write_names(inode, inode_names)
+    for layer, _, inode, inode_names in with_data:
+        if layer not in stats.layers_with_data:
+            stats.layers_with_data.append(layer)
+        write_names(inode, inode_names)
+    writer.close()

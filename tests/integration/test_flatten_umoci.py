@@ -228,7 +228,7 @@ def test_stats(flattened: dict) -> None:
     assert stats.devices_dropped == 4  # null, loop0, fifo and the hardlink to null
     assert stats.whiteouts == 6
     assert stats.other_dropped == 0
-    assert stats.layers_reread == [0, 1, 2, 4]  # the empty layer is not read twice
+    assert stats.layers_with_data == [0, 1, 2, 4]  # the layers holding surviving data
 
 
 def test_matches_umoci_unpack(flattened: dict, scratch: Path) -> None:

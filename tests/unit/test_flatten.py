@@ -189,7 +189,7 @@ def test_empty_layers(tmp_path: Path) -> None:
     entries, _ = read_tar(out.getvalue())
     assert set(entries) == {".", "a"}
     assert stats.layers == 4
-    assert stats.layers_reread == [1]  # only the layer holding surviving data is read twice
+    assert stats.layers_with_data == [1]  # only the layer holding surviving data
 
 
 @pytest.mark.parametrize("cut", [0.3, 0.9])
@@ -613,7 +613,7 @@ def test_hardlink_original_whited_out(tmp_path: Path) -> None:
         9,
         MTIME + 1,
     )
-    assert result.stats.layers_reread == [0]  # the data comes from the layer that holds it
+    assert result.stats.layers_with_data == [0]  # the data comes from the layer that holds it
 
 
 def test_hardlink_original_replaced(tmp_path: Path) -> None:
@@ -683,7 +683,7 @@ def test_hardlink_to_symlink_and_empty_file(tmp_path: Path) -> None:
     assert result.entries["s"].type == tarfile.SYMTYPE
     assert result.entries["s2"].linkname == "s"
     assert result.groups() == {frozenset({"s", "s2"}), frozenset({"e", "e2"})}
-    assert result.stats.layers_reread == []  # nothing with data: no second pass
+    assert result.stats.layers_with_data == []  # nothing with data
 
 
 def test_zero_size_files_and_big_files(tmp_path: Path) -> None:
