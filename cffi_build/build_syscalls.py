@@ -1,7 +1,8 @@
 """Build ``shifter_core._syscalls``: the Linux system calls the runtime needs (cffi API mode).
 
-Python 3.11's :mod:`os` has no ``mount``, ``unshare``, ``setns``, ``pivot_root``, ``prctl``
-or the loop-device ioctls. This module compiles thin C wrappers for them; the Python side
+Python 3.11's :mod:`os` has no ``mount``, ``unshare``, ``setns``, ``pivot_root``, ``prctl``,
+the new mount API (``open_tree``, ``move_mount``, ``mount_setattr``) or the loop-device
+ioctls. This module compiles thin C wrappers for them; the Python side
 (:mod:`shifter_core.syscalls`) turns failures into exceptions naming the call, the path and
 errno. Built by ``pip install -e .`` (``cffi_modules`` in ``setup.py``) or by hand::
 
@@ -30,6 +31,9 @@ int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4
 int sh_pivot_root(const char *new_root, const char *put_old);
 int sh_mount_setattr(int dfd, const char *path, unsigned int flags, uint64_t attr_set,
                      uint64_t attr_clr, uint64_t propagation);
+int sh_open_tree(int dfd, const char *path, unsigned int flags);
+int sh_move_mount(int from_dfd, const char *from_path, int to_dfd, const char *to_path,
+                  unsigned int flags);
 int sh_openat2(int dfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
 int sh_loop_ctl_get_free(int ctl_fd);
 int sh_loop_configure(int loop_fd, int backing_fd, uint32_t flags, const char *name);
@@ -77,6 +81,10 @@ int sh_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable);
 #define MOUNT_ATTR_NODEV ...
 #define MOUNT_ATTR_NOEXEC ...
 #define AT_RECURSIVE ...
+#define OPEN_TREE_CLONE ...
+#define OPEN_TREE_CLOEXEC ...
+#define MOVE_MOUNT_F_EMPTY_PATH ...
+#define MOVE_MOUNT_T_EMPTY_PATH ...
 #define AT_SYMLINK_NOFOLLOW ...
 #define AT_EMPTY_PATH ...
 #define RESOLVE_NO_XDEV ...
@@ -108,6 +116,25 @@ SOURCE = r"""
 #ifndef AT_RECURSIVE
 #define AT_RECURSIVE 0x8000
 #endif
+/* The new mount API (Linux 5.2); the same numbers on every architecture. */
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#ifndef OPEN_TREE_CLONE
+#define OPEN_TREE_CLONE 1
+#endif
+#ifndef OPEN_TREE_CLOEXEC
+#define OPEN_TREE_CLOEXEC O_CLOEXEC
+#endif
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#endif
+#ifndef MOVE_MOUNT_T_EMPTY_PATH
+#define MOVE_MOUNT_T_EMPTY_PATH 0x00000040
+#endif
 
 int sh_pivot_root(const char *new_root, const char *put_old)
 {
@@ -123,6 +150,17 @@ int sh_mount_setattr(int dfd, const char *path, unsigned int flags, uint64_t att
     attr.attr_clr = attr_clr;
     attr.propagation = propagation;
     return (int)syscall(SYS_mount_setattr, dfd, path, flags, &attr, sizeof attr);
+}
+
+int sh_open_tree(int dfd, const char *path, unsigned int flags)
+{
+    return (int)syscall(SYS_open_tree, dfd, path, flags);
+}
+
+int sh_move_mount(int from_dfd, const char *from_path, int to_dfd, const char *to_path,
+                  unsigned int flags)
+{
+    return (int)syscall(SYS_move_mount, from_dfd, from_path, to_dfd, to_path, flags);
 }
 
 int sh_openat2(int dfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve)

@@ -53,6 +53,10 @@ MOUNT_ATTR_NOSUID: int = lib.MOUNT_ATTR_NOSUID
 MOUNT_ATTR_NODEV: int = lib.MOUNT_ATTR_NODEV
 MOUNT_ATTR_NOEXEC: int = lib.MOUNT_ATTR_NOEXEC
 AT_RECURSIVE: int = lib.AT_RECURSIVE
+OPEN_TREE_CLONE: int = lib.OPEN_TREE_CLONE
+OPEN_TREE_CLOEXEC: int = lib.OPEN_TREE_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH: int = lib.MOVE_MOUNT_F_EMPTY_PATH
+MOVE_MOUNT_T_EMPTY_PATH: int = lib.MOVE_MOUNT_T_EMPTY_PATH
 AT_EMPTY_PATH: int = lib.AT_EMPTY_PATH
 AT_SYMLINK_NOFOLLOW: int = lib.AT_SYMLINK_NOFOLLOW
 RESOLVE_NO_XDEV: int = lib.RESOLVE_NO_XDEV
@@ -136,6 +140,29 @@ def mount_setattr(
         flags |= AT_EMPTY_PATH
     result = lib.sh_mount_setattr(dirfd, _c(path), flags, attr_set, attr_clr, propagation)
     _check(result, "mount_setattr", path or f"fd {dirfd}")
+
+
+def open_tree(path: str, flags: int, *, dirfd: int = AT_FDCWD) -> int:
+    """open_tree(2): an fd for the mount at ``path``; with ``OPEN_TREE_CLONE`` a detached copy
+    (with ``AT_RECURSIVE`` of the whole tree below it), unmounted when the fd is closed
+    unless :func:`move_mount` attached it."""
+    return _check(lib.sh_open_tree(dirfd, _c(path), flags), "open_tree", path or f"fd {dirfd}")
+
+
+def move_mount(
+    from_dirfd: int,
+    from_path: str,
+    to_dirfd: int,
+    to_path: str,
+    flags: int = 0,
+    *,
+    name: str | None = None,
+) -> None:
+    """move_mount(2): move a mount, or attach a detached tree from :func:`open_tree`;
+    ``name`` (the target, for messages) when ``to_path`` is empty."""
+    result = lib.sh_move_mount(from_dirfd, _c(from_path), to_dirfd, _c(to_path), flags)
+    source = from_path or f"fd {from_dirfd}"
+    _check(result, "move_mount", to_path or name or f"fd {to_dirfd}", f"from {source}")
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:

@@ -15,11 +15,12 @@ from shifter_core.runtime import RunRequest, User, build_plan, privileged, resol
 from shifter_core.runtime.errors import ModuleError
 from shifter_core.runtime.jobs import read_state
 
-from .test_runtime_support import (  # noqa: F401 - runtime_fixture provides 'rt'
+from .test_runtime_support import (  # noqa: F401 - fixtures 'rt', 'tmp_submount'
     host_mounts_with,
     loop_devices_of,
     runtime_fixture,
     shifter_as,
+    tmp_submount_fixture,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the privileged path needs root")
@@ -106,6 +107,29 @@ def test_prepare_enter_teardown(rt):
     assert host_mounts_with(str(job)) == []
     assert loop_devices_of(rt.testimg) == []
     assert privileged.teardown_job(cfg.runtime.run_dir, "n1", "1001") == []  # idempotent
+
+
+def test_prepare_with_a_mount_below_host_tmp(rt, tmp_submount):
+    """A root prepared as root, in the host's mount namespace (no locked mounts), still binds
+    the host's /tmp alone, nosuid and nodev, when a mount exists below it."""
+    host_file = Path(f"/tmp/shifter-test-hostfile-{os.getpid()}")
+    host_file.write_text("from the host\n")
+    script = f"cat {host_file} && grep ' /tmp ' /proc/self/mountinfo"
+    _, plan = make_plan(rt, rt.busybox, command=("sh", "-c", script))
+    root = str(rt.base / "tmp-submount-root")
+    try:
+        prepared = privileged.prepare(plan, root)
+        try:
+            result = enter_and_run(plan, prepared.root)
+        finally:
+            assert privileged.teardown(root, prepared.loop_devices) == []
+    finally:
+        host_file.unlink()
+    assert result.returncode == 0, result.stdout
+    first, mount = result.stdout.splitlines()
+    assert first == "from the host"
+    assert {"nosuid", "nodev"} <= set(mount.split()[5].split(","))
+    assert host_mounts_with(root) == []
 
 
 def test_per_node_cache(rt):

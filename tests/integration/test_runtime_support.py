@@ -27,6 +27,7 @@ import subprocess
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,6 +233,36 @@ def runtime_fixture(box) -> Runtime:
         os.chmod(FUSE, fuse_mode)
         _cleanup_run_dir(run_dir)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(name="tmp_submount")
+def tmp_submount_fixture() -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted at ``/tmp/shifter-test-submount-XXXX`` (a mount below the host's
+    /tmp), owned by alice and holding ``inside``; unmounted and removed afterwards."""
+    import pwd
+    import tempfile
+
+    from shifter_core.syscalls import MNT_DETACH, umount2
+
+    alice = pwd.getpwnam("alice")
+    path = Path(tempfile.mkdtemp(prefix="shifter-test-submount-", dir="/tmp"))
+    mounted = False
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "shifter-test", str(path)],
+            check=True,
+        )
+        mounted = True
+        os.chown(path, alice.pw_uid, alice.pw_gid)
+        (path / "inside").write_text("in the submount\n")
+        yield path
+    finally:
+        if mounted:
+            try:
+                umount2(str(path))
+            except OSError:
+                umount2(str(path), MNT_DETACH)
+        path.rmdir()
 
 
 def _cleanup_run_dir(run_dir: str) -> None:

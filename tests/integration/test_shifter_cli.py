@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from .slurm import user_env
-from .test_runtime_support import (  # noqa: F401 - runtime_fixture provides 'rt'
+from .test_runtime_support import (  # noqa: F401 - fixtures 'rt', 'tmp_submount'
     SHIFTER,
     host_mounts_with,
     loop_devices_of,
     runtime_fixture,
     shifter_as,
+    tmp_submount_fixture,
     user_processes,
     wait_for_no_processes,
 )
@@ -90,6 +91,34 @@ def test_image_is_read_only_tmp_and_volumes_are_writable(rt, tmp_path):
         rt, [f"--image=id:{rt.testimg}", f"--volume={volume}:/data:ro", "touch", "/data/new"]
     )
     assert out.returncode != 0 and "Read-only file system" in out.stderr
+
+
+def test_host_tmp_with_a_mount_below_it(rt, tmp_submount):
+    """A mount below the host's /tmp is locked in the user namespace, where a non-recursive
+    bind of /tmp fails (EINVAL): the whole tree is attached instead, nosuid and nodev, and
+    both the host's /tmp and the mount below it are seen (and written) from the container."""
+    host_file = Path(f"/tmp/shifter-test-hostfile-{os.getpid()}")
+    try:
+        made = subprocess.run(
+            ["runuser", "-u", "alice", "--", "sh", "-c", f"echo from the host > {host_file}"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        script = (
+            f"cat {host_file} {tmp_submount}/inside && "
+            f"echo from the container > {tmp_submount}/written && "
+            "cat /proc/self/mountinfo"
+        )
+        out = ok(shifter_as(rt, [f"--image=id:{rt.busybox}", "sh", "-c", script]))
+    finally:
+        host_file.unlink(missing_ok=True)
+    lines = out.splitlines()
+    assert lines[:2] == ["from the host", "in the submount"]
+    assert (tmp_submount / "written").read_text() == "from the container\n"
+    options = {fields[4]: fields[5].split(",") for fields in (line.split() for line in lines[2:])}
+    for point in ("/tmp", str(tmp_submount)):
+        assert point in options, out
+        assert "nosuid" in options[point] and "nodev" in options[point], (point, options[point])
 
 
 def test_nested_missing_mount_points_are_created(rt):

@@ -56,9 +56,10 @@ _BAD_OPTION_CHARS = (",", ":", "\\", "\n")
 
 class MountSpec:
     """One mount into the container: ``target`` (as configured), ``what`` (for messages),
-    ``kind`` (bind, device, proc, sys, tmpfs, pernode), the host ``source_fd`` and whether it
-    is a directory, flags; ``resolved`` (the target inside the image) and ``inner`` (below
-    /dev or a private /tmp: made inside that tmpfs) are filled in while building."""
+    ``kind`` (bind, device, proc, sys, tmpfs, pernode, or tree: ``source_fd`` is then a
+    detached mount tree from ``open_tree``), the host ``source_fd`` and whether it is a
+    directory, flags; ``resolved`` (the target inside the image) and ``inner`` (below /dev or
+    a private /tmp: made inside that tmpfs) are filled in while building."""
 
     def __init__(
         self,
@@ -189,10 +190,24 @@ class RootBuilder:
         if "/tmp" not in user_targets:
             if runtime.tmp == "private":
                 specs.append(MountSpec("/tmp", "/tmp", "tmpfs", tmpfs_mode=0o1777))
-            else:
-                # Not recursive: a private root is staged on a tmpfs over /tmp.
+            elif self.privileged:
+                # Not recursive, as before: a root prepared for a job shows /tmp alone.
                 fd = self._keep(_o_path("/tmp", True))
                 specs.append(MountSpec("/tmp", "/tmp", "bind", fd, recursive=False))
+            else:
+                # A private root is staged on a tmpfs over /tmp, so a bind made later could
+                # not be recursive; and mounts below the host's /tmp are locked in a user
+                # namespace, where a non-recursive bind of /tmp fails (EINVAL). So the whole
+                # tree is cloned now, detached, and attached in the root with move_mount.
+                fd = self._keep(
+                    syscalls.open_tree(
+                        "/tmp",
+                        syscalls.OPEN_TREE_CLONE
+                        | syscalls.OPEN_TREE_CLOEXEC
+                        | syscalls.AT_RECURSIVE,
+                    )
+                )
+                specs.append(MountSpec("/tmp", "/tmp", "tree", fd))
         for volume in plan.site_volumes:
             what = f"site volume {volume}"
             try:
@@ -493,13 +508,19 @@ class RootBuilder:
                     self._populate_dev(root_fd)
             elif spec.kind == "pernode":
                 self._per_node_cache(spec, target)
+            elif spec.kind == "tree":
+                assert spec.source_fd is not None
+                flags = syscalls.MOVE_MOUNT_F_EMPTY_PATH | syscalls.MOVE_MOUNT_T_EMPTY_PATH
+                syscalls.move_mount(spec.source_fd, "", target_fd, "", flags, name=target)
             else:
                 self._bind(spec, target)
         finally:
             os.close(target_fd)
         if spec.kind == "pernode":
             self._give_to_user(root_fd, spec.resolved)
-        if spec.kind in ("bind", "sys", "device") or (spec.kind == "proc" and not self.privileged):
+        if spec.kind in ("bind", "tree", "sys", "device") or (
+            spec.kind == "proc" and not self.privileged
+        ):
             attrs = _ATTR_SAFE if spec.nodev else syscalls.MOUNT_ATTR_NOSUID
             if spec.kind in ("sys", "proc", "device"):
                 attrs |= syscalls.MOUNT_ATTR_NOEXEC
