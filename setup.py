@@ -21,7 +21,10 @@ setup(
     ],
     # shifter_core._syscalls: mount, unshare, loop ioctls ... (compiled, cffi API mode).
     setup_requires=["cffi>=1.15"],
-    cffi_modules=["cffi_build/build_syscalls.py:ffibuilder"],
+    cffi_modules=[
+        "cffi_build/build_syscalls.py:ffibuilder",
+        "cffi_build/build_munge.py:ffibuilder",
+    ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff"],
     },

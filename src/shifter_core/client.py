@@ -11,14 +11,14 @@ import hashlib
 import json
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from . import munge
+from ._httpx import httpx
 from .errors import ShifterError
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,16 @@ class GatewayClient:
         self.url = url.rstrip("/")
         self._encoder = encoder
         # The gateway is a site service: no proxy from the user's environment in between.
+        # Loading the CA bundle costs ~100 ms: only an https gateway needs it.
+        verify: ssl.SSLContext | bool = True
+        if not self.url.startswith("https:"):
+            verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, trust_env=False, transport=transport
+            base_url=self.url,
+            timeout=timeout,
+            trust_env=False,
+            transport=transport,
+            verify=verify,
         )
 
     def close(self) -> None:
@@ -150,8 +158,14 @@ class GatewayClient:
             body["platform"] = platform
         return dict(self.request("POST", "/pull", body=body, secret=secret)["job"])
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return dict(self.request("GET", f"/jobs/{job_id}")["job"])
+    def job(self, job_id: str, *, wait: float = 0, state: str | None = None) -> dict[str, Any]:
+        """The job; with ``wait`` and ``state``, the gateway answers when the job leaves
+        ``state`` (or any job changes state) or after ``wait`` seconds."""
+        params = {"wait": f"{wait:g}", "state": state} if wait and state else None
+        timeout = self._http.timeout.read
+        if params and timeout is not None:
+            timeout += wait
+        return dict(self.request("GET", f"/jobs/{job_id}", params=params, timeout=timeout)["job"])
 
     def jobs(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/jobs")["jobs"])
@@ -220,18 +234,19 @@ class GatewayClient:
         reconnect_timeout: float = 60.0,
         on_disconnect: Callable[[GatewayUnreachable], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll a job until it is READY or FAILED; returns the final job.
+        """Follow a job until it is READY or FAILED; returns the final job.
 
-        Polls start at 50 ms and slow down to ``interval``, so a quick job is seen done at
-        once without a long job costing the gateway many requests. A gateway that goes away
-        meanwhile (a restart) is retried for ``reconnect_timeout`` seconds: jobs survive
-        restarts.
+        Each status request waits at the gateway up to ``interval`` seconds for the job to
+        change state, so a change is seen at once and progress still comes every
+        ``interval``.  A gateway that goes away meanwhile (a restart) is retried for
+        ``reconnect_timeout`` seconds: jobs survive restarts.
         """
         lost: float | None = None
-        delay = min(0.05, interval)
+        state: str | None = None
         while True:
+            asked = time.monotonic()
             try:
-                job = self.job(job_id)
+                job = self.job(job_id, wait=interval, state=state)
             except GatewayUnreachable as err:
                 now = time.monotonic()
                 if lost is None:
@@ -247,5 +262,7 @@ class GatewayClient:
                 on_update(job)
             if job.get("state") in FINAL_STATES:
                 return job
-            time.sleep(delay)
-            delay = min(delay * 1.5, interval)
+            if job.get("state") == state:
+                # Another job's change woke the request early: do not spin on it.
+                time.sleep(max(0.0, min(0.05, interval - (time.monotonic() - asked))))
+            state = job.get("state")

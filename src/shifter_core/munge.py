@@ -1,5 +1,8 @@
 """MUNGE credentials through libmunge (cffi ABI mode: no compiler needed at install time).
 
+The declarations (``CDEF``) are parsed at build time into ``_munge_cffi``
+(``cffi_build/build_munge.py``); without that module they are parsed at run time.
+
 ``encode(payload)`` asks the local munged for a credential carrying ``payload`` (encrypted
 and authenticated by the site's shared key); ``decode(credential)`` asks munged to verify one
 and returns who made it. munged itself refuses expired credentials (older than their TTL,
@@ -19,7 +22,7 @@ from typing import Any, NamedTuple
 
 from .errors import ShifterError
 
-_CDEF = """
+CDEF = """
 typedef unsigned int uid_t;
 typedef unsigned int gid_t;
 typedef struct munge_ctx * munge_ctx_t;
@@ -76,10 +79,13 @@ def _load() -> tuple[Any, Any, Any]:
     global _lib, _libc, _ffi
     with _lock:
         if _lib is None:
-            import cffi
+            try:
+                from ._munge_cffi import ffi  # parsed at build time
+            except ImportError:
+                import cffi
 
-            ffi = cffi.FFI()
-            ffi.cdef(_CDEF)
+                ffi = cffi.FFI()
+                ffi.cdef(CDEF)
             try:
                 lib = ffi.dlopen(LIBRARY)
             except OSError as err:

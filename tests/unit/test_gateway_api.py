@@ -212,3 +212,27 @@ def test_wait_survives_a_gateway_restart() -> None:
     answers[:] = ["down"] * 1000
     with pytest.raises(GatewayUnreachable):
         client.wait("j", interval=0.01, reconnect_timeout=0.05)
+
+
+def test_a_status_request_waits_for_a_state_change(setup) -> None:
+    import threading
+    import time
+
+    gateway, _, test_client = setup
+    client = client_for(test_client)
+    job = client.wait(client.pull(f"{REGISTRY}/pub/app:1")["id"])
+    assert job["state"] == "READY"
+    # Not in the state the client saw: answered at once.
+    assert client.job(job["id"], wait=10, state="PULLING")["state"] == "READY"
+    # In it: the answer waits for the next change (any job's), here from a worker thread.
+    timer = threading.Timer(0.3, gateway.changes.notify)
+    started = time.monotonic()
+    timer.start()
+    assert client.job(job["id"], wait=10, state="READY")["state"] == "READY"
+    waited = time.monotonic() - started
+    timer.join()
+    assert 0.25 <= waited < 5  # woken by the change, not by the 10 s limit
+    with pytest.raises(GatewayError, match="wait must be between 0 and 30 seconds"):
+        client.job(job["id"], wait=31, state="READY")
+    with pytest.raises(GatewayError, match="is not a number"):
+        client.request("GET", f"/jobs/{job['id']}", params={"wait": "soon", "state": "READY"})

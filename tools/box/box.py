@@ -52,8 +52,8 @@ BOX_ENV = CHECKOUT / "box.env"
 
 NODES = ("n1", "n2", "n3")
 # The plugin's prepared job roots (runtime.run_dir in the box's shifter.yaml). Not below the
-# checkout: it may live under /tmp, and mounts below /tmp would stop users' shifter from
-# binding /tmp in a user namespace (locked child mounts).
+# checkout, which may live under /tmp: every container shows the host's /tmp, and job roots
+# mounted below it would show up there too.
 RUN_DIR = Path("/run/shifter-box")
 REGISTRY_ADDR = "127.0.0.1:5000"
 USERS = ("alice", "bob")

@@ -77,14 +77,15 @@ fi
 
 # --- 3. the package, editable, with test extras -------------------------------------------
 stamp="$VENV/.shifter-setup-stamp"
-want="$(sha256sum "$CHECKOUT/setup.py" | cut -d' ' -f1)"
+# setup.py and the cffi build scripts decide what the install builds.
+want="$(cat "$CHECKOUT/setup.py" "$CHECKOUT"/cffi_build/*.py | sha256sum | cut -d' ' -f1)"
 have="$(cat "$stamp" 2>/dev/null || true)"
 if [[ $want != "$have" ]]; then
-    log "pip install -e '.[test]' (setup.py changed or first run)"
+    log "pip install -e '.[test]' (setup.py or cffi_build/ changed, or first run)"
     (cd "$CHECKOUT" && "$VENV/bin/pip" install -q -e '.[test]')
     printf '%s\n' "$want" >"$stamp"
 else
-    log "venv is up to date with setup.py"
+    log "venv is up to date with setup.py and cffi_build/"
 fi
 
 # Byte-compile as root: users' processes (srun with the plugin) cannot write __pycache__,

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from .. import __version__, munge
 from ..errors import ShifterError
+from .changes import wait_for
 from .errors import BadRequest, GatewayError, Unauthenticated, Unavailable
 from .service import Caller, Gateway
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 Decoder = Callable[[str], munge.Credential]
 API = "/api/v1"
 _CHUNK = 1 << 20
+MAX_WAIT = 30.0  # seconds a status request may wait for a change
 
 
 def request_target(request: Request) -> str:
@@ -80,6 +82,18 @@ async def authenticate(
         raise BadRequest("the secret in the munge payload must be an object")
     caller = await run_in_threadpool(gateway.caller, decoded.uid, decoded.gid, secret)
     return caller, str(payload["body_sha256"])
+
+
+def _wait_seconds(request: Request) -> float:
+    """The ``wait`` query parameter: seconds a status request may wait, at most MAX_WAIT."""
+    text = request.query_params.get("wait", "0")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise BadRequest(f"wait={text!r} is not a number of seconds") from None
+    if not 0 <= seconds <= MAX_WAIT:
+        raise BadRequest(f"wait must be between 0 and {MAX_WAIT:g} seconds")
+    return seconds
 
 
 def _error(err: ShifterError, status: int) -> JSONResponse:
@@ -138,7 +152,15 @@ def create_app(gateway: Gateway, decoder: Decoder = munge.decode) -> Starlette:
         return {"job": job}
 
     async def job(request: Request, caller: Caller, data: Any) -> Any:
-        return {"job": await run_in_threadpool(gateway.job, caller, request.path_params["job_id"])}
+        """The job; with ``wait=S&state=STATE``, once it is no longer in STATE or S s passed."""
+        job_id = request.path_params["job_id"]
+        wait = _wait_seconds(request)
+        seen = request.query_params.get("state")
+        with gateway.changes.watch() as changed:
+            view = await run_in_threadpool(gateway.job, caller, job_id)
+            if wait and view["state"] == seen and await wait_for(changed, wait):
+                view = await run_in_threadpool(gateway.job, caller, job_id)
+        return {"job": view}
 
     async def jobs(request: Request, caller: Caller, data: Any) -> Any:
         return {"jobs": await run_in_threadpool(gateway.jobs, caller)}

@@ -46,6 +46,7 @@ from ..reference import DockerReference
 from ..registry import Platform, RegistryClient, RegistrySettings, RegistryUnavailable
 from ..store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore
 from . import login
+from .changes import StateChanges
 from .db import ACTIVE_STATES, Database, Job, acl_to_json
 from .errors import BadRequest, Forbidden, NotFound
 from .importer import import_file
@@ -160,6 +161,7 @@ class Gateway:
         self._secrets: dict[str, StaticCredentials] = {}
         self._uploads: dict[str, tuple[Path, str]] = {}
         self._progress: dict[str, JobProgress] = {}
+        self.changes = StateChanges()  # wakes status requests that wait
         self._lock = threading.Lock()
         self._image_locks: dict[str, threading.Lock] = {}
         self._threads: list[threading.Thread] = []
@@ -409,6 +411,7 @@ class Gateway:
 
     def _set_state(self, job: Job, state: str, message: str = "", **values: Any) -> None:
         self.db.update_job(job.id, state=state, message=message, **values)
+        self.changes.notify()
         detail = f": {message}" if message else ""
         log.info("job %s %s: %s %s%s", job.id, state, job.kind, job.reference, detail)
 
