@@ -43,25 +43,15 @@ ProgressCallback = Callable[[Progress], None]
 
 def metadata_for(resolved: ResolvedImage, size: int, acl: Acl | None) -> ImageMetadata:
     """The store's record of a pulled image."""
-    config = resolved.config
-    return ImageMetadata(
+    return ImageMetadata.from_config(
+        resolved.config,
         id=resolved.id,
         source=str(resolved.reference),
         digest=resolved.digest,
         platform=str(resolved.platform),
-        env=tuple(config.env),
-        entrypoint=config.entrypoint,
-        cmd=config.cmd,
-        workdir=config.workdir,
-        user=config.user,
-        labels=dict(config.labels),
         config_digest=resolved.config_descriptor.digest,
-        layers=tuple(
-            {"digest": d.digest, "size": d.size, "media_type": d.media_type}
-            for d in resolved.layers
-        ),
+        layers=((d.digest, d.size, d.media_type) for d in resolved.layers),
         size=size,
-        created=time.time(),
         acl=acl,
     )
 

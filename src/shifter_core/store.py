@@ -15,13 +15,17 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ShifterError
+
+if TYPE_CHECKING:  # registry pulls in httpx, which readers of the store do not need
+    from .registry import ImageConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,42 @@ class ImageMetadata:
     def visible_to(self, uid: int, gids: tuple[int, ...] | list[int]) -> bool:
         """Public images are visible to all; private ones to their ACL (and root)."""
         return self.acl is None or self.acl.allows(uid, gids)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ImageConfig,
+        *,
+        id: str,
+        source: str,
+        digest: str,
+        platform: str,
+        config_digest: str,
+        layers: Iterable[tuple[str, int, str]],
+        size: int,
+        acl: Acl | None = None,
+    ) -> ImageMetadata:
+        """The record of an image built from ``config`` (created now).
+
+        ``layers`` are (digest, size, media type) of the image's layers, in order.
+        """
+        return cls(
+            id=id,
+            source=source,
+            digest=digest,
+            platform=platform,
+            env=tuple(config.env),
+            entrypoint=config.entrypoint,
+            cmd=config.cmd,
+            workdir=config.workdir,
+            user=config.user,
+            labels=dict(config.labels),
+            config_digest=config_digest,
+            layers=tuple({"digest": d, "size": n, "media_type": m} for d, n, m in layers),
+            size=size,
+            created=time.time(),
+            acl=acl,
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

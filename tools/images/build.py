@@ -738,6 +738,54 @@ def remove_tree(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def debootstrap_image(
+    name: str,
+    scratch: Path,
+    entry: Path,
+    *,
+    suite: str,
+    mirror: str,
+    include: Iterable[str] = (),
+    takes: str = "",
+) -> tuple[Path, str]:
+    """Debootstrap a Debian minbase root into ``scratch/rootfs`` for image ``name``.
+
+    ``include`` are packages installed on top of minbase; ``takes`` is a hint for the log
+    (such as "about a minute").  The installed packages (``dpkg-query``: one "name version" a
+    line) are written to ``entry/packages.txt``.  Returns the root and that package list.
+    """
+    root = scratch / "rootfs"
+    packages = list(include)
+    started = time.monotonic()
+    LOG.info(
+        "%s: debootstrap --variant=minbase %s from %s%s",
+        name,
+        suite,
+        mirror,
+        f" ({takes})" if takes else "",
+    )
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            *([f"--include={','.join(packages)}"] if packages else []),
+            "--components=main",
+            suite,
+            str(root),
+            mirror,
+        ],
+        log_file=scratch / "debootstrap.log",
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    LOG.info("%s: debootstrap done in %.0f s", name, time.monotonic() - started)
+    unmount_below(root)  # debootstrap unmounts its /proc and /sys; make sure
+    listing = run(
+        ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package} ${Version}\n"]
+    )
+    (entry / "packages.txt").write_text(listing)
+    return root, listing
+
+
 def compile_hello(dest: Path, workdir: Path, compiler: str) -> None:
     """Compile tools/images/hello.c with the host's ``compiler`` into ``dest``, reproducibly."""
     src = workdir / "hello.c"
@@ -845,40 +893,19 @@ def build_mpi(out: Path, cache: Path, mirror: str | None) -> str:
             if shutil.which(tool) is None:
                 raise BuildError(f"{tool}: not found (see tools/images/APT_PACKAGES)")
         scratch = scratch_dir("shifter-image-mpi-")
-        root = scratch / "rootfs"
         try:
             hello = scratch / "mpi-hello"
             compile_hello(hello, scratch, MPI_MPICC)
             LOG.info("mpi: compiled mpi-hello")
-            started = time.monotonic()
-            LOG.info(
-                "mpi: debootstrap --variant=minbase %s from %s (about a minute)", codename, mirror
+            root, packages = debootstrap_image(
+                "mpi",
+                scratch,
+                entry,
+                suite=codename,
+                mirror=mirror,
+                include=MPI_INCLUDE,
+                takes="about a minute",
             )
-            run(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    f"--include={','.join(MPI_INCLUDE)}",
-                    "--components=main",
-                    codename,
-                    str(root),
-                    mirror,
-                ],
-                log_file=scratch / "debootstrap.log",
-                env={**os.environ, "LC_ALL": "C"},
-            )
-            LOG.info("mpi: debootstrap done in %.0f s", time.monotonic() - started)
-            unmount_below(root)  # debootstrap unmounts its /proc and /sys; make sure
-            packages = run(
-                [
-                    "dpkg-query",
-                    f"--admindir={root}/var/lib/dpkg",
-                    "-W",
-                    "-f",
-                    "${Package} ${Version}\n",
-                ]
-            )
-            (entry / "packages.txt").write_text(packages)
             _check_mpich_matches(packages)
             target = root / "usr" / "local" / "bin" / "mpi-hello"
             shutil.copyfile(hello, target)
@@ -959,38 +986,13 @@ def build_openmpi(out: Path, cache: Path, mirror: str | None) -> str:
             if shutil.which(tool) is None:
                 raise BuildError(f"{tool}: not found (see tools/images/APT_PACKAGES)")
         scratch = scratch_dir("shifter-image-openmpi-")
-        root = scratch / "rootfs"
         try:
             hello = scratch / "mpi-hello"
             compile_hello(hello, scratch, OPENMPI_MPICC)
             LOG.info("openmpi: compiled mpi-hello with %s", OPENMPI_MPICC)
-            started = time.monotonic()
-            LOG.info("openmpi: debootstrap --variant=minbase %s from %s", codename, mirror)
-            run(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    f"--include={','.join(OPENMPI_INCLUDE)}",
-                    "--components=main",
-                    codename,
-                    str(root),
-                    mirror,
-                ],
-                log_file=scratch / "debootstrap.log",
-                env={**os.environ, "LC_ALL": "C"},
+            root, packages = debootstrap_image(
+                "openmpi", scratch, entry, suite=codename, mirror=mirror, include=OPENMPI_INCLUDE
             )
-            LOG.info("openmpi: debootstrap done in %.0f s", time.monotonic() - started)
-            unmount_below(root)
-            packages = run(
-                [
-                    "dpkg-query",
-                    f"--admindir={root}/var/lib/dpkg",
-                    "-W",
-                    "-f",
-                    "${Package} ${Version}\n",
-                ]
-            )
-            (entry / "packages.txt").write_text(packages)
             image = dict(line.split(" ", 1) for line in packages.splitlines() if " " in line)
             host = host_package_versions(["libopenmpi3"])
             if image.get("libopenmpi3") != host.get("libopenmpi3"):

@@ -122,34 +122,10 @@ def build_debian(out: Path, cache: Path, mirror: str | None) -> str:
             if shutil.which(tool) is None:
                 raise BuildError(f"{tool}: not found (apt-get install {tool})")
         scratch = build.scratch_dir("shifter-image-debian-")
-        root = scratch / "rootfs"
         try:
-            started = time.monotonic()
-            LOG.info("debian: debootstrap --variant=minbase %s from %s (~40 s)", SUITE, mirror)
-            run(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    "--components=main",
-                    SUITE,
-                    str(root),
-                    mirror,
-                ],
-                log_file=scratch / "debootstrap.log",
-                env={**os.environ, "LC_ALL": "C"},
+            root, _packages = build.debootstrap_image(
+                NAME, scratch, entry, suite=SUITE, mirror=mirror, takes="~40 s"
             )
-            LOG.info("debian: debootstrap done in %.0f s", time.monotonic() - started)
-            build.unmount_below(root)  # debootstrap unmounts its /proc and /sys; make sure
-            packages = run(
-                [
-                    "dpkg-query",
-                    f"--admindir={root}/var/lib/dpkg",
-                    "-W",
-                    "-f",
-                    "${Package} ${Version}\n",
-                ]
-            )
-            (entry / "packages.txt").write_text(packages)
             prune(root)
             output = run(
                 ["chroot", str(root), "/bin/bash", "-c", "echo ok"],

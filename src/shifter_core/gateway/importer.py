@@ -211,23 +211,15 @@ def _import_tar(
     try:
         paths = [p for _, p, _ in layers]
         size = tar_to_squashfs(lambda pipe: flatten(paths, pipe), partial, squashfs)
-        metadata = ImageMetadata(
+        metadata = ImageMetadata.from_config(
+            config,
             id=image_id,
             source=name,
             digest=f"sha256:{image_id}",
             platform=str(config.platform) if config.os else str(want),
-            env=tuple(config.env),
-            entrypoint=config.entrypoint,
-            cmd=config.cmd,
-            workdir=config.workdir,
-            user=config.user,
-            labels=dict(config.labels),
             config_digest="sha256:" + hashlib.sha256(config_bytes).hexdigest(),
-            layers=tuple(
-                {"digest": d, "size": p.stat().st_size, "media_type": m} for d, p, m in layers
-            ),
+            layers=((d, p.stat().st_size, m) for d, p, m in layers),
             size=size,
-            created=time.time(),
         )
         metadata = store.publish(metadata, partial)  # with the file's sha256
     finally:
