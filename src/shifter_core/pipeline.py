@@ -85,7 +85,9 @@ def build_image(
     partial = store.new_partial(resolved.id)
     try:
         started = time.monotonic()
-        size = tar_to_squashfs(lambda pipe: flatten(layers, pipe), partial, squashfs)
+        size = tar_to_squashfs(
+            lambda pipe: flatten(layers, pipe, spool_dir=cache.directory), partial, squashfs
+        )
         log.info(
             "converted %s in %.1f s (%d bytes)",
             resolved.reference,

@@ -210,7 +210,9 @@ def _import_tar(
     partial = store.new_partial(image_id)
     try:
         paths = [p for _, p, _ in layers]
-        size = tar_to_squashfs(lambda pipe: flatten(paths, pipe), partial, squashfs)
+        size = tar_to_squashfs(
+            lambda pipe: flatten(paths, pipe, spool_dir=cache.directory), partial, squashfs
+        )
         metadata = ImageMetadata.from_config(
             config,
             id=image_id,
