@@ -76,6 +76,7 @@ import logging
 import os
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -270,70 +271,161 @@ def _decompressor(path: Path, raw: BinaryIO) -> BinaryIO | None:
     return None
 
 
-class _LayerSource:
-    """One layer as a seekable, uncompressed tar: the layer file itself when it is a plain tar,
-    else an anonymous spool file (``O_TMPFILE``: gone with the process) it was decompressed
-    into, once.  Headers are then read with seeks over the data, and data is copied by offset.
-    """
+class _Spool:
+    """A layer decompressed into an anonymous file (``O_TMPFILE``: gone with the process) by a
+    background thread, so that reading its headers overlaps decompressing it.  ``read`` and
+    ``seek`` follow the writer, waiting for bytes that are not there yet."""
 
-    def __init__(self, path: Path, index: int, spool_dir: Path | None) -> None:
-        self.path = path
-        self.index = index
-        self.tar: tarfile.TarFile | None = None
-        self.file = self._open(spool_dir)
-        self.size = os.fstat(self.file.fileno()).st_size
-
-    def _open(self, spool_dir: Path | None) -> BinaryIO:
+    def __init__(
+        self,
+        layer: _LayerSource,
+        decompressor: BinaryIO,
+        raw: BinaryIO,
+        spool_dir: Path | None,
+        slots: threading.Semaphore,
+    ) -> None:
+        self.layer = layer
+        self.where = str(spool_dir or tempfile.gettempdir())
         try:
-            raw = open(self.path, "rb")  # noqa: SIM115 - returned, or closed below
+            self.file = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - see close()
         except OSError as exc:
             raise FlattenError(
-                f"cannot read layer {self.path}: {exc.strerror or exc}",
-                "check that the layer was downloaded completely",
-            ) from exc
-        try:
-            decompressor = _decompressor(self.path, raw)
-            if decompressor is None:
-                return raw
-            with raw:
-                return self._spool(decompressor, spool_dir)
-        except BaseException:
-            raw.close()
-            raise
-
-    def _spool(self, decompressor: BinaryIO, spool_dir: Path | None) -> BinaryIO:
-        try:
-            spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - kept until close()
-        except OSError as exc:
-            raise FlattenError(
-                f"cannot create a spool file in {spool_dir or tempfile.gettempdir()}: "
-                f"{exc.strerror or exc}",
+                f"cannot create a spool file in {self.where}: {exc.strerror or exc}",
                 "layers are decompressed there while an image is converted",
             ) from exc
+        self.fd = self.file.fileno()
+        self.position = 0
+        self.written = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._stop = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(decompressor, raw, slots),
+            name=f"spool-layer-{layer.index + 1}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _run(self, decompressor: BinaryIO, raw: BinaryIO, slots: threading.Semaphore) -> None:
         buffer = bytearray(_SPOOL_CHUNK)
         view = memoryview(buffer)
         try:
-            while True:
-                try:
-                    count = decompressor.readinto(buffer)  # type: ignore[attr-defined]
-                except _READ_ERRORS as exc:
-                    raise self.fail(exc) from exc
-                if not count:
-                    return spool  # type: ignore[return-value]
-                try:
-                    spool.write(view[:count])
-                except OSError as exc:
-                    raise FlattenError(
-                        f"cannot decompress layer {self.index + 1} into "
-                        f"{spool_dir or tempfile.gettempdir()}: {exc.strerror or exc}",
-                        "the image's uncompressed layers must fit there while it is converted",
-                    ) from exc
-        except BaseException:
-            spool.close()
-            raise
+            with raw, slots:
+                while not self._stop:
+                    try:
+                        count = decompressor.readinto(buffer)  # type: ignore[attr-defined]
+                    except _READ_ERRORS as exc:
+                        raise self.layer.fail(exc) from exc
+                    if not count:
+                        break
+                    self._write(view[:count])
+                    with self._changed:
+                        self.written += count
+                        self._changed.notify_all()
+        except BaseException as exc:  # handed to the reader
+            self.error = exc
+        finally:
+            with self._changed:
+                self.done = True
+                self._changed.notify_all()
+
+    def _write(self, data: memoryview) -> None:
+        offset = self.written  # only this thread changes it
+        try:
+            while data:
+                count = os.pwrite(self.fd, data, offset)
+                offset += count
+                data = data[count:]
+        except OSError as exc:
+            raise FlattenError(
+                f"cannot decompress layer {self.layer.index + 1} into {self.where}: "
+                f"{exc.strerror or exc}",
+                "the image's uncompressed layers must fit there while it is converted",
+            ) from exc
+
+    def _available(self, end: int) -> int:
+        """Wait until ``end`` bytes are written or the writer stopped; how many there are."""
+        with self._changed:
+            while self.written < end and not self.done:
+                self._changed.wait()
+            if self.written < end and self.error is not None:
+                raise self.error
+            return self.written
+
+    def finish(self) -> int:
+        """Wait for the whole layer; its uncompressed size (raises what the writer hit)."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.written
+
+    # -- the file interface tarfile uses ---------------------------------------------------------
+
+    def read(self, size: int = -1) -> bytes:
+        end = (
+            self.finish()
+            if size < 0
+            else min(self._available(self.position + size), self.position + size)
+        )
+        data = os.pread(self.fd, max(0, end - self.position), self.position)
+        self.position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self.position
+        elif whence == os.SEEK_END:
+            offset += self.finish()
+        self.position = offset
+        return offset
+
+    def tell(self) -> int:
+        return self.position
 
     def close(self) -> None:
+        self._stop = True
+        self._thread.join()
         self.file.close()
+
+
+class _LayerSource:
+    """One layer as a seekable, uncompressed tar: the layer file itself when it is a plain tar,
+    else a :class:`_Spool` it is being decompressed into, once.  Headers are read with seeks
+    over the data, and data is copied by offset."""
+
+    def __init__(
+        self, path: Path, index: int, spool_dir: Path | None, slots: threading.Semaphore
+    ) -> None:
+        self.path = path
+        self.index = index
+        self.tar: tarfile.TarFile | None = None
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 - kept, or handed to the spool
+        except OSError as exc:
+            raise FlattenError(
+                f"cannot read layer {path}: {exc.strerror or exc}",
+                "check that the layer was downloaded completely",
+            ) from exc
+        try:
+            decompressor = _decompressor(path, raw)
+            self.reader: BinaryIO | _Spool = (
+                raw if decompressor is None else _Spool(self, decompressor, raw, spool_dir, slots)
+            )
+        except BaseException:
+            raw.close()
+            raise
+        self.fd = self.reader.fileno() if decompressor is None else self.reader.fd  # type: ignore[union-attr]
+
+    def size(self) -> int:
+        """The uncompressed layer's size, once it is all there."""
+        if isinstance(self.reader, _Spool):
+            return self.reader.finish()
+        return os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        self.reader.close()
 
     def fail(self, exc: BaseException) -> FlattenError:
         return FlattenError(
@@ -343,18 +435,17 @@ class _LayerSource:
 
     def members(self) -> Iterator[tarfile.TarInfo]:
         """The layer's members in order (headers only: the data is skipped by seeking)."""
-        self.file.seek(0)
         try:
             try:
-                self.tar = tarfile.open(  # noqa: SIM115 - closed with the file
-                    fileobj=self.file,  # type: ignore[arg-type]
+                self.tar = tarfile.open(  # noqa: SIM115 - closed with the source
+                    fileobj=self.reader,  # type: ignore[arg-type]
                     mode="r:",
                     encoding="utf-8",
                     errors="surrogateescape",
                     tarinfo=_StrictTarInfo,
                 )
             except tarfile.ReadError:
-                if self.size == 0:
+                if self.size() == 0:
                     return  # an empty layer
                 raise
             while True:
@@ -363,7 +454,7 @@ class _LayerSource:
                     break
                 self.tar.members.clear()  # memory per entry of the final tree, not per member
                 yield member
-            if self.tar.offset > self.size:
+            if self.tar.offset > self.size():
                 raise tarfile.ReadError("unexpected end of data")
         except _READ_ERRORS as exc:
             raise self.fail(exc) from exc
@@ -402,13 +493,13 @@ class _TarWriter:
         copied = 0
         if self.fd is not None:
             try:
-                copied = _sendfile(self.fd, source.file.fileno(), offset, size)
+                copied = _sendfile(self.fd, source.fd, offset, size)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                     raise
         position = offset + copied
         while copied < size:
-            chunk = os.pread(source.file.fileno(), min(_SPOOL_CHUNK, size - copied), position)
+            chunk = os.pread(source.fd, min(_SPOOL_CHUNK, size - copied), position)
             if not chunk:
                 raise source.fail(tarfile.ReadError("unexpected end of data"))
             self.out.write(chunk)
@@ -808,12 +899,17 @@ def flatten(
     with contextlib.ExitStack() as stack:
         sources: list[_LayerSource] = []
         # Pass 1: each layer decompressed once, its headers applied to the tree.
+        # Every layer starts decompressing at once (as many at a time as there are CPUs) ...
+        slots = threading.Semaphore(os.cpu_count() or 1)
         for index, path in enumerate(layers):
-            source = _LayerSource(Path(path), index, spool_dir)
+            source = _LayerSource(Path(path), index, spool_dir, slots)
             stack.callback(source.close)
             sources.append(source)
+        # ... while pass 1 reads their headers in order and applies them to the tree.
+        for index, source in enumerate(sources):
             for member in source.members():
                 tree.apply(index, member)
+            source.size()  # the whole layer decompressed: a bad checksum at its end fails here
         _emit(tree, sources, _TarWriter(out), policy, stats)
     LOG.debug("flattened %d layers: %s", len(layers), stats)
     return stats

@@ -980,3 +980,36 @@ def test_random_layers_match_the_model(layers: list[list[tuple]], kinds: list[st
         seen.add(path)
     assert all(".wh." not in path for path in result.entries)
     assert all(stat.S_IMODE(e.mode) == e.mode for e in result.entries.values())
+
+
+def test_gnu_sparse_file_is_written_expanded(tmp_path: Path) -> None:
+    import gzip
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("needs GNU tar")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    sparse = tree / "sparse.img"
+    with open(sparse, "wb") as fh:
+        fh.seek(3 << 20)
+        fh.write(b"middle")
+        fh.truncate(8 << 20)
+    (tree / "after").write_bytes(b"next member\n")
+    layer = tmp_path / "layer.tar"
+    subprocess.run(["tar", "--sparse", "-C", str(tree), "-cf", str(layer), "."], check=True)
+    with tarfile.open(layer) as check:
+        assert check.getmember("./sparse.img").issparse()  # really a GNU sparse member
+    compressed = tmp_path / "layer.tar.gz"
+    compressed.write_bytes(gzip.compress(layer.read_bytes()))
+    out = tmp_path / "flat.tar"
+    with open(out, "wb") as fh:
+        flatten([compressed], fh)
+    with tarfile.open(out) as result:
+        data = result.extractfile("sparse.img")
+        assert data is not None
+        content = data.read()
+        after = result.extractfile("after")
+        assert after is not None and after.read() == b"next member\n"
+    assert content == sparse.read_bytes()
