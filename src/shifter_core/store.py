@@ -5,16 +5,24 @@ ever visible complete: the squashfs is written to a hidden ``.partial`` file in 
 directory and renamed into place, then its metadata the same way. Readers trust a
 ``<id>.squashfs`` only when its ``<id>.json`` exists, so a crash between the two renames
 leaves an orphan that :meth:`ImageStore.sweep` removes, never a half image.
+
+Public images are mode 0644. Private ones are 0600 plus a POSIX access ACL granting read to
+exactly the image's ACL (``user:<uid>:r--`` per user, ``group:<gid>:r--`` per group, mask
+``r--``), so that permitted users can read them without privilege (``shifter`` outside a
+Slurm job mounts the file with ``squashfuse_ll`` as the user). Where the file system has no
+ACLs the files stay 0600 (usable only through root, in Slurm jobs), with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import struct
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -31,6 +39,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 PARTIAL_SUFFIX = ".partial"
+PUBLIC_MODE = 0o644
+PRIVATE_MODE = 0o600
 
 
 class StoreError(ShifterError):
@@ -138,6 +148,93 @@ class ImageMetadata:
         return cls(acl=acl, **data)
 
 
+# -- POSIX access ACLs (acl(5); the xattr format of linux/posix_acl_xattr.h) ------------------
+
+ACL_XATTR = "system.posix_acl_access"
+ACL_XATTR_VERSION = 2
+ACL_USER_OBJ = 0x01  # entry tags, in the order entries must be sorted
+ACL_USER = 0x02
+ACL_GROUP_OBJ = 0x04
+ACL_GROUP = 0x08
+ACL_MASK = 0x10
+ACL_OTHER = 0x20
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+ACL_READ, ACL_WRITE = 0x04, 0x02
+_ACL_HEADER = struct.Struct("<I")  # little-endian on every architecture
+_ACL_ENTRY = struct.Struct("<HHI")  # tag, perm, id
+
+_acl_unsupported_warned = False
+
+
+def encode_posix_acl(acl: Acl) -> bytes:
+    """The ``system.posix_acl_access`` value of a private image's files.
+
+    The owner (the gateway) reads and writes, the owning group and others get nothing (mode
+    0600 for everybody outside ``acl``); every listed user and group may read; the mask is
+    read-only. Entries are sorted by tag, then id, without duplicates, as the kernel requires.
+    """
+    named = [(ACL_USER, ACL_READ, uid) for uid in sorted(set(acl.users))]
+    named += [(ACL_GROUP, ACL_READ, gid) for gid in sorted(set(acl.groups))]
+    entries = [
+        (ACL_USER_OBJ, ACL_READ | ACL_WRITE, ACL_UNDEFINED_ID),
+        (ACL_GROUP_OBJ, 0, ACL_UNDEFINED_ID),
+        (ACL_OTHER, 0, ACL_UNDEFINED_ID),
+        *named,
+    ]
+    if named:
+        entries.append((ACL_MASK, ACL_READ, ACL_UNDEFINED_ID))
+    entries.sort(key=lambda e: (e[0], e[2]))
+    return _ACL_HEADER.pack(ACL_XATTR_VERSION) + b"".join(_ACL_ENTRY.pack(*e) for e in entries)
+
+
+def decode_posix_acl(data: bytes) -> list[tuple[int, int, int]]:
+    """(tag, perm, id) entries of a ``system.posix_acl_access`` value."""
+    size = len(data) - _ACL_HEADER.size
+    if size < 0 or size % _ACL_ENTRY.size or _ACL_HEADER.unpack_from(data)[0] != ACL_XATTR_VERSION:
+        raise ValueError("not a version 2 POSIX ACL")
+    return [
+        _ACL_ENTRY.unpack_from(data, offset)
+        for offset in range(_ACL_HEADER.size, len(data), _ACL_ENTRY.size)
+    ]
+
+
+def _acl_unsupported(path: Path, err: OSError) -> None:
+    global _acl_unsupported_warned
+    if not _acl_unsupported_warned:
+        _acl_unsupported_warned = True
+        log.warning(
+            "cannot set POSIX ACLs in the image store (%s: %s): private images stay mode 0600 "
+            "and can only be used in Slurm jobs; mount the store's file system with ACL support",
+            path,
+            err.strerror,
+        )
+
+
+def set_image_access(path: Path, acl: Acl | None) -> None:
+    """Make an image's file (squashfs or metadata) readable by exactly who may use it.
+
+    Public (``acl`` None): mode 0644 and no ACL. Private: the ACL of :func:`encode_posix_acl`
+    (the kernel derives the mode from it: ``rw-r-----``, the group bits being the mask), or
+    mode 0600 where the file system has no ACLs. Either change is made in one step for
+    those who keep their access: nobody permitted before loses it on the way.
+    """
+    if acl is None:
+        path.chmod(PUBLIC_MODE)  # with an ACL: mask and other r--, so all read at once
+        try:
+            os.removexattr(path, ACL_XATTR)  # the mode stays 0644
+        except OSError as err:
+            if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
+        return
+    try:
+        os.setxattr(path, ACL_XATTR, encode_posix_acl(acl))
+    except OSError as err:
+        if err.errno != errno.EOPNOTSUPP:
+            raise
+        _acl_unsupported(path, err)
+        path.chmod(PRIVATE_MODE)
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's content."""
     digest = hashlib.sha256()
@@ -182,10 +279,9 @@ class ImageStore:
         metadata = dataclasses.replace(
             metadata, size=partial.stat().st_size, sha256=file_sha256(partial)
         )
-        mode = 0o600 if metadata.private else 0o644
         with open(partial, "rb") as fh:
             os.fsync(fh.fileno())
-        partial.chmod(mode)
+        set_image_access(partial, metadata.acl)
         partial.replace(image)
         meta_partial = self.new_partial(metadata.id)
         try:
@@ -193,7 +289,7 @@ class ImageStore:
                 fh.write(metadata.to_json())
                 fh.flush()
                 os.fsync(fh.fileno())
-            meta_partial.chmod(mode)
+            set_image_access(meta_partial, metadata.acl)
             meta_partial.replace(self.metadata_file(metadata.id))
         finally:
             meta_partial.unlink(missing_ok=True)

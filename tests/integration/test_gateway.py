@@ -10,7 +10,9 @@ pull slow enough to SIGKILL the gateway in the middle of it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
+import gzip
 import hashlib
 import io
 import json
@@ -20,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -35,7 +38,9 @@ import pytest
 
 from shifter_core import munge
 from shifter_core.client import GatewayClient
+from shifter_core.store import ACL_GROUP, ACL_USER, ACL_XATTR, decode_posix_acl
 from tests.fixtures.registries import (
+    OCI_LAYER,
     Layer,
     OCILayout,
     RegistryProcess,
@@ -60,6 +65,8 @@ pytestmark = [
 CHECKOUT = Path(__file__).resolve().parents[2]
 GATEWAY_BIN = CHECKOUT / ".venv" / "bin" / "shifter-gateway"
 SHIFTERIMG = str(CHECKOUT / ".venv" / "bin" / "shifterimg")
+SHIFTER = str(CHECKOUT / ".venv" / "bin" / "shifter")
+FUSE = "/dev/fuse"
 SERVICE_USER = "shifter"
 SECRET_USER, SECRET_PASSWORD = "carol", "s3cret-pw"
 READY_RE = re.compile(r"is READY: ([0-9a-f]{64})")
@@ -294,6 +301,34 @@ def _push(layout: OCILayout, tag: str, dest: str, **kwargs: Any) -> None:
     skopeo_copy(layout, tag, dest, **kwargs)
 
 
+def runnable_layer(secret: str) -> Layer:
+    """A layer with busybox (``/bin/sh``, ``/bin/cat``) and ``/etc/secret``: an image that
+    ``shifter`` can run a command in."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("bin", "etc"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        busybox = Path("/bin/busybox").read_bytes()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode = len(busybox), 0o755
+        tar.addfile(info, io.BytesIO(busybox))
+        for applet in ("sh", "cat"):
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname, info.mode = tarfile.SYMTYPE, "busybox", 0o777
+            tar.addfile(info)
+        info = tarfile.TarInfo("etc/secret")
+        info.size, info.mode = len(secret), 0o644
+        tar.addfile(info, io.BytesIO(secret.encode()))
+    tar_bytes = raw.getvalue()
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
+        gz.write(tar_bytes)
+    diff_id = "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+    return Layer(out.getvalue(), diff_id, OCI_LAYER["gzip"])
+
+
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     root = Path(tempfile.mkdtemp(prefix="shifter-gw-test-", dir="/tmp"))
@@ -320,6 +355,8 @@ def world() -> Iterator[World]:
             "oci": make_layer({"etc/kind": "oci\n"}, "zstd"),
             "basic": make_layer({"etc/secret": "behind basic auth\n"}),
             "bearer": make_layer({"etc/secret": "behind bearer tokens\n"}),
+            "run-basic": runnable_layer("runnable behind basic auth\n"),
+            "run-bearer": runnable_layer("runnable behind bearer tokens\n"),
             "corrupt": random_layer(300_000, seed=31),
             "slow": random_layer(12 << 20, seed=32, compression="none"),
             "expire": make_layer({"etc/kind": "expire\n"}),
@@ -331,6 +368,8 @@ def world() -> Iterator[World]:
         layout.tag("multi", layout.add_index([amd, arm]))
         for name in ("v2s2", "oci", "basic", "bearer", "corrupt", "slow", "expire"):
             layout.tag(name, layout.add_image([L["base"], L[name]]))
+        for name in ("run-basic", "run-bearer"):
+            layout.tag(name, layout.add_image([L[name]]))
         layout.tag("ten", layout.add_image([L["base"], *(L[f"ten{i}"] for i in range(3))]))
         digests = {"amd": amd["digest"], "arm": arm["digest"]}
 
@@ -346,6 +385,8 @@ def world() -> Iterator[World]:
         creds = (SECRET_USER, SECRET_PASSWORD)
         _push(layout, "basic", f"{basic.name}/private/app:1", creds=creds)
         _push(layout, "bearer", f"{bearer.name}/private/app:1", creds=creds)
+        _push(layout, "run-basic", f"{basic.name}/private/run:1", creds=creds)
+        _push(layout, "run-bearer", f"{bearer.name}/private/run:1", creds=creds)
 
         (root / "images").mkdir()
         _chown(root / "images", SERVICE_USER, 0o755)
@@ -457,7 +498,7 @@ def test_private_images_from_authenticated_registries(world: World, kind: str) -
     alice, bob = pwd.getpwnam("alice").pw_uid, pwd.getpwnam("bob").pw_uid
     meta = gw.metadata(image_id)
     assert meta["acl"] == {"users": [alice], "groups": []}
-    assert (gw.store / f"{image_id}.squashfs").stat().st_mode & 0o777 == 0o600
+    assert (gw.store / f"{image_id}.squashfs").stat().st_mode & 0o707 == 0o600
     assert ok(gw.shifterimg("lookup", ref)).strip() == image_id
     assert re.search(rf"^READY\s+{image_id[:12]}\s.*yes\s", ok(gw.shifterimg("images")), re.M)
     # bob is not in the ACL: "not found", and not listed.
@@ -474,6 +515,80 @@ def test_private_images_from_authenticated_registries(world: World, kind: str) -
         assert acl == {"users": [alice], "groups": [grp.getgrnam("science").gr_gid]}
     assert ok(gw.shifterimg("lookup", ref, user="bob")).strip() == image_id
     assert image_id[:12] in ok(gw.shifterimg("images", user="bob"))
+
+
+@pytest.fixture
+def fuse_for_users() -> Iterator[None]:
+    """``/dev/fuse`` mode 0666 (as at most sites; 0600 on these machines), then restored."""
+    mode = stat.S_IMODE(os.stat(FUSE).st_mode)
+    os.chmod(FUSE, 0o666)
+    try:
+        yield
+    finally:
+        os.chmod(FUSE, mode)
+
+
+def named_acl_entries(path: Path) -> tuple[list[int], list[int]]:
+    """The uids and gids a file's POSIX access ACL names ([], [] without an ACL)."""
+    try:
+        entries = decode_posix_acl(os.getxattr(path, ACL_XATTR))
+    except OSError as err:
+        if err.errno != errno.ENODATA:
+            raise
+        return [], []
+    users = [i for tag, _, i in entries if tag == ACL_USER]
+    groups = [i for tag, _, i in entries if tag == ACL_GROUP]
+    return users, groups
+
+
+@pytest.mark.usefixtures("fuse_for_users")
+@pytest.mark.parametrize("kind", ["basic", "bearer"])
+def test_private_images_run_outside_jobs_for_exactly_their_acl(world: World, kind: str) -> None:
+    """``shifter`` without a job mounts the image file as the user (squashfuse_ll): the
+    gateway grants read on a private image's files to exactly its ACL (POSIX ACLs)."""
+    gw = world.gateway
+    registry = world.basic if kind == "basic" else world.bearer
+    ref = f"{registry.name}/private/run:1"
+    secret = f"runnable behind {'basic auth' if kind == 'basic' else 'bearer tokens'}"
+    login = gw.shifterimg(
+        "login", "-u", SECRET_USER, "--password-stdin", registry.name, stdin=SECRET_PASSWORD + "\n"
+    )
+    ok(login)
+    image_id = ready_id(gw.shifterimg("pull", ref))
+    files = [gw.store / f"{image_id}.squashfs", gw.store / f"{image_id}.json"]
+    alice, bob = pwd.getpwnam("alice").pw_uid, pwd.getpwnam("bob").pw_uid
+    science = grp.getgrnam("science").gr_gid
+    for path in files:
+        assert path.stat().st_mode & 0o707 == 0o600, path  # nothing for "other"
+        assert named_acl_entries(path) == ([alice], []), path
+
+    def shifter(user: str, image: str) -> subprocess.CompletedProcess[str]:
+        command = [SHIFTER, f"--image={image}", "cat", "/etc/secret"]
+        return run_as(command, user=user, timeout=60, SHIFTER_CONFIG=str(gw.config))
+
+    def reads(user: str, path: Path) -> subprocess.CompletedProcess[str]:
+        return run_as(["head", "-c", "4", str(path)], user=user, timeout=30)
+
+    # alice, who pulled it, runs it by name and by id (the metadata is read from the store).
+    for image in (ref, f"id:{image_id}"):
+        assert ok(shifter("alice", image)).strip() == secret
+    # bob is not in the ACL: the files refuse him, and so does the lookup.
+    for path in files:
+        assert "Permission denied" in failed(reads("bob", path)), path
+    for image in (ref, f"id:{image_id}"):
+        result = shifter("bob", image)
+        assert result.returncode != 0 and "not found" in result.stderr, result.stderr
+        assert secret not in result.stdout
+    # Pulled again with -u bob (basic) or -g science (bearer): the files' ACL follows.
+    widen = ["-u", "bob"] if kind == "basic" else ["-g", "science"]
+    assert ready_id(gw.shifterimg("pull", *widen, ref)) == image_id
+    expected = ([alice, bob], []) if kind == "basic" else ([alice], [science])
+    for path in files:
+        assert path.stat().st_mode & 0o707 == 0o600, path
+        assert named_acl_entries(path) == expected, path
+        ok(reads("bob", path))
+    for image in (ref, f"id:{image_id}"):
+        assert ok(shifter("bob", image)).strip() == secret
 
 
 def test_corrupted_blob_fails_the_pull_and_publishes_nothing(world: World) -> None:

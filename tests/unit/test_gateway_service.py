@@ -7,9 +7,11 @@ imports, expiry and removal. Conversions run the real tar2sqfs.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 import threading
@@ -26,7 +28,7 @@ from shifter_core.gateway.db import Job
 from shifter_core.gateway.errors import BadRequest, Forbidden, NotFound
 from shifter_core.gateway.service import Caller, Gateway, platform_name
 from shifter_core.registry import Platform
-from shifter_core.store import Acl
+from shifter_core.store import ACL_XATTR, Acl, encode_posix_acl
 from tests.fixtures.registries import OCILayout, make_layer
 
 pytestmark = pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="needs tar2sqfs")
@@ -212,7 +214,7 @@ def test_private_pull_is_visible_only_to_its_acl(make_gateway, registry) -> None
     image_id = job["image_id"]
     meta = gw.store.get(image_id)
     assert meta is not None and meta.acl == Acl((ALICE.uid,), ())
-    assert gw.store.image_file(image_id).stat().st_mode & 0o777 == 0o600
+    assert file_access(gw, image_id) == [(0o640, encode_posix_acl(Acl((ALICE.uid,), ())))] * 2
     assert gw.lookup(ALICE, f"{REGISTRY}/private/app:1")["id"] == image_id
     for caller, ref in ((BOB, f"{REGISTRY}/private/app:1"), (BOB, image_id)):
         with pytest.raises(NotFound):
@@ -225,6 +227,7 @@ def test_private_pull_is_visible_only_to_its_acl(make_gateway, registry) -> None
     again = pull(gw, alice, "private/app:1", groups=["6000"])
     assert again["image_id"] == image_id
     assert gw.store.get(image_id).acl == Acl((ALICE.uid,), (6000,))  # type: ignore[union-attr]
+    assert file_access(gw, image_id) == [(0o640, encode_posix_acl(Acl((ALICE.uid,), (6000,))))] * 2
     assert gw.lookup(BOB, f"{REGISTRY}/private/app:1")["id"] == image_id
     with pytest.raises(NotFound):
         gw.lookup(CAROL, f"{REGISTRY}/private/app:1")
@@ -249,7 +252,21 @@ def test_a_public_pull_makes_a_private_image_public(make_gateway) -> None:
     public = pull(gw, BOB, "pub/app:2")
     assert public["image_id"] == image_id and not public["private"]
     assert gw.store.get(image_id).acl is None  # type: ignore[union-attr]
-    assert gw.store.image_file(image_id).stat().st_mode & 0o777 == 0o644
+    assert file_access(gw, image_id) == [(0o644, None)] * 2
+
+
+def file_access(gw: Gateway, image_id: str) -> list[tuple[int, bytes | None]]:
+    """(permission bits, POSIX access ACL) of an image's squashfs and metadata."""
+    found = []
+    for path in (gw.store.image_file(image_id), gw.store.metadata_file(image_id)):
+        try:
+            acl: bytes | None = os.getxattr(path, ACL_XATTR)
+        except OSError as err:
+            if err.errno != errno.ENODATA:
+                raise
+            acl = None
+        found.append((path.stat().st_mode & 0o777, acl))
+    return found
 
 
 def _insert(gw: Gateway, job_id: str, state: str, **values: Any) -> None:

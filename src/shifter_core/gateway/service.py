@@ -44,7 +44,7 @@ from ..layercache import LayerCache
 from ..pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
 from ..reference import DockerReference
 from ..registry import Platform, RegistryClient, RegistrySettings, RegistryUnavailable
-from ..store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore
+from ..store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore, set_image_access
 from . import login
 from .changes import StateChanges
 from .db import ACTIVE_STATES, Database, Job, acl_to_json
@@ -508,22 +508,24 @@ class Gateway:
                 tuple(sorted({*existing.acl.groups, *acl.groups})),
             )
             if merged == existing.acl:
+                # Files published before the store had ACLs get them now (idempotent).
+                set_image_access(self.store.image_file(existing.id), existing.acl)
+                set_image_access(self.store.metadata_file(existing.id), existing.acl)
                 return existing
             updated = dataclasses.replace(existing, acl=merged)
         self._rewrite_metadata(updated)
         return updated
 
     def _rewrite_metadata(self, meta: ImageMetadata) -> None:
-        mode = 0o600 if meta.private else 0o644
-        if not meta.private:
-            os.chmod(self.store.image_file(meta.id), mode)
+        # The squashfs first: whoever may now read the metadata can also read the image.
+        set_image_access(self.store.image_file(meta.id), meta.acl)
         partial = self.store.new_partial(meta.id)
         try:
             with open(partial, "w", encoding="utf-8") as fh:
                 fh.write(meta.to_json())
                 fh.flush()
                 os.fsync(fh.fileno())
-            partial.chmod(mode)
+            set_image_access(partial, meta.acl)
             partial.replace(self.store.metadata_file(meta.id))
         finally:
             partial.unlink(missing_ok=True)

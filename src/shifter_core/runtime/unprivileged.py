@@ -201,7 +201,7 @@ def _run_private(plan: Plan) -> NoReturn:
     if not os.access(plan.image_file, os.R_OK):
         raise ImageError(
             f"cannot read the image file {plan.image_file}",
-            hint="private images can only be used in Slurm jobs (sbatch/srun --image)",
+            hint="use it in a Slurm job (sbatch/srun --image), or pull it again to set its ACL",
         )
     uid, gid = plan.user.uid, plan.user.gid
     daemon = SquashfuseDaemon(plan.runtime.squashfuse, plan.image_file)
