@@ -3,13 +3,21 @@ ROOT   := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
 VENV   := $(ROOT)/.venv
 PYTHON := $(VENV)/bin/python
 PLUGIN := $(ROOT)/build/shifter_spank.so
+LAUNCHER := $(ROOT)/build/shifter
 
-.PHONY: setup plugin box box-down demo test lint bench bench-spank bench-pull bench-start clean
+.PHONY: setup plugin launcher box box-down demo test lint bench bench-spank bench-pull bench-start clean
 
 plugin: $(PLUGIN)
 
 $(PLUGIN): spank/shifter_spank.c cffi_build/build_spank.py
 	$(PYTHON) cffi_build/build_spank.py --out $(PLUGIN)
+
+# The C front end of `shifter` (replays the Python runtime's recipes; see launcher/).
+launcher: $(LAUNCHER)
+
+$(LAUNCHER): launcher/shifter_launch.c
+	mkdir -p $(dir $@)
+	$(CC) -O2 -Wall -Wextra -Werror -static -DSHIFTER_PYTHON='"$(PYTHON)"' -o $@ $<
 
 # Debian packages, the venv (Debian's python3) with shifter_core, and the plugin.
 setup:

@@ -100,6 +100,11 @@ else
     log "WARNING: no 'plugin' target in $CHECKOUT/Makefile yet: build/shifter_spank.so not built"
 fi
 
+# --- 4b. the C launcher as the venv's `shifter` (it falls back to `python -m shifter_core.cli.shifter`)
+log "make launcher; install it as $VENV/bin/shifter"
+make -C "$CHECKOUT" --no-print-directory launcher
+install -m 0755 "$CHECKOUT/build/shifter" "$VENV/bin/shifter"
+
 # --- 5. parents traversable by other users ------------------------------------------------
 dir="$CHECKOUT"
 while :; do

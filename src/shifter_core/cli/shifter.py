@@ -56,6 +56,7 @@ when it is not found in the container.
 """
 
 EXIT_FAILED = 125  # 126 and 127 come with CommandError.exit_code
+MISS_VARIABLE = "SHIFTER_LAUNCH_MISS"  # the C launcher had no recipe (runtime/launch.py)
 
 
 class UsageError(Exception):
@@ -78,6 +79,7 @@ class Options:
         self.verbose = 0
         self.help = False
         self.command: list[str] = []
+        self.option_args: list[str] = []  # the options as given (the launcher's cache key)
 
 
 # long name -> (attribute, takes: "required" | "optional" | "none")
@@ -169,6 +171,7 @@ def parse_args(argv: list[str]) -> Options:
             continue
         break
     options.command = list(argv[index:])
+    options.option_args = list(argv[:index])
     return options
 
 
@@ -205,6 +208,7 @@ def run(options: Options) -> int:
     from ..runtime.settings import load as load_config
     from ..runtime.unprivileged import run as run_unprivileged
 
+    launch_miss = os.environ.pop(MISS_VARIABLE, None)  # never into the container's environment
     config = load_config()
     user = User.current()
     request = RunRequest(
@@ -247,7 +251,13 @@ def run(options: Options) -> int:
     get_logger(PROG).info(
         "image %s (%s), command %s", plan.image_id[:12], image_request, " ".join(plan.argv)
     )
-    run_unprivileged(plan)
+    recorder = None
+    if launch_miss is not None:
+        from ..config_cache import config_path
+        from ..runtime.launch import Recorder
+
+        recorder = Recorder.for_request(plan, options, options.option_args, config_path())
+    run_unprivileged(plan, recorder=recorder)
     return EXIT_FAILED  # not reached: run() execs or raises
 
 

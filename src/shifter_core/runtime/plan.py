@@ -132,8 +132,8 @@ def request_from_env(environ: Mapping[str, str], base: RunRequest | None = None)
 _Plan = namedtuple(
     "_Plan",
     "image image_file image_request user volumes site_volumes modules env workdir "
-    "workdir_explicit argv runtime writable default_shell",
-    defaults=(False, False),
+    "workdir_explicit argv runtime writable default_shell clearenv env_ops",
+    defaults=(False, False, False, ()),
 )
 
 
@@ -144,7 +144,9 @@ class Plan(_Plan):
     ``modules`` ((name, definition), ...), ``env`` ((name, value), ...), ``workdir`` and
     ``workdir_explicit``, ``argv``, ``runtime`` (the ``runtime`` settings), ``writable``
     (``--writable-tmpfs``), ``default_shell`` (argv is the user's shell: ``/bin/sh`` if the
-    image lacks it). Change one with ``plan._replace(field=value)``."""
+    image lacks it), ``clearenv`` and ``env_ops`` (how ``env`` was made from the caller's
+    environment: ``(op, name, value)``, see :func:`env_operations`). Change one with
+    ``plan._replace(field=value)``."""
 
     __slots__ = ()
 
@@ -241,42 +243,62 @@ def read_env_file(path: str, caller: Mapping[str, str]) -> list[tuple[str, str]]
 
 def apply_env_changes(env: dict[str, str], changes: EnvChanges) -> None:
     """set, prepend, append, unset, in this order (``:``-lists never get empty elements)."""
-    env.update(changes.set)
-    for name, value in changes.prepend.items():
-        env[name] = f"{value}:{env[name]}" if env.get(name) else value
-    for name, value in changes.append.items():
-        env[name] = f"{env[name]}:{value}" if env.get(name) else value
-    for name in changes.unset:
-        env.pop(name, None)
+    apply_env_operations(env, env_change_operations(changes))
 
 
-def build_env(
+def env_change_operations(changes: EnvChanges) -> list[tuple[str, str, str]]:
+    """A module's or the site's changes as ``(op, name, value)``: set, prepend, append,
+    unset, in this order."""
+    ops = [("set", name, value) for name, value in changes.set.items()]
+    ops += [("prepend", name, value) for name, value in changes.prepend.items()]
+    ops += [("append", name, value) for name, value in changes.append.items()]
+    ops += [("unset", name, "") for name in changes.unset]
+    return ops
+
+
+def apply_env_operations(env: dict[str, str], ops: Iterable[tuple[str, str, str]]) -> None:
+    """Apply ``(op, name, value)`` operations in order (the launcher replays the same)."""
+    for op, name, value in ops:
+        if op == "set":
+            env[name] = value
+        elif op == "unset":
+            env.pop(name, None)
+        elif op == "prepend":
+            env[name] = f"{value}:{env[name]}" if env.get(name) else value
+        else:  # append
+            env[name] = f"{env[name]}:{value}" if env.get(name) else value
+
+
+def env_operations(
     caller: Mapping[str, str],
     image: ImageMetadata,
     request: RunRequest,
     modules: Iterable[tuple[str, ModuleConfig]],
     site: EnvChanges,
     image_request: str,
-) -> dict[str, str]:
-    """The container's environment (see the module docstring for the precedence)."""
-    env: dict[str, str] = {} if request.clearenv else dict(caller)
+) -> list[tuple[str, str, str]]:
+    """What is done to the starting environment (the caller's, or none with ``--clearenv``),
+    in the order of the module docstring's precedence, as ``(op, name, value)``."""
+    ops: list[tuple[str, str, str]] = []
     for item in image.env:
         name, sep, value = item.partition("=")
         if name and sep:
-            env[name] = value
+            ops.append(("set", name, value))
     for path in request.env_files:
-        env.update(read_env_file(path, caller))
+        ops += [("set", name, value) for name, value in read_env_file(path, caller)]
     for text in request.env:
         item = parse_env_assignment(text, "--env", caller)
         if item is not None:
-            env[item[0]] = item[1]
+            ops.append(("set", *item))
     for _, module in modules:
-        apply_env_changes(env, module.env)
-    apply_env_changes(env, site)
-    env[ENV_IMAGE] = image.id
-    env[ENV_IMAGEREQUEST] = image_request
-    env[ENV_RUNTIME] = "1"
-    return env
+        ops += env_change_operations(module.env)
+    ops += env_change_operations(site)
+    ops += [
+        ("set", ENV_IMAGE, image.id),
+        ("set", ENV_IMAGEREQUEST, image_request),
+        ("set", ENV_RUNTIME, "1"),
+    ]
+    return ops
 
 
 # ---- command and working directory ---------------------------------------------------------
@@ -351,7 +373,9 @@ def build_plan(
             )
     modules = select_modules(request.modules, config.modules)
     requested = image_request or request.image or f"id:{image.id}"
-    env = build_env(caller, image, request, modules, config.runtime.env, requested)
+    env_ops = env_operations(caller, image, request, modules, config.runtime.env, requested)
+    env: dict[str, str] = {} if request.clearenv else dict(caller)
+    apply_env_operations(env, env_ops)
     workdir, explicit = choose_workdir(request, image, cwd)
     argv = build_argv(request, image, caller, user)
     return Plan(
@@ -369,6 +393,8 @@ def build_plan(
         runtime=config.runtime,
         writable=request.writable_tmpfs,
         default_shell=request.entrypoint is None and not request.command,
+        clearenv=request.clearenv,
+        env_ops=tuple(env_ops),
     )
 
 

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import socket
     from typing import NoReturn
 
+    from .launch import Recorder
+
 log = get_logger(__name__)
 
 STAGING = "/tmp"  # a tmpfs is mounted over it in the private mount namespace
@@ -97,8 +99,14 @@ def prepared_root(plan: Plan, environ: dict[str, str] | os._Environ[str]) -> str
     return state.root
 
 
-def run(plan: Plan, environ: dict[str, str] | os._Environ[str] | None = None) -> NoReturn:
-    """Run the plan's command in a container as the calling user (never returns)."""
+def run(
+    plan: Plan,
+    environ: dict[str, str] | os._Environ[str] | None = None,
+    *,
+    recorder: Recorder | None = None,
+) -> NoReturn:
+    """Run the plan's command in a container as the calling user (never returns); a
+    ``recorder`` leaves a recipe of a private root for the C launcher (:mod:`.launch`)."""
     if os.geteuid() == 0 or os.getuid() == 0:
         raise PrivilegeError(
             "shifter does not run as root", hint="run it as the user the container is for"
@@ -112,7 +120,7 @@ def run(plan: Plan, environ: dict[str, str] | os._Environ[str] | None = None) ->
         os.chroot(root)
         os.chdir("/")
         _finish(plan)
-    _run_private(plan)
+    _run_private(plan, recorder)
 
 
 # ---- a private root -------------------------------------------------------------------------
@@ -195,7 +203,7 @@ def _open_fuse() -> int:
         ) from None
 
 
-def _run_private(plan: Plan) -> NoReturn:
+def _run_private(plan: Plan, recorder: Recorder | None = None) -> NoReturn:
     from .assemble import RootBuilder  # only here: the fast path needs none of it
 
     if not os.access(plan.image_file, os.R_OK):
@@ -226,6 +234,8 @@ def _run_private(plan: Plan) -> NoReturn:
         plan, f"{STAGING}/root", f"{STAGING}/staging", privileged=False, mount_image=mount_image
     )
     try:
+        if recorder is not None:
+            recorder.open_cache()  # before the staging tmpfs covers /tmp, where it may be
         enter_user_namespace(uid, gid)
         builder.collect()  # bind sources must be opened in the mount namespace they go to
         syscalls.mount(
@@ -238,7 +248,11 @@ def _run_private(plan: Plan) -> NoReturn:
             if said and getattr(err, "errno", None) in (errno.ENOTCONN, errno.ECONNABORTED, None):
                 raise ImageError(f"squashfuse_ll cannot serve {plan.image_file}: {said}") from None
             raise
+        if recorder is not None:
+            recorder.record(builder)
     finally:
+        if recorder is not None:
+            recorder.close()
         builder.close()
         daemon.close()
         os.close(daemon.errors)

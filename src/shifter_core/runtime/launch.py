@@ -1,0 +1,284 @@
+"""Recipes for the C launcher (``launcher/shifter_launch.c``): Python decides, C replays.
+
+Starting Python costs more than a whole container start with Charliecloud, so ``shifter`` is
+a small C program.  For a request it has seen before it replays a *recipe* left here by this
+module; otherwise it runs the Python implementation with ``SHIFTER_LAUNCH_MISS`` set, and
+after the Python runtime has built the container for that request, :class:`Recorder` writes
+the recipe for next time.  The recipe is what the Python build decided, nothing more:
+
+- ``upper/``: the files the build generated (``/etc/passwd``, ``/etc/group``, host files)
+  and the mount points it made, a copy of the overlay's upper layer; the launcher stacks it
+  over the image as a read-only overlay (``lowerdir=upper:image``);
+- the mounts in the order the build made them, with their host sources as paths, and the
+  targets as the build resolved them inside the image;
+- the environment operations over the caller's environment (``Plan.env_ops``), and the
+  working directory;
+- ``depends``: the files whose change invalidates the recipe (configuration, image,
+  ``/etc/passwd``, ``/etc/group``, host files copied in), with their status.
+
+Only requests whose container depends on nothing else get a recipe: an explicit command, an
+``--image`` given as ``id:``, ``--env`` only as ``NAME=VALUE``, no ``--env-file``,
+``--entrypoint``, ``--writable-tmpfs``, ``-v`` or module with devices, copies or hooks, and
+not in a Slurm job (whose prepared root the Python fast path enters).  The cache is
+``$XDG_RUNTIME_DIR/shifter-launch`` (else ``/tmp/shifter-launch-UID``): the user's own
+directory, mode 0700; the launcher ignores it otherwise.  Nothing here is privileged: a
+recipe can do nothing its user could not do with ``unshare``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ._log import get_logger
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from ..cli.shifter import Options
+    from .assemble import RootBuilder
+    from .plan import Plan
+
+log = get_logger(__name__)
+
+MAGIC = "shifter-launch-recipe-1"
+MAX_RECIPES = 64  # per user; the oldest go first
+HOST_DEPENDENCIES = ("/etc/passwd", "/etc/group", "/etc/hosts", "/etc/resolv.conf")
+_BAD_PATH_CHARS = (",", ":", "\\", "\n")
+
+
+def launch_key(
+    uid: int, gid: int, groups: Sequence[int], config: str, options: Sequence[str]
+) -> str:
+    """What a recipe is for, exactly as the launcher writes it (see ``make_key`` there)."""
+    lines = [
+        MAGIC,
+        f"uid={uid} gid={gid}",
+        "groups=" + ",".join(str(g) for g in sorted(groups)),
+        f"config={config}",
+    ]
+    lines += [f"option {len(o.encode())}:{o}" for o in options]
+    return "".join(line + "\n" for line in lines)
+
+
+def key_hash(key: str) -> str:
+    """FNV-1a, 64 bits, as hex: the recipe's directory name (the key itself is compared)."""
+    value = 0xCBF29CE484222325
+    for byte in key.encode():
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{value:016x}"
+
+
+def cache_directory(uid: int, environ: Mapping[str, str], create: bool = False) -> str | None:
+    """The user's launch cache, if it is usable (created with ``create``)."""
+    xdg = environ.get("XDG_RUNTIME_DIR", "")
+    try:
+        use_xdg = xdg.startswith("/") and os.stat(xdg).st_uid == uid and os.path.isdir(xdg)
+    except OSError:
+        use_xdg = False
+    path = f"{xdg}/shifter-launch" if use_xdg else f"/tmp/shifter-launch-{uid}"
+    if any(c in path for c in _BAD_PATH_CHARS):
+        return None
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
+        return None
+    return path
+
+
+def file_identity(path: str) -> str:
+    """``dev:ino:size:mtime_ns`` (``missing`` when it does not exist), as the launcher has it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def why_not_recordable(plan: Plan, options: Options, option_args: Sequence[str]) -> str | None:
+    """Why the launcher could not replay this request (None: it can)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return "in a Slurm job"
+    if not options.command:
+        return "no command given"
+    if not (options.image or "").startswith("id:"):
+        return "the image is not given as --image=id:..."
+    if options.env_files or options.entrypoint is not None:
+        return "--env-file or --entrypoint"
+    if any("=" not in text for text in options.env):
+        return "--env NAME copies a variable from the caller"
+    if options.writable_tmpfs or options.verbose:
+        return "--writable-tmpfs or -v"
+    for name, module in plan.modules:
+        if module.devices or module.copies or module.user_hook or module.root_hook:
+            return f"module {name} has devices, copies or hooks"
+    if len(option_args) > 64:
+        return "too many options"
+    return None
+
+
+class Recorder:
+    """Writes the recipe for one request of the Python runtime, after its build succeeded."""
+
+    def __init__(self, plan: Plan, key: str, config_file: str) -> None:
+        self.plan = plan
+        self.key = key
+        self.config_file = config_file
+        self.cache_fd: int | None = None
+
+    @classmethod
+    def for_request(
+        cls, plan: Plan, options: Options, option_args: Sequence[str], config_file: str
+    ) -> Recorder | None:
+        """A recorder when the launcher could replay the request (it asked for one)."""
+        reason = why_not_recordable(plan, options, option_args)
+        if reason:
+            log.debug("no launch recipe: %s", reason)
+            return None
+        key = launch_key(
+            plan.user.uid,
+            plan.user.gid,
+            os.getgroups(),
+            os.environ.get("SHIFTER_CONFIG", ""),
+            option_args,
+        )
+        return cls(plan, key, config_file)
+
+    def open_cache(self) -> None:
+        """Open the cache before the build covers /tmp (where it may be) with its staging."""
+        path = cache_directory(self.plan.user.uid, os.environ, create=True)
+        if path is not None:
+            self.cache_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.cache_fd is not None:
+            os.close(self.cache_fd)
+            self.cache_fd = None
+
+    def record(self, builder: RootBuilder) -> None:
+        """Write the recipe (never fails the run: a problem only means no recipe)."""
+        if self.cache_fd is None:
+            return
+        try:
+            fields = self._fields(builder)
+            if fields is not None:
+                self._write(fields, f"{builder.staging}/rw/upper")
+        except OSError as err:
+            log.debug("no launch recipe: %s", err)
+        finally:
+            self.close()
+
+    def _fields(self, builder: RootBuilder) -> list[str] | None:
+        plan = self.plan
+        fields = [self.key]
+        for path in (self.config_file, plan.image_file, *HOST_DEPENDENCIES):
+            fields += ["depends", path, file_identity(path)]
+        fields += ["image", plan.image_file, "squashfuse", plan.runtime.squashfuse]
+        for spec in sorted(builder.specs, key=lambda s: s.resolved.count("/")):
+            kind = spec.kind
+            if kind == "tmpfs":
+                kind = "dev" if spec.target == "/dev" else "tmpfs"
+            if kind == "pernode":
+                log.debug("no launch recipe: perNodeCache")
+                return None
+            if kind == "tree":
+                source = "/tmp"
+            elif spec.source_fd is not None:
+                source = os.readlink(f"/proc/self/fd/{spec.source_fd}")
+                if source.endswith(" (deleted)") or not source.startswith("/"):
+                    return None
+            else:
+                source = ""
+            flags = "".join(
+                letter
+                for letter, on in (
+                    ("i", spec.inner),
+                    ("r", spec.recursive),
+                    ("n", spec.nodev),
+                    ("o", spec.read_only),
+                    ("d", spec.source_is_dir),
+                    ("u", spec.user_volume),
+                )
+                if on
+            )
+            fields += ["mount", kind, source, spec.resolved, flags or "-", f"{spec.tmpfs_mode:o}"]
+        fields += ["clearenv", "1" if plan.clearenv else "0"]
+        for op, name, value in plan.env_ops:
+            fields += ["env", op, name, value]
+        workdir = plan.workdir if plan.workdir_explicit else ""
+        fields += ["workdir", workdir, "1" if plan.workdir_explicit else "0", "end"]
+        if any("\0" in f for f in fields):
+            return None
+        return fields
+
+    def _write(self, fields: list[str], upper: str) -> None:
+        import secrets
+        import shutil
+
+        assert self.cache_fd is not None
+        cache = f"/proc/self/fd/{self.cache_fd}"
+        name = key_hash(self.key)
+        temporary = f".new-{secrets.token_hex(8)}"
+        os.mkdir(temporary, 0o700, dir_fd=self.cache_fd)
+        try:
+            shutil.copytree(upper, f"{cache}/{temporary}/upper", symlinks=True, dirs_exist_ok=True)
+            for directory in ("lower", "root"):
+                os.mkdir(f"{temporary}/{directory}", 0o700, dir_fd=self.cache_fd)
+            fd = os.open(
+                f"{temporary}/recipe",
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self.cache_fd,
+            )
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(b"".join(f.encode("utf-8", "surrogateescape") + b"\0" for f in fields))
+            _replace_dir(self.cache_fd, temporary, name)
+        except BaseException:
+            shutil.rmtree(f"{cache}/{temporary}", ignore_errors=True)
+            raise
+        log.debug("launch recipe written: %s", name)
+        _prune(self.cache_fd)
+
+
+def _replace_dir(dir_fd: int, new: str, name: str) -> None:
+    """Put ``new`` in place as ``name``; an old one is moved aside (containers may still
+    use it as their mount points) and removed by a later prune."""
+    import secrets
+
+    try:
+        os.rename(new, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    except OSError:
+        pass
+    os.rename(name, f".old-{secrets.token_hex(8)}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.rename(new, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def _prune(dir_fd: int) -> None:
+    """Keep the newest MAX_RECIPES recipes; remove what was moved aside over a day ago."""
+    import shutil
+    import time
+
+    entries = []
+    for name in os.listdir(dir_fd):
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            continue
+        entries.append((st.st_mtime, name))
+    recipes = sorted((e for e in entries if not e[1].startswith(".")), reverse=True)
+    old = [name for _, name in recipes[MAX_RECIPES:]]
+    old += [n for m, n in entries if n.startswith((".old-", ".new-")) and m < time.time() - 86400]
+    for name in old:
+        shutil.rmtree(f"/proc/self/fd/{dir_fd}/{name}", ignore_errors=True)

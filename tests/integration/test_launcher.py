@@ -1,0 +1,154 @@
+"""The C launcher (``launcher/shifter_launch.c``, installed as ``.venv/bin/shifter``): the
+first run of a request goes through the Python runtime and leaves a recipe; the next runs
+replay it in C and must give the same container.  Anything it cannot vouch for goes back to
+Python."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_runtime_support import (  # noqa: F401 - fixture 'rt'
+    SHIFTER,
+    host_mounts_with,
+    runtime_fixture,
+    shifter_as,
+    user_processes,
+    wait_for_no_processes,
+)
+
+MISS = "running the Python runtime"
+# What a container shows of itself: ids, capabilities, environment, mounts, identity files.
+PROBE = (
+    "id; grep -E '^(Cap|NoNewPrivs)' /proc/self/status; env | sort | grep -v '^LC_CTYPE='; "
+    "pwd; awk '{print $5, $6}' /proc/self/mountinfo | sed 's/,relatime//' | sort; "
+    "cat /etc/passwd /etc/group /etc/hosts; "
+    "ls -la / /dev | grep -v '^total' | awk '{print $1, $3, $4, $NF}'"
+)  # (not sizes or link counts: the generated files live on tmpfs, then in the user's cache)
+
+
+def cache_of(user: str) -> Path:
+    return Path(f"/tmp/shifter-launch-{pwd.getpwnam(user).pw_uid}")
+
+
+def launched(rt, args: list[str], **env: str) -> tuple[subprocess.CompletedProcess[str], bool]:
+    """Run shifter as alice; (result, whether the C launcher replayed a recipe)."""
+    result = shifter_as(rt, args, SHIFTER_LAUNCH_DEBUG="1", **env)
+    return result, MISS not in result.stderr
+
+
+@pytest.fixture
+def fresh_cache():
+    """Alice's launch cache, empty before and after the test."""
+    shutil.rmtree(cache_of("alice"), ignore_errors=True)
+    yield cache_of("alice")
+    shutil.rmtree(cache_of("alice"), ignore_errors=True)
+
+
+def test_the_launcher_is_installed_as_shifter() -> None:
+    with open(SHIFTER, "rb") as fh:
+        assert fh.read(4) == b"\x7fELF", f"{SHIFTER} is not the C launcher (make setup)"
+
+
+@pytest.fixture
+def alice_dir():
+    """A directory of alice's that she can reach."""
+    path = Path(tempfile.mkdtemp(prefix="shifter-launch-test-", dir="/var/tmp"))
+    shutil.chown(path, "alice")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_replayed_container_is_the_python_one(rt, fresh_cache, alice_dir) -> None:
+    data = alice_dir
+    args = [f"--image=id:{rt.busybox}", "-V", f"{data}:/a/b/data", "-e", "X=1", "sh", "-c"]
+    first, replayed = launched(rt, [*args, PROBE + "; touch /a/b/data/first"])
+    assert first.returncode == 0, first.stderr
+    assert not replayed and "no launch cache" in first.stderr
+    assert len(list(fresh_cache.iterdir())) == 1  # the recipe the Python runtime left
+    second, replayed = launched(rt, [*args, PROBE + "; touch /a/b/data/second"])
+    assert second.returncode == 0, second.stderr
+    assert replayed, second.stderr
+    assert second.stdout == first.stdout
+    assert "CapBnd:\t0000000000000000" in second.stdout and "NoNewPrivs:\t1" in second.stdout
+    assert "SHIFTER_RUNTIME=1" in second.stdout and "X=1" in second.stdout
+    for name in ("first", "second"):  # the volume is the user's, writable
+        assert (data / name).stat().st_uid == pwd.getpwnam("alice").pw_uid
+
+
+def test_exit_status_signals_and_cleanup(rt, fresh_cache) -> None:
+    args = [f"--image=id:{rt.busybox}", "sh", "-c"]
+    assert launched(rt, [*args, "exit 3"])[0].returncode == 3  # Python; leaves the recipe
+    result, replayed = launched(rt, [*args, "exit 7"])
+    assert replayed and result.returncode == 7
+    result, replayed = launched(rt, [*args, "kill -KILL $$"])
+    assert replayed and result.returncode in (-9, 128 + 9)  # runuser reports it as a shell does
+    missing, replayed = launched(rt, [f"--image=id:{rt.busybox}", "no-such-command"])
+    missing, replayed = launched(rt, [f"--image=id:{rt.busybox}", "no-such-command"])
+    assert replayed and missing.returncode == 127
+    assert "no-such-command: command not found in the container" in missing.stderr
+    assert not wait_for_no_processes("alice", "squashfuse_ll")
+    assert not host_mounts_with(str(fresh_cache))
+
+
+def test_changes_send_the_request_back_to_python(rt, fresh_cache) -> None:
+    args = [f"--image=id:{rt.busybox}", "true"]
+    assert not launched(rt, args)[1]
+    assert launched(rt, args)[1]
+    os.utime(rt.config)  # the configuration changed: the recipe no longer holds
+    result, replayed = launched(rt, args)
+    assert not replayed and "changed" in result.stderr and result.returncode == 0
+    assert launched(rt, args)[1]  # the Python run left a new recipe
+    # Other options, another key: the Python runtime again.
+    assert not launched(rt, [f"--image=id:{rt.busybox}", "-e", "Y=2", "true"])[1]
+
+
+def test_what_the_launcher_leaves_to_python(rt, fresh_cache) -> None:
+    image = f"--image=id:{rt.busybox}"
+    for args in ([image], [image, "--entrypoint", "true"], [image, "-v", "true"]):
+        for _ in range(2):  # never recorded, so never replayed
+            result, replayed = launched(rt, args, SHELL="/bin/true")
+            assert result.returncode == 0, result.stderr
+            assert not replayed
+    bad, replayed = launched(rt, ["--no-such-option", "true"])
+    assert bad.returncode == 2 and "unknown option --no-such-option" in bad.stderr
+
+
+def test_a_cache_others_could_write_is_ignored(rt, fresh_cache) -> None:
+    args = [f"--image=id:{rt.busybox}", "true"]
+    assert not launched(rt, args)[1]
+    assert launched(rt, args)[1]
+    fresh_cache.chmod(0o777)
+    result, replayed = launched(rt, args)
+    assert not replayed and "no launch cache" in result.stderr
+    fresh_cache.chmod(0o700)
+    recipe = next(fresh_cache.glob("*/recipe"))
+    recipe.write_bytes(recipe.read_bytes().replace(b"uid=", b"uid=9", 1))  # another key
+    result, replayed = launched(rt, args)
+    assert not replayed and "another request's recipe" in result.stderr
+
+
+def test_many_replays_leave_nothing(rt, fresh_cache) -> None:
+    args = [f"--image=id:{rt.busybox}", "sh", "-c", "sleep 30"]
+    assert launched(rt, [f"--image=id:{rt.busybox}", "sh", "-c", "true"])[0].returncode == 0
+    for _ in range(5):
+        env = {"SHIFTER_CONFIG": str(rt.config), "SHIFTER_LAUNCH_DEBUG": "1"}
+        proc = subprocess.Popen(
+            ["runuser", "-u", "alice", "--", "env", *(f"{k}={v}" for k, v in env.items()),
+             SHIFTER, *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd="/tmp",
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not user_processes("alice", "sleep") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        subprocess.run(["pkill", "-KILL", "-u", "alice", "-x", "sleep"], check=False)
+        proc.wait(timeout=30)
+    assert not wait_for_no_processes("alice", "squashfuse_ll")
+    assert not host_mounts_with(str(fresh_cache))
