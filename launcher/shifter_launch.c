@@ -37,6 +37,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef SHIFTER_PYTHON
@@ -392,6 +393,10 @@ static int load_plan(struct recipe *r, struct plan *p, const char **why)
             identity(path, now, sizeof now);
             if (strcmp(now, then) != 0)
                 return *why = "a file the recipe depends on changed", -1;
+        } else if (strcmp(rec, "expires") == 0) {
+            const char *when = field(r);
+            if (!when || (long long)time(NULL) >= atoll(when))
+                return *why = "the image name's resolution expired", -1;
         } else if (strcmp(rec, "image") == 0) {
             p->image = field(r);
         } else if (strcmp(rec, "squashfuse") == 0) {

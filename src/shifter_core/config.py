@@ -37,6 +37,10 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
 def _listen(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
     if sep and host and port.isdigit() and 0 < int(port) < 65536:
@@ -279,6 +283,14 @@ class RuntimeConfig:
     squashfuse: str = field(
         default="/usr/bin/squashfuse_ll",
         metadata=_doc("squashfuse_ll program for unprivileged mounts", check=_absolute),
+    )
+    launcher_name_ttl: int = field(
+        default=60,
+        metadata=_doc(
+            "seconds shifter's C launcher may reuse what an image name resolved to "
+            "(0: it replays only --image=id:... requests)",
+            check=_non_negative,
+        ),
     )
     per_node_cache_dir: str = field(
         default="/var/tmp",

@@ -152,3 +152,21 @@ def test_many_replays_leave_nothing(rt, fresh_cache) -> None:
         proc.wait(timeout=30)
     assert not wait_for_no_processes("alice", "squashfuse_ll")
     assert not host_mounts_with(str(fresh_cache))
+
+
+def test_an_image_name_is_replayed_for_a_while(rt, box, fresh_cache) -> None:
+    """By name (through the gateway): replayed until runtime.launcher_name_ttl runs out."""
+    env = {"SHIFTER_CONFIG": str(box.shifter_config)}
+    args = ["--image=busybox", "sh", "-c", "echo $SHIFTER_IMAGEREQUEST"]
+    first, replayed = launched(rt, args, **env)
+    assert first.returncode == 0 and not replayed, first.stderr
+    second, replayed = launched(rt, args, **env)
+    assert replayed and second.stdout == first.stdout == "docker:busybox\n"
+    recipe = next(fresh_cache.glob("*/recipe"))
+    fields = recipe.read_bytes().split(b"\0")
+    expires = fields.index(b"expires") + 1
+    assert 0 < int(fields[expires]) - time.time() <= 60  # the default
+    fields[expires] = b"1"
+    recipe.write_bytes(b"\0".join(fields))
+    third, replayed = launched(rt, args, **env)
+    assert not replayed and "expired" in third.stderr and third.stdout == first.stdout

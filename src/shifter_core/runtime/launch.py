@@ -17,7 +17,8 @@ the recipe for next time.  The recipe is what the Python build decided, nothing 
   ``/etc/passwd``, ``/etc/group``, host files copied in), with their status.
 
 Only requests whose container depends on nothing else get a recipe: an explicit command, an
-``--image`` given as ``id:``, ``--env`` only as ``NAME=VALUE``, no ``--env-file``,
+``--image`` (given by name, the recipe expires after ``runtime.launcher_name_ttl`` seconds,
+since the name may be pulled again), ``--env`` only as ``NAME=VALUE``, no ``--env-file``,
 ``--entrypoint``, ``--writable-tmpfs``, ``-v`` or module with devices, copies or hooks, and
 not in a Slurm job (whose prepared root the Python fast path enters).  The cache is
 ``$XDG_RUNTIME_DIR/shifter-launch`` (else ``/tmp/shifter-launch-UID``): the user's own
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 from ._log import get_logger
 
@@ -112,8 +114,10 @@ def why_not_recordable(plan: Plan, options: Options, option_args: Sequence[str])
         return "in a Slurm job"
     if not options.command:
         return "no command given"
-    if not (options.image or "").startswith("id:"):
-        return "the image is not given as --image=id:..."
+    if not options.image:
+        return "no --image (the job's image)"
+    if not options.image.startswith("id:") and plan.runtime.launcher_name_ttl <= 0:
+        return "the image is given by name (runtime.launcher_name_ttl is 0)"
     if options.env_files or options.entrypoint is not None:
         return "--env-file or --entrypoint"
     if any("=" not in text for text in options.env):
@@ -131,10 +135,11 @@ def why_not_recordable(plan: Plan, options: Options, option_args: Sequence[str])
 class Recorder:
     """Writes the recipe for one request of the Python runtime, after its build succeeded."""
 
-    def __init__(self, plan: Plan, key: str, config_file: str) -> None:
+    def __init__(self, plan: Plan, key: str, config_file: str, by_id: bool = True) -> None:
         self.plan = plan
         self.key = key
         self.config_file = config_file
+        self.by_id = by_id  # the image was given as id:, not by a name that may move
         self.cache_fd: int | None = None
 
     @classmethod
@@ -153,7 +158,7 @@ class Recorder:
             os.environ.get("SHIFTER_CONFIG", ""),
             option_args,
         )
-        return cls(plan, key, config_file)
+        return cls(plan, key, config_file, by_id=(options.image or "").startswith("id:"))
 
     def open_cache(self) -> None:
         """Open the cache before the build covers /tmp (where it may be) with its staging."""
@@ -184,6 +189,8 @@ class Recorder:
         fields = [self.key]
         for path in (self.config_file, plan.image_file, *HOST_DEPENDENCIES):
             fields += ["depends", path, file_identity(path)]
+        if not self.by_id:  # what the name resolved to may change: only for a while
+            fields += ["expires", str(int(time.time()) + int(plan.runtime.launcher_name_ttl))]
         fields += ["image", plan.image_file, "squashfuse", plan.runtime.squashfuse]
         for spec in sorted(builder.specs, key=lambda s: s.resolved.count("/")):
             kind = spec.kind
