@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,7 +131,8 @@ class NodeCache:
         digest = hashlib.sha256()
         started = time.monotonic()
         try:
-            with open(source, "rb") as src, open(partial, "wb") as dst:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
                 while chunk := src.read(CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
@@ -142,7 +144,10 @@ class NodeCache:
                     f"expected {sha256}",
                     hint="the image in the store is damaged; ask an administrator to pull it again",
                 )
-            partial.chmod(0o644)
+            # Readable by all only if the store's file is (a private image stays root's: the
+            # prolog mounts it, users never read the copy).
+            if os.stat(source).st_mode & stat.S_IROTH:
+                partial.chmod(0o644)
             partial.replace(target)
         finally:
             partial.unlink(missing_ok=True)

@@ -81,3 +81,13 @@ def test_held_entries_are_never_evicted(tmp_path):
     cache.stage(ID_A, a, da, "job1")
     cache.stage(ID_B, b, db, "job2")
     assert cache.path(ID_A).exists() and cache.path(ID_B).exists()
+
+
+def test_a_private_image_stays_private_in_the_node_cache(tmp_path):
+    private, digest = make_image(tmp_path, "private", 1000)
+    private.chmod(0o600)  # as the store keeps a private image (ACLs aside)
+    public, public_digest = make_image(tmp_path, "public", 1000)
+    public.chmod(0o644)
+    cache = NodeCache(tmp_path / "cache")
+    assert cache.stage(ID_A, private, digest, "job1").stat().st_mode & 0o777 == 0o600
+    assert cache.stage(ID_B, public, public_digest, "job1").stat().st_mode & 0o777 == 0o644
