@@ -4,6 +4,9 @@ VENV   := $(ROOT)/.venv
 PYTHON := $(VENV)/bin/python
 PLUGIN := $(ROOT)/build/shifter_spank.so
 LAUNCHER := $(ROOT)/build/shifter
+# libsquashfuse serves the image from the launcher's own process (static: nothing to load;
+# ld warns that libfuse3's module loader would need shared libraries: it is never used).
+LAUNCHER_LIBS := -lsquashfuse_ll -lsquashfuse -lfuse3 -lz -llzma -lzstd -llz4 -llzo2 -lpthread -ldl
 
 .PHONY: setup plugin launcher box box-down demo test lint bench bench-spank bench-pull bench-start clean
 
@@ -17,7 +20,8 @@ launcher: $(LAUNCHER)
 
 $(LAUNCHER): launcher/shifter_launch.c
 	mkdir -p $(dir $@)
-	$(CC) -O2 -Wall -Wextra -Werror -static -DSHIFTER_PYTHON='"$(PYTHON)"' -o $@ $<
+	$(CC) -O2 -Wall -Wextra -Werror -static -DSHIFTER_PYTHON='"$(PYTHON)"' -o $@ $< \
+	    $(LAUNCHER_LIBS)
 
 # Debian packages, the venv (Debian's python3) with shifter_core, and the plugin.
 setup:

@@ -6,8 +6,8 @@
  * generated files and mount points (a directory, "upper"), the list of mounts in order, the
  * environment changes and the files the result depends on.  When the same request comes
  * again (same options, user, groups and configuration, and none of those files changed),
- * this program replays the recipe without starting Python: it mounts the image with
- * squashfuse_ll, stacks "upper" over it as a read-only overlay, makes the same mounts,
+ * this program replays the recipe without starting Python: it mounts the image, served by
+ * a process of its own with libsquashfuse (what squashfuse_ll runs), stacks "upper" over it as a read-only overlay, makes the same mounts,
  * pivots into the root, drops every capability and execs the command.  Anything it does not
  * recognise (an unknown option, no recipe, a changed file, a Slurm job, an error before the
  * namespaces exist) hands the whole command line to the Python implementation, unchanged.
@@ -39,6 +39,10 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#define FUSE_USE_VERSION 32
+#include <fuse3/fuse_lowlevel.h>
+#include <squashfuse/ll.h>
 
 #ifndef SHIFTER_PYTHON
 #error "build with -DSHIFTER_PYTHON=\"/path/to/python\" (make launcher)"
@@ -433,7 +437,7 @@ static int load_plan(struct recipe *r, struct plan *p, const char **why)
             p->workdir = field(r);
             p->workdir_explicit = parse_int(field(r));
         } else if (strcmp(rec, "end") == 0) {
-            if (!p->image || !p->squashfuse)
+            if (!p->image)
                 return *why = "recipe incomplete", -1;
             return 0;
         } else {
@@ -513,11 +517,46 @@ static void make_inner(int base_fd, const char *rel, int directory)
     }
 }
 
-/* ---- squashfuse_ll, started before the namespaces -------------------------------------- */
+/* ---- the image server, started before the namespaces --------------------------------- */
 
-/* Forks the daemon (double fork: not our child, out of our session); it waits for the FUSE
- * descriptor on the socket and serves it; with nothing sent it exits. Returns our end. */
-static int start_squashfuse(const char *program, const char *image)
+/* squashfuse's low-level operations (libsquashfuse_ll), as its squashfuse_ll program sets
+ * them up; served by a process of ours, so no program has to be loaded once the image is
+ * mounted. */
+static void serve_image(sqfs_ll *ll, int fuse_fd)
+{
+    struct fuse_lowlevel_ops ops;
+    memset(&ops, 0, sizeof ops);
+    ops.getattr = sqfs_ll_op_getattr;
+    ops.opendir = sqfs_ll_op_opendir;
+    ops.releasedir = sqfs_ll_op_releasedir;
+    ops.readdir = sqfs_ll_op_readdir;
+    ops.lookup = sqfs_ll_op_lookup;
+    ops.open = sqfs_ll_op_open;
+    ops.create = sqfs_ll_op_create;
+    ops.release = sqfs_ll_op_release;
+    ops.read = sqfs_ll_op_read;
+    ops.readlink = sqfs_ll_op_readlink;
+    ops.listxattr = sqfs_ll_op_listxattr;
+    ops.getxattr = sqfs_ll_op_getxattr;
+    ops.forget = sqfs_ll_op_forget;
+    ops.statfs = stfs_ll_op_statfs;
+    char *fuse_argv[] = {"shifter-squashfuse", NULL};
+    struct fuse_args args = FUSE_ARGS_INIT(1, fuse_argv);
+    struct fuse_session *session = fuse_session_new(&args, &ops, sizeof ops, ll);
+    char mountpoint[64];
+    snprintf(mountpoint, sizeof mountpoint, "/dev/fd/%d", fuse_fd);
+    if (!session || fuse_session_mount(session, mountpoint) != 0)
+        _exit(1);
+    fuse_session_loop(session); /* returns when the container's last process is gone */
+    _exit(0);
+}
+
+/* Forks the image server (double fork: not our child, out of our session): it opens the
+ * image meanwhile, waits for the FUSE descriptor on the socket and serves it; with nothing
+ * sent it exits.  It is in none of the container's namespaces, so it keeps nothing alive:
+ * when the mount namespace goes, the kernel ends the connection and the server exits.
+ * Returns our end of the socket. */
+static int start_image_server(const char *image)
 {
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
@@ -530,6 +569,17 @@ static int start_squashfuse(const char *program, const char *image)
         setsid();
         if (fork() != 0)
             _exit(0);
+        int null = open("/dev/null", O_RDWR);
+        if (null >= 0) {
+            dup2(null, 0);
+            dup2(null, 1);
+            dup2(null, 2);
+        }
+        if (chdir("/") != 0)
+            _exit(127);
+        sqfs_ll *ll = sqfs_ll_open(image, 0);
+        if (!ll)
+            _exit(1); /* the launcher's send fails: it says the image cannot be read */
         char byte;
         char control[CMSG_SPACE(sizeof(int))];
         struct iovec iov = {.iov_base = &byte, .iov_len = 1};
@@ -542,18 +592,8 @@ static int start_squashfuse(const char *program, const char *image)
             _exit(0);
         int fuse_fd;
         memcpy(&fuse_fd, CMSG_DATA(cmsg), sizeof fuse_fd);
-        int null = open("/dev/null", O_RDWR);
-        if (null >= 0) {
-            dup2(null, 0);
-            dup2(null, 1);
-            dup2(null, 2);
-        }
-        if (chdir("/") != 0)
-            _exit(127);
-        char mountpoint[64];
-        snprintf(mountpoint, sizeof mountpoint, "/dev/fd/%d", fuse_fd);
-        execl(program, program, "-f", image, mountpoint, (char *)NULL);
-        _exit(127);
+        close(sv[1]);
+        serve_image(ll, fuse_fd);
     }
     close(sv[1]);
     waitpid(pid, NULL, 0);
@@ -573,8 +613,8 @@ static void send_fd(int sock, int fd)
     cmsg->cmsg_type = SCM_RIGHTS;
     cmsg->cmsg_len = CMSG_LEN(sizeof(int));
     memcpy(CMSG_DATA(cmsg), &fd, sizeof fd);
-    if (sendmsg(sock, &msg, 0) != 1)
-        die("cannot hand the image to squashfuse_ll");
+    if (sendmsg(sock, &msg, MSG_NOSIGNAL) != 1)
+        die("the image cannot be served (is it a squashfs file?)");
 }
 
 /* ---- building the root ------------------------------------------------------------------- */
@@ -785,9 +825,9 @@ int main(int argc, char **argv)
     if (lstat(upper, &st) != 0 || !S_ISDIR(st.st_mode) || lstat(lower, &st) != 0 ||
         !S_ISDIR(st.st_mode) || lstat(root, &st) != 0 || !S_ISDIR(st.st_mode))
         fallback("the recipe's directories are incomplete", key_hex);
-    int daemon = start_squashfuse(plan.squashfuse, plan.image);
+    int daemon = start_image_server(plan.image);
     if (daemon < 0)
-        fallback("cannot start squashfuse_ll", key_hex);
+        fallback("cannot start the image server", key_hex);
 
     /* From here on there is no way back to Python. */
     enter_namespaces();

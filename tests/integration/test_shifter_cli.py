@@ -279,7 +279,8 @@ def _children(pid: int) -> list[int]:
 
 def test_hundred_runs_leave_nothing_behind(rt):
     """100 runs, every 5th killed with SIGKILL mid-command: no mount, loop device or process
-    of theirs remains (the squashfuse_ll daemons exit when their container's mounts go)."""
+    of theirs remains (the image servers, squashfuse_ll or the launcher's own, exit when their
+    container's mounts go)."""
     variables = user_env(SHIFTER_CONFIG=str(rt.config))
     base = [
         "runuser",
