@@ -123,6 +123,12 @@ static void fallback(const char *why, const char *key_hex)
         argv[i + 2] = original_argv[i];
     if (key_hex)
         setenv("SHIFTER_LAUNCH_MISS", key_hex, 1);
+    /* Python would set LC_CTYPE=C.UTF-8 in the environment the container inherits when the
+     * caller has no locale (PEP 538); the Python side removes this variable again. */
+    if (!getenv("PYTHONCOERCECLOCALE")) {
+        setenv("PYTHONCOERCECLOCALE", "0", 1);
+        setenv("SHIFTER_LAUNCH_UNSET", "PYTHONCOERCECLOCALE", 1);
+    }
     if (getenv("SHIFTER_LAUNCH_DEBUG"))
         fprintf(stderr, "shifter: launcher: %s: running the Python runtime\n", why);
     execv(SHIFTER_PYTHON, argv);

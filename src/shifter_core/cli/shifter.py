@@ -209,6 +209,8 @@ def run(options: Options) -> int:
     from ..runtime.unprivileged import run as run_unprivileged
 
     launch_miss = os.environ.pop(MISS_VARIABLE, None)  # never into the container's environment
+    for name in os.environ.pop("SHIFTER_LAUNCH_UNSET", "").split():
+        os.environ.pop(name, None)  # what the launcher set only for Python itself
     config = load_config()
     user = User.current()
     request = RunRequest(
