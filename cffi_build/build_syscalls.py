@@ -41,6 +41,7 @@ int sh_loop_clr_fd(int loop_fd);
 int sh_loop_set_autoclear(int loop_fd);
 int sh_capset_clear(void);
 int sh_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable);
+int sh_clone_userns(unsigned int uid, unsigned int gid, char *stack, size_t stack_size);
 
 #define MS_RDONLY ...
 #define MS_NOSUID ...
@@ -72,6 +73,7 @@ int sh_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable);
 #define PR_CAP_AMBIENT_CLEAR_ALL ...
 #define PR_SET_PDEATHSIG ...
 #define PR_SET_DUMPABLE ...
+#define PR_GET_DUMPABLE ...
 #define PR_SET_CHILD_SUBREAPER ...
 #define LO_FLAGS_READ_ONLY ...
 #define LO_FLAGS_AUTOCLEAR ...
@@ -101,7 +103,9 @@ SOURCE = r"""
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
@@ -223,6 +227,73 @@ int sh_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable)
     *inheritable = ((uint64_t)data[1].inheritable << 32) | data[0].inheritable;
     return 0;
 }
+
+/* A user namespace owned by another user, made by root without fork (a fork of the prolog
+ * copies its page tables: ~5 ms). The calling thread takes the user's euid and egid (real and
+ * saved ids stay root's, so it can take them back), clones a child into a new user namespace
+ * (owned by that euid) sharing its memory (CLONE_VM, no copy) on the caller's ``stack``, and
+ * becomes root again. The child only waits (all signals blocked, killed with its parent) until
+ * the caller, who writes its uid_map and gid_map, kills it with SIGKILL and reaps it; the stack
+ * must stay allocated until then. The memory is root's: the caller must keep it non-dumpable
+ * while the child lives (done here after each change of ids, which resets dumpability) and
+ * must not use this where fs.suid_dumpable is 1. */
+static int sh_userns_idle(void *arg)
+{
+    long parent = (long)arg;
+    /* Raw system calls only: the child shares the caller's memory and thread pointer. */
+    syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (syscall(SYS_getppid) != parent)
+        syscall(SYS_exit, 0);
+    for (;;)
+        syscall(SYS_ppoll, NULL, 0, NULL, NULL, 0);
+    return 0;
+}
+
+int sh_clone_userns(unsigned int uid, unsigned int gid, char *stack, size_t stack_size)
+{
+    uid_t ruid, euid, suid;
+    gid_t rgid, egid, sgid;
+    sigset_t all, old;
+    long pid = -1;
+    int err = 0;
+    char *top = (char *)(((uintptr_t)(stack + stack_size)) & ~(uintptr_t)15);
+
+    if (getresuid(&ruid, &euid, &suid) < 0 || getresgid(&rgid, &egid, &sgid) < 0)
+        return -1;
+    if (euid != 0) {
+        errno = EPERM;
+        return -1;
+    }
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    /* Raw system calls: this thread only (glibc's setresuid would change every thread). */
+    if (syscall(SYS_setresgid, -1, gid, -1) < 0) {
+        err = errno;
+        goto out;
+    }
+    if (syscall(SYS_setresuid, -1, uid, -1) < 0) {
+        err = errno;
+        goto restore_gid;
+    }
+    syscall(SYS_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0);
+    pid = clone(sh_userns_idle, top, CLONE_VM | CLONE_NEWUSER | SIGCHLD,
+                (void *)(long)getpid());
+    if (pid < 0)
+        err = errno;
+    if (syscall(SYS_setresuid, -1, euid, -1) < 0)
+        abort(); /* cannot happen: the real and saved uids are root's */
+restore_gid:
+    if (syscall(SYS_setresgid, -1, egid, -1) < 0)
+        abort();
+    syscall(SYS_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0);
+out:
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    return (int)pid;
+}
 """
 
 ffibuilder = cffi.FFI()
@@ -233,5 +304,8 @@ if __name__ == "__main__":
     package = Path(__file__).resolve().parent.parent / "src" / "shifter_core"
     with tempfile.TemporaryDirectory() as tmp:
         built = Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
-        shutil.copy2(built, package / built.name)
+        # Copied, then renamed over the old module: running processes keep the old file.
+        partial = package / f".{built.name}.partial"
+        shutil.copy2(built, partial)
+        partial.replace(package / built.name)
         print(package / built.name)

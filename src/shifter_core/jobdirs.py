@@ -17,6 +17,7 @@ class JobDirectoryError(ShifterError):
 
 
 STATE_FILE = "state.json"
+USERNS_FILE = "userns"  # the user namespace pinned for the job (a bind mount of nsfs)
 ROOT_DIR = "root"
 _FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _REST = _FIRST | frozenset("._-")

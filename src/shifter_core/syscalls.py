@@ -44,6 +44,7 @@ PR_CAP_AMBIENT: int = lib.PR_CAP_AMBIENT
 PR_CAP_AMBIENT_CLEAR_ALL: int = lib.PR_CAP_AMBIENT_CLEAR_ALL
 PR_SET_PDEATHSIG: int = lib.PR_SET_PDEATHSIG
 PR_SET_DUMPABLE: int = lib.PR_SET_DUMPABLE
+PR_GET_DUMPABLE: int = lib.PR_GET_DUMPABLE
 PR_SET_CHILD_SUBREAPER: int = lib.PR_SET_CHILD_SUBREAPER
 LO_FLAGS_READ_ONLY: int = lib.LO_FLAGS_READ_ONLY
 LO_FLAGS_AUTOCLEAR: int = lib.LO_FLAGS_AUTOCLEAR
@@ -194,6 +195,15 @@ def loop_clr_fd(loop_fd: int, device: str) -> None:
 def loop_set_autoclear(loop_fd: int, device: str) -> None:
     """Set ``LO_FLAGS_AUTOCLEAR`` on an attached loop device (it detaches when unused)."""
     _check(lib.sh_loop_set_autoclear(loop_fd), "ioctl(LOOP_SET_STATUS64)", device)
+
+
+def clone_user_namespace(uid: int, gid: int, stack: bytearray) -> int:
+    """An idle child in a new user namespace owned by ``uid`` (group ``gid``), cloned by root
+    without copying its memory (``CLONE_VM``); returns its pid. It runs on ``stack``, which
+    the caller keeps alive until it has killed (SIGKILL) and reaped the child; the caller's
+    memory is non-dumpable afterwards (see ``sh_clone_userns`` in ``cffi_build``)."""
+    pid = lib.sh_clone_userns(uid, gid, ffi.from_buffer(stack), len(stack))
+    return _check(pid, "clone(CLONE_NEWUSER)", detail=f"owner uid {uid}")
 
 
 def capset_clear() -> None:

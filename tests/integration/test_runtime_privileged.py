@@ -4,14 +4,17 @@ path), tear it down; perNodeCache; cleanup after failures."""
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from shifter_core import config as config_module
-from shifter_core.runtime import RunRequest, User, build_plan, privileged, resolve_image
+from shifter_core.runtime import RunRequest, User, build_plan, privileged, resolve_image, userns
 from shifter_core.runtime.errors import ModuleError
 from shifter_core.runtime.jobs import read_state
 
@@ -107,6 +110,76 @@ def test_prepare_enter_teardown(rt):
     assert host_mounts_with(str(job)) == []
     assert loop_devices_of(rt.testimg) == []
     assert privileged.teardown_job(cfg.runtime.run_dir, "n1", "1001") == []  # idempotent
+
+
+JOIN = """
+import os, sys
+from shifter_core import syscalls
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    syscalls.setns(fd, syscalls.CLONE_NEWUSER)
+except OSError as err:
+    print(err.errno)
+else:
+    print("joined")
+"""
+
+
+def test_fast_path_joins_the_user_namespace_pinned_for_the_job(rt):
+    """prepare_job pins a user namespace owned by the user in which all its gids are mapped:
+    the user's shifter on the fast path joins it and shows its groups by their gids
+    (setgroups stays denied); another user cannot join it; when it is gone shifter makes its
+    own (groups shown as 65534); teardown unmounts it."""
+    cfg, plan = make_plan(rt, rt.busybox)
+    alice = pwd.getpwnam("alice")
+    groups = sorted(os.getgrouplist("alice", alice.pw_gid))
+    assert len(groups) > 1  # alice is in 'science' too
+    prepared = privileged.prepare_job(plan, cfg.runtime.run_dir, "n1", "1002")
+    # the namespace was cloned while this thread held alice's ids: it is root again
+    assert os.getresuid() == (0, 0, 0) and os.getresgid() == (0, 0, 0)
+    job = Path(cfg.runtime.run_dir) / "n1" / "1002"
+    pinned = job / "userns"
+    env = {"SLURM_JOB_ID": "1002", "SLURMD_NODENAME": "n1", "SHIFTER_IMAGE": rt.busybox}
+    try:
+        state = read_state(str(job))
+        assert state is not None and state.userns == str(pinned)
+        mounts = host_mounts_with(str(pinned))
+        assert [line.split(" - ")[1].split()[0] for line in mounts] == ["nsfs"]
+        assert pinned.stat().st_uid == 0
+        script = "id -G; cat /proc/self/uid_map /proc/self/gid_map /proc/self/setgroups"
+        out = shifter_as(rt, ["-v", "sh", "-c", script], **env)
+        assert out.returncode == 0, out.stderr
+        assert f"entering the root prepared for this job: {prepared.root}" in out.stderr
+        lines = out.stdout.splitlines()
+        assert sorted(int(g) for g in lines[0].split()) == groups
+        assert lines[1].split() == [str(alice.pw_uid), str(alice.pw_uid), "1"]
+        mapped = {
+            first + i
+            for first, _, count in (map(int, line.split()) for line in lines[2:-1])
+            for i in range(count)
+        }
+        assert mapped == set(groups) and lines[-1] == "deny"
+        # the namespace is alice's: bob cannot join it
+        bob = subprocess.run(
+            ["runuser", "-u", "bob", "--", sys.executable, "-c", JOIN, str(pinned)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/tmp",
+            check=False,
+        )
+        assert bob.stdout.strip() == str(errno.EPERM), bob.stdout + bob.stderr
+        # no pinned namespace any more: shifter falls back to a namespace of its own
+        assert userns.release(str(pinned)) == [] and not pinned.exists()
+        out = shifter_as(rt, ["-vv", "id", "-G"], **env)
+        assert out.returncode == 0, out.stderr
+        assert "no user namespace pinned for this job" in out.stderr
+        shown = [int(g) for g in out.stdout.split()]
+        assert alice.pw_gid in shown and 65534 in shown
+    finally:
+        problems = privileged.teardown_job(cfg.runtime.run_dir, "n1", "1002")
+    assert problems == []
+    assert host_mounts_with(str(job)) == [] and not job.exists()
 
 
 def test_prepare_with_a_mount_below_host_tmp(rt, tmp_submount):

@@ -5,6 +5,7 @@ Everything runs as the test users through the real plugin, gateway, munge and ke
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
@@ -134,6 +135,33 @@ def test_batch_job_mounts_once_per_node_for_twenty_steps(user_tmp):
     assert output.strip().endswith(os.uname().nodename)  # a plain srun stays on the host
     (job,) = jobs_named(name)
     assert sorted(prepared_lines(job)) == list(NODES)  # one root per node, for 21 steps
+
+
+def test_shifter_in_a_job_shows_the_users_groups_by_their_gids(user_tmp):
+    """`srun shifter` in a job made with --image (the fast path) joins the user namespace the
+    prolog pinned for the job, in which all of alice's gids are mapped: her group 'science'
+    keeps its gid instead of showing as the overflow gid 65534. The epilog unmounts it."""
+    science = grp.getgrnam("science").gr_gid
+    name = unique_name("groups")
+    script = (
+        "srun -N2 shifter -v --image=busybox id\n"
+        f"srun -N2 sh -c 'findmnt -n -o FSTYPE {RUN_DIR}/$SLURMD_NODENAME/$SLURM_JOB_ID/userns'\n"
+    )
+    output = sbatch(script, "-J", name, "-N2", "--image=busybox", output=user_tmp / "out")
+    assert output.count("entering the root prepared for this job") == 2, output
+    ids = [line for line in output.splitlines() if line.startswith("uid=")]
+    assert len(ids) == 2, output
+    for line in ids:
+        groups = line.partition(" groups=")[2].split(",")
+        assert f"{science}(science)" in groups and not any("65534" in g for g in groups), line
+    assert output.split().count("nsfs") == 2  # pinned on both nodes while the job ran
+    (job,) = jobs_named(name)
+    wait_for_idle_cluster()
+    mounts = subprocess.run(
+        ["findmnt", "-rn", "-o", "TARGET,FSTYPE"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert [m for m in mounts if m.startswith(f"{RUN_DIR}/") and f"/{job}/" in m] == []
+    assert not any(str(job) in item for item in leftovers())
 
 
 def test_steps_with_another_image_or_volume_get_a_root_of_their_own(user_tmp):

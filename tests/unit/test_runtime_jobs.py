@@ -10,8 +10,10 @@ import pytest
 
 from shifter_core import config
 from shifter_core.jobdirs import JobDirectoryError
+from shifter_core.runtime.errors import ContainerError
 from shifter_core.runtime.jobs import current_job, job_dir, read_state, write_state
 from shifter_core.runtime.mountinfo import mounts_under, read_mounts
+from shifter_core.runtime.userns import MAX_EXTENTS, id_map
 
 MODULES_DIR = Path(__file__).resolve().parents[2] / "slurm_conf" / "modules"
 
@@ -37,6 +39,10 @@ def test_state_files_are_trusted_only_when_roots(tmp_path):
     assert oct(os.stat(path).st_mode & 0o777) == "0o644"
     state = read_state(str(tmp_path))
     assert state is not None and state.root == "/r" and state.uid == 1001
+    assert state.userns is None  # no namespace pinned (or a state written before there were)
+    write_state(str(tmp_path), {**data, "userns": "/r/../userns"})
+    state = read_state(str(tmp_path))
+    assert state is not None and state.userns == "/r/../userns"
     os.chmod(path, 0o666)
     assert read_state(str(tmp_path)) is None
     os.chmod(path, 0o644)
@@ -48,6 +54,14 @@ def test_state_files_are_trusted_only_when_roots(tmp_path):
     Path(path).write_text("{not json")
     assert read_state(str(tmp_path)) is None
     assert read_state(str(tmp_path / "missing")) is None
+
+
+def test_id_map_maps_each_id_to_itself_in_merged_ranges():
+    assert id_map([1002, 1001]) == "1001 1001 2\n"
+    assert id_map((100, 5, 7, 6, 100, 300)) == "5 5 3\n100 100 1\n300 300 1\n"
+    assert id_map(list(range(0, 2 * MAX_EXTENTS, 2))).count("\n") == MAX_EXTENTS
+    with pytest.raises(ContainerError, match="at most"):
+        id_map(list(range(0, 2 * MAX_EXTENTS + 2, 2)))
 
 
 def test_mountinfo(tmp_path):

@@ -44,8 +44,10 @@ def _last_cap() -> int:
 def drop_privileges(user: User, *, in_user_namespace: bool = False) -> None:
     """Become ``user`` with no capabilities at all and ``no_new_privs`` set.
 
-    In a user namespace that maps the caller to itself the ids are already the user's and
-    ``setgroups`` is denied: only the capabilities go.
+    In a user namespace that maps the caller to itself (``in_user_namespace``) the uid, gid
+    and supplementary groups are already the user's and stay as they are (``setgroups`` is
+    denied there; in the job's pinned namespace the groups are mapped, elsewhere they show as
+    the overflow gid): only the capabilities go.
     """
     if user.uid == 0 or user.gid == 0:
         raise PrivilegeError("refusing to run a container as root (uid or gid 0)")

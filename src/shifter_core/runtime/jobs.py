@@ -5,6 +5,7 @@ below it propagates to other mount namespaces)::
 
     RUN_DIR/NODE/JOB/root         the container root, fully mounted (read-only to users)
     RUN_DIR/NODE/JOB/root.staging only while preparing
+    RUN_DIR/NODE/JOB/userns       the job's user namespace, pinned (:mod:`.userns`)
     RUN_DIR/NODE/JOB/state.json   written by root (0644) once the root is complete
 
 ``NODE`` is ``SLURMD_NODENAME`` (several slurmd may share a host) and ``JOB`` the job id.
@@ -15,11 +16,13 @@ below it propagates to other mount namespaces)::
      "image_request": "docker:busybox:latest", "mount_digest": "<sha256 hex>",
      "mount_key": {"image_id", "uid", "gid", "volumes", "site_volumes", "modules", "tmp",
                    "writable"},
-     "loop_devices": ["/dev/loop3"], "created": 1732770000.0, "pid": 1234}
+     "loop_devices": ["/dev/loop3"], "userns": "/run/shifter/n1/42/userns" (or null),
+     "created": 1732770000.0, "pid": 1234}
 
 A ``shifter`` run in the job enters ``root`` (the fast path) when the state is root's, not
 writable by others, for the caller's uid, and its ``mount_digest`` equals the digest of the
-caller's own plan (:meth:`Plan.mount_digest`); otherwise it builds a private root.
+caller's own plan (:meth:`Plan.mount_digest`); otherwise it builds a private root. On the fast
+path it joins the user namespace ``userns`` (the user's groups mapped) when there is one.
 """
 
 from __future__ import annotations
@@ -71,8 +74,16 @@ class JobState:
     def loop_devices(self) -> list[str]:
         return [str(d) for d in self.data.get("loop_devices", [])]
 
+    @property
+    def userns(self) -> str | None:
+        """The pinned user namespace of the job (a file to ``setns`` to), if there is one."""
+        value = self.data.get("userns")
+        return str(value) if value else None
 
-def state_data(plan: Any, job_id: str, node: str, root: str, loops: list[str]) -> dict[str, Any]:
+
+def state_data(
+    plan: Any, job_id: str, node: str, root: str, loops: list[str], userns: str | None = None
+) -> dict[str, Any]:
     """The state record of a prepared root (``plan`` is a :class:`~.plan.Plan`)."""
     return {
         "version": STATE_VERSION,
@@ -87,6 +98,7 @@ def state_data(plan: Any, job_id: str, node: str, root: str, loops: list[str]) -
         "mount_key": plan.mount_key(),
         "mount_digest": plan.mount_digest(),
         "loop_devices": loops,
+        "userns": userns,
         "created": time.time(),
         "pid": os.getpid(),
     }

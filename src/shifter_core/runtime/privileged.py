@@ -10,7 +10,8 @@
   devices to detach, removes the directories; idempotent, and safe after a partial prepare.
 
 :func:`prepare_job`, :func:`teardown_job` and :func:`find_job_root` do the same for the
-job directories described in :mod:`.jobs`.
+job directories described in :mod:`.jobs`; a job's directory also holds the user namespace
+pinned for the user's own ``shifter`` (:mod:`.userns`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import os
 from dataclasses import dataclass, field
 
 from .. import syscalls
+from ..jobdirs import USERNS_FILE
 from ..syscalls import SyscallError
-from . import loop
+from . import loop, userns
 from ._log import get_logger
 from .assemble import RootBuilder
 from .drop import change_directory, drop_privileges, exec_command, run_hooks
@@ -211,7 +213,15 @@ def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoo
             log.warning("stale job directory %s: %s", directory, problem)
     os.mkdir(directory, 0o755)
     prepared = prepare(plan, os.path.join(directory, ROOT_DIR))
-    write_state(directory, state_data(plan, job_id, node, prepared.root, prepared.loop_devices))
+    pinned: str | None = os.path.join(directory, USERNS_FILE)
+    try:
+        userns.pin(plan.user, pinned)
+    except ContainerError as err:
+        log.warning("%s (shifter in the job will show only the user's primary group)", err)
+        pinned = None
+    write_state(
+        directory, state_data(plan, job_id, node, prepared.root, prepared.loop_devices, pinned)
+    )
     return prepared
 
 
@@ -221,7 +231,8 @@ def teardown_job(run_dir: str, node: str, job_id: str) -> list[str]:
     directory = job_dir(run_dir, node, job_id)
     state = read_state(directory)
     devices = state.loop_devices if state else []
-    problems = teardown(os.path.join(directory, ROOT_DIR), devices)
+    problems = userns.release(os.path.join(directory, USERNS_FILE))
+    problems += teardown(os.path.join(directory, ROOT_DIR), devices)
     for name in os.listdir(directory) if os.path.isdir(directory) else []:
         path = os.path.join(directory, name)
         if name.startswith("state.json") and not os.path.isdir(path):

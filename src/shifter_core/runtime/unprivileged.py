@@ -4,7 +4,9 @@ The process maps its own uid and gid into a new user namespace (``setgroups`` de
 new mount namespace, then either
 
 - **fast path**: ``chroot``s into the root that the prolog prepared for this job on this
-  node, when its state file matches the request (:mod:`.jobs`), or
+  node, when its state file matches the request (:mod:`.jobs`); there it joins, instead of
+  making its own, the user namespace the prolog pinned for the job, in which all the user's
+  gids are mapped, so the groups keep their numbers (:mod:`.userns`), or
 - **private root**: mounts the image with ``squashfuse_ll`` and builds the same root as the
   privileged path (:mod:`.assemble`) in a tmpfs mounted over ``/tmp`` of its own mount
   namespace, then ``pivot_root``s into it and detaches the host's mounts,
@@ -26,7 +28,7 @@ from ..syscalls import SyscallError
 from ._log import get_logger
 from .drop import change_directory, drop_privileges, exec_command, run_hooks
 from .errors import ContainerError, ImageError, PrivilegeError
-from .jobs import current_job, job_dir, read_state
+from .jobs import JobState, current_job, job_dir, read_state
 from .plan import Plan
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
@@ -66,6 +68,30 @@ def enter_user_namespace(uid: int, gid: int) -> None:
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
 
 
+def enter_job_user_namespace(path: str, uid: int) -> bool:
+    """Join the user namespace the prolog pinned for this job at ``path`` (owned by the
+    user: the caller's uid and all its gids map to themselves, so its groups keep their
+    numbers), then a new mount namespace with mounts made private. False, with nothing
+    changed, when the namespace cannot be joined."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as err:
+        log.debug("no user namespace pinned for this job (%s): making one", err)
+        return False
+    try:
+        syscalls.setns(fd, syscalls.CLONE_NEWUSER)
+    except SyscallError as err:
+        log.debug("cannot join the user namespace of this job at %s (%s): making one", path, err)
+        return False
+    finally:
+        os.close(fd)
+    if os.getuid() != uid:  # there is no way back: a wrong namespace is an error
+        raise ContainerError(f"the user namespace at {path} does not map uid {uid}")
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    return True
+
+
 def _finish(plan: Plan) -> NoReturn:
     drop_privileges(plan.user, in_user_namespace=True)
     change_directory(plan.workdir, plan.workdir_explicit)
@@ -76,6 +102,12 @@ def _finish(plan: Plan) -> NoReturn:
 
 def prepared_root(plan: Plan, environ: dict[str, str] | os._Environ[str]) -> str | None:
     """The root prepared for this job on this node if it matches ``plan`` (else None)."""
+    state = prepared_state(plan, environ)
+    return None if state is None else state.root
+
+
+def prepared_state(plan: Plan, environ: dict[str, str] | os._Environ[str]) -> JobState | None:
+    """The state of the root prepared for this job on this node if it matches ``plan``."""
     job = current_job(environ)
     if job is None:
         return None
@@ -96,7 +128,7 @@ def prepared_root(plan: Plan, environ: dict[str, str] | os._Environ[str]) -> str
         return None
     if not os.path.isdir(state.root):
         return None
-    return state.root
+    return state
 
 
 def run(
@@ -113,10 +145,15 @@ def run(
         )
     if os.getuid() != plan.user.uid:
         raise PrivilegeError("the plan is for another user")
-    root = prepared_root(plan, os.environ if environ is None else environ)
-    if root is not None:
+    state = prepared_state(plan, os.environ if environ is None else environ)
+    if state is not None:
+        root = state.root
         log.info("entering the root prepared for this job: %s", root)
-        enter_user_namespace(plan.user.uid, plan.user.gid)
+        pinned = state.userns
+        if pinned is None:
+            log.debug("the prolog pinned no user namespace for this job: making one")
+        if pinned is None or not enter_job_user_namespace(pinned, plan.user.uid):
+            enter_user_namespace(plan.user.uid, plan.user.gid)
         os.chroot(root)
         os.chdir("/")
         _finish(plan)
