@@ -49,6 +49,7 @@
 #endif
 
 #define RECIPE_MAGIC "shifter-launch-recipe-1"
+#define SERVER_NAME "shifter-sqfs" /* the image server's name in ps */
 #define EXIT_FAILED 125
 #define MAX_MOUNTS 256
 #define MAX_FIELDS 4096
@@ -575,6 +576,7 @@ static int start_image_server(const char *image)
         setsid();
         if (fork() != 0)
             _exit(0);
+        prctl(PR_SET_NAME, SERVER_NAME, 0, 0, 0);
         int null = open("/dev/null", O_RDWR);
         if (null >= 0) {
             dup2(null, 0);

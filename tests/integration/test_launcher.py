@@ -95,7 +95,7 @@ def test_exit_status_signals_and_cleanup(rt, fresh_cache) -> None:
     missing, replayed = launched(rt, [f"--image=id:{rt.busybox}", "no-such-command"])
     assert replayed and missing.returncode == 127
     assert "no-such-command: command not found in the container" in missing.stderr
-    assert not wait_for_no_processes("alice", "squashfuse_ll")
+    assert not wait_for_no_processes("alice", "shifter-sqfs")
     assert not host_mounts_with(str(fresh_cache))
 
 
@@ -163,8 +163,8 @@ def test_many_replays_leave_nothing(rt, fresh_cache) -> None:
         os.kill(_command_of(proc.pid, "sleep"), 9)
         _, stderr = proc.communicate(timeout=30)
         assert MISS not in stderr  # replayed
-    # The image servers (forked launchers, so named "shifter") end with their containers.
-    assert not wait_for_no_processes("alice", "shifter")
+    # The image servers (forked launchers, named shifter-sqfs) end with their containers.
+    assert not wait_for_no_processes("alice", "shifter-sqfs")
     assert not host_mounts_with(str(fresh_cache))
     assert not host_mounts_with("squashfuse")
 

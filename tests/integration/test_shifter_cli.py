@@ -324,6 +324,7 @@ def test_hundred_runs_leave_nothing_behind(rt):
             assert "alice:x:1001:1002" in result.stdout
     assert killed == 20
     assert wait_for_no_processes("alice", "squashfuse_ll") == []
+    assert wait_for_no_processes("alice", "shifter-sqfs") == []  # the launcher's image servers
     time.sleep(0.2)
     assert user_processes("alice") == []
     assert host_mounts_with("squashfuse") == []
