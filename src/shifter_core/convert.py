@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -91,3 +91,31 @@ def tar_to_squashfs(
     size = output.stat().st_size
     log.info("wrote %s (%d bytes)", output, size)
     return size
+
+
+def layers_to_squashfs(
+    layers: Sequence[Path],
+    output: Path,
+    options: SquashfsOptions | None = None,
+    *,
+    spool_dir: Path | None = None,
+) -> int:
+    """Flatten image layers (lowest first) into a squashfs file; return its size.
+
+    A single layer is written while it is read when it allows that (no name twice, nothing
+    before its directory: :func:`~shifter_core.flatten.flatten_one_pass`), so decompressing
+    it overlaps compressing the squashfs; anything else, or a single layer that turns out not
+    to allow it, goes through the two passes of :func:`~shifter_core.flatten.flatten`.
+    """
+    from .flatten import OnePassImpossible, flatten, flatten_one_pass
+
+    if len(layers) == 1:
+        try:
+            return tar_to_squashfs(
+                lambda pipe: flatten_one_pass(layers[0], pipe, spool_dir=spool_dir),
+                output,
+                options,
+            )
+        except OnePassImpossible as why:
+            log.info("converting in two passes: %s", why)
+    return tar_to_squashfs(lambda pipe: flatten(layers, pipe, spool_dir=spool_dir), output, options)

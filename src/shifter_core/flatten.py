@@ -390,6 +390,13 @@ class _Spool:
         self.file.close()
 
 
+def _invalid_layer(path: Path, index: int, exc: BaseException) -> FlattenError:
+    return FlattenError(
+        f"layer {index + 1} ({path}) is not a valid tar archive: {exc}",
+        "the layer is corrupt or truncated; remove it from the layer cache and pull again",
+    )
+
+
 class _LayerSource:
     """One layer as a seekable, uncompressed tar: the layer file itself when it is a plain tar,
     else a :class:`_Spool` it is being decompressed into, once.  Headers are read with seeks
@@ -418,6 +425,11 @@ class _LayerSource:
             raise
         self.fd = self.reader.fileno() if decompressor is None else self.reader.fd  # type: ignore[union-attr]
 
+    def wait_for(self, end: int) -> None:
+        """Wait until the first ``end`` bytes of the uncompressed layer are there."""
+        if isinstance(self.reader, _Spool) and self.reader._available(end) < end:
+            raise _invalid_layer(self.path, self.index, EOFError("unexpected end of data"))
+
     def size(self) -> int:
         """The uncompressed layer's size, once it is all there."""
         if isinstance(self.reader, _Spool):
@@ -428,10 +440,7 @@ class _LayerSource:
         self.reader.close()
 
     def fail(self, exc: BaseException) -> FlattenError:
-        return FlattenError(
-            f"layer {self.index + 1} ({self.path}) is not a valid tar archive: {exc}",
-            "the layer is corrupt or truncated; remove it from the layer cache and pull again",
-        )
+        return _invalid_layer(self.path, self.index, exc)
 
     def members(self) -> Iterator[tarfile.TarInfo]:
         """The layer's members in order (headers only: the data is skipped by seeking)."""
@@ -971,3 +980,177 @@ def _emit(
             stats.layers_with_data.append(layer)
         write_names(inode, inode_names)
     writer.close()
+
+
+# --------------------------------------------------------------------------------------------
+# One pass, for a single layer
+
+
+class OnePassImpossible(Exception):
+    """The layer cannot be written as it is read (a name twice, a directory after what it
+    holds, a parent that is not a directory, a sparse file): flatten it in two passes."""
+
+
+def flatten_one_pass(
+    layer: Path,
+    out: BinaryIO,
+    *,
+    policy: FlattenPolicy | None = None,
+    spool_dir: Path | None = None,
+) -> FlattenStats:
+    """A single-layer image, written to ``out`` while it is read: a thread decompresses it
+    into a spool file (as for :func:`flatten`), the headers are read as it grows and the data
+    is copied from it by the kernel, while the converter works.  The result is what
+    :func:`flatten` writes for that layer, in the layer's order; where that cannot be done in
+    one pass, ``OnePassImpossible`` is raised before the end (the output must then be
+    discarded, as after any error)."""
+    policy = policy or FlattenPolicy()
+    stats = FlattenStats(layers=1)
+    writer = _TarWriter(out)
+    seen: dict[str, str] = {"": "dir"}  # path -> dir | reg | sym | dev (dropped ones too)
+    primaries: dict[str, tarfile.TarInfo] = {}  # written non-directories, for hardlinks
+    primary_of: dict[str, str] = {}  # a name -> the name its inode was written under
+    source = _LayerSource(Path(layer), 0, spool_dir, threading.Semaphore(1))
+    members = 0
+    try:
+        for member in source.members():
+            members += 1
+            path = normalise(member.name)
+            if path == "":  # the root, first; after anything else it would come too late
+                if members > 1 or not member.isdir():
+                    raise OnePassImpossible("the layer's root entry is not its first")
+                writer.add(_header(".", _Meta(member, policy.keep_xattrs), policy))
+                stats.dirs += 1
+                continue
+            if members == 1:  # no root entry first: the implicit one, as flatten() writes it
+                writer.add(_header(".", _Meta(None, False), policy))
+                stats.dirs += 1
+            if path is None:
+                stats.escaping_dropped += 1
+                LOG.warning("layer 1: dropping %r: its path leaves the image root", member.name)
+                continue
+            parts = path.split("/")
+            if parts[-1].startswith(WHITEOUT_PREFIX):  # nothing below to hide
+                name = parts[-1][len(WHITEOUT_PREFIX) :]
+                if parts[-1] == WHITEOUT_OPAQUE:
+                    stats.whiteouts += 1
+                elif not parts[-1].startswith(WHITEOUT_META_PREFIX):
+                    if name in ("", ".", ".."):
+                        stats.other_dropped += 1
+                        LOG.warning("layer 1: ignoring invalid whiteout %r", member.name)
+                    else:
+                        stats.whiteouts += 1
+                continue
+            if any(part.startswith(WHITEOUT_META_PREFIX) for part in parts[:-1]):
+                continue
+            if path in seen:  # also a directory that came after what it holds
+                raise OnePassImpossible(f"{path!r} is in the layer twice, or late")
+            if not _one_pass_keeps(member, seen, stats):
+                continue
+            for depth in range(1, len(parts)):
+                parent = "/".join(parts[:depth])
+                kind = seen.get(parent)
+                if kind is None:  # as flatten() writes a directory no layer declares
+                    seen[parent] = "dir"
+                    writer.add(_header(parent, _Meta(None, False), policy))
+                    stats.dirs += 1
+                elif kind != "dir":
+                    raise OnePassImpossible(f"{path!r} is below a non-directory")
+            _write_member(member, path, source, writer, policy, stats, seen, primaries, primary_of)
+        source.size()  # the whole layer decompressed: a bad checksum at its end fails here
+    finally:
+        source.close()
+    if members == 0:
+        writer.add(_header(".", _Meta(None, False), policy))
+        stats.dirs += 1
+    writer.close()
+    return stats
+
+
+def _one_pass_keeps(member: tarfile.TarInfo, seen: dict[str, str], stats: FlattenStats) -> bool:
+    """Whether a member gets a name (flatten() drops bad hardlinks and unknown types first)."""
+    if member.islnk():
+        target = normalise(member.linkname)
+        kind = seen.get(target) if target else "dir"
+        if target is None:
+            stats.escaping_dropped += 1
+            LOG.warning(
+                "layer 1: dropping hardlink %r: its target %r leaves the image root",
+                member.name,
+                member.linkname,
+            )
+            return False
+        if kind in (None, "dir"):
+            stats.other_dropped += 1
+            what = "is a directory" if kind == "dir" else "does not exist"
+            LOG.warning(
+                "layer 1: dropping hardlink %r: its target %r %s",
+                member.name,
+                member.linkname,
+                what,
+            )
+            return False
+        return True
+    if member.isdir() or member.issym() or member.type in _REGULAR_TYPES + _DEVICE_TYPES:
+        return True
+    stats.other_dropped += 1
+    LOG.warning("layer 1: dropping %r: unsupported tar member type %r", member.name, member.type)
+    return False
+
+
+def _write_member(
+    member: tarfile.TarInfo,
+    path: str,
+    source: _LayerSource,
+    writer: _TarWriter,
+    policy: FlattenPolicy,
+    stats: FlattenStats,
+    seen: dict[str, str],
+    primaries: dict[str, tarfile.TarInfo],
+    primary_of: dict[str, str],
+) -> None:
+    """One member of :func:`flatten_one_pass` that :func:`_one_pass_keeps`, as flatten()
+    would write it."""
+    meta = _Meta(member, policy.keep_xattrs)
+    if member.isdir():
+        seen[path] = "dir"
+        writer.add(_header(path, meta, policy))
+        stats.dirs += 1
+    elif member.islnk():
+        target = normalise(member.linkname)
+        assert target
+        kind = seen[target]
+        if kind == "dev":  # a device that is not written: neither is this name
+            seen[path] = "dev"
+            stats.devices_dropped += 1
+        else:
+            primary = primary_of.get(target, target)
+            seen[path], primary_of[path] = kind, primary
+            writer.add(_link_header(path, primary, primaries[primary]))
+            stats.hardlinks += 1
+    elif member.type in _REGULAR_TYPES:
+        if member.sparse is not None:
+            raise OnePassImpossible(f"{path!r} is a sparse file")
+        info = _header(path, meta, policy)
+        info.type = tarfile.REGTYPE
+        if info.size:
+            source.wait_for(member.offset_data + info.size)
+            writer.add_data(info, source, member.offset_data)
+        else:
+            writer.add(info)
+        seen[path], primaries[path] = "reg", info
+        stats.files += 1
+        stats.bytes += info.size
+    elif member.issym():
+        info = _header(path, meta, policy)
+        writer.add(info)
+        seen[path], primaries[path] = "sym", info
+        stats.symlinks += 1
+    elif policy.keep_devices:
+        info = _header(path, meta, policy)
+        writer.add(info)
+        seen[path], primaries[path] = "devkept", info
+        stats.devices += 1
+    else:
+        seen[path] = "dev"
+        stats.devices_dropped += 1

@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .convert import SquashfsOptions, tar_to_squashfs
-from .flatten import flatten
+from .convert import SquashfsOptions, layers_to_squashfs
 from .layercache import LayerCache
 from .registry import Platform, RegistryClient, ResolvedImage
 from .store import Acl, ImageMetadata, ImageStore
@@ -85,9 +84,7 @@ def build_image(
     partial = store.new_partial(resolved.id)
     try:
         started = time.monotonic()
-        size = tar_to_squashfs(
-            lambda pipe: flatten(layers, pipe, spool_dir=cache.directory), partial, squashfs
-        )
+        size = layers_to_squashfs(layers, partial, squashfs, spool_dir=cache.directory)
         log.info(
             "converted %s in %.1f s (%d bytes)",
             resolved.reference,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from shifter_core.errors import ShifterError
@@ -22,8 +22,10 @@ from shifter_core.flatten import (
     FlattenError,
     FlattenPolicy,
     FlattenStats,
+    OnePassImpossible,
     _ZstdFrames,
     flatten,
+    flatten_one_pass,
     normalise,
 )
 from tests.fixtures.edgecase_image import (
@@ -1013,3 +1015,70 @@ def test_gnu_sparse_file_is_written_expanded(tmp_path: Path) -> None:
         after = result.extractfile("after")
         assert after is not None and after.read() == b"next member\n"
     assert content == sparse.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# One pass (single-layer images) against two
+
+
+_NAMES = st.sampled_from(["a", "b", "a/b", "a/c", "b/d", "a/b/e", "./a", "/b/x", "c", ".wh.a"])
+_MEMBER = st.one_of(
+    st.builds(lambda n, d, m: reg(n, d, mode=m), _NAMES, st.binary(max_size=600),
+              st.sampled_from([0o644, 0o4755, 0o600])),
+    st.builds(lambda n: dir_(n, mode=0o700), _NAMES),
+    st.builds(symlink, _NAMES, st.sampled_from(["a", "/etc", "../../x"])),
+    st.builds(hardlink, _NAMES, _NAMES),
+    st.builds(lambda n: fifo(n), _NAMES),
+    st.builds(whiteout, _NAMES),
+    st.builds(opaque, st.sampled_from(["a", "b"])),
+)  # fmt: skip
+
+
+def _one_pass(tmp: Path, members: list[Member], kind: str) -> Result | None:
+    path = tmp / f"one.{kind}"
+    path.write_bytes(compress(tar_bytes(members), kind))
+    out = io.BytesIO()
+    try:
+        stats = flatten_one_pass(path, out)
+    except OnePassImpossible:
+        return None
+    entries, order = read_tar(out.getvalue())
+    return Result(entries, order, stats, out.getvalue())
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(members=st.lists(_MEMBER, max_size=8), kind=st.sampled_from(["gzip", "zstd", "none"]))
+def test_one_pass_writes_what_two_passes_write(tmp_path: Path, members, kind) -> None:
+    """Whenever a single layer can be written in one pass, the tree is flatten()'s: the same
+    entries with the same metadata, content and hardlink groups, and the same counts."""
+    one = _one_pass(tmp_path, members, kind)
+    two = run(tmp_path, [members], kinds=[kind])
+    event("one pass" if one is not None else "two passes needed")
+    if one is None:
+        return
+    assert one.entries == two.entries
+    assert one.order[0] == "." and set(one.order) == set(two.order)
+    one.stats.layers_with_data = two.stats.layers_with_data = []
+    assert one.stats == two.stats
+
+
+def test_one_pass_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    cases = {
+        "twice": [reg("a", b"1"), reg("a", b"2")],
+        "late": [reg("d/f", b"1"), dir_("d")],
+        "below a non-directory": [reg("d", b"1"), reg("d/f", b"2")],
+        "root": [reg("x"), dir_(".")],
+    }
+    for why, members in cases.items():
+        assert _one_pass(tmp_path, members, "gzip") is None, why
+    assert _one_pass(tmp_path, [reg("a", b"1"), dir_("b"), reg("b/c", b"2")], "gzip") is not None
+
+
+def test_one_pass_fails_on_a_corrupt_layer(tmp_path: Path) -> None:
+    data = compress(tar_bytes([reg("a", b"x" * 5000)]), "gzip")
+    path = tmp_path / "cut.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FlattenError, match="not a valid tar archive"):
+        flatten_one_pass(path, io.BytesIO())

@@ -24,9 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from ..convert import SquashfsOptions, tar_to_squashfs
+from ..convert import SquashfsOptions, layers_to_squashfs
 from ..errors import ShifterError
-from ..flatten import flatten
 from ..layercache import LayerCache
 from ..registry import (
     INDEX_TYPES,
@@ -210,9 +209,7 @@ def _import_tar(
     partial = store.new_partial(image_id)
     try:
         paths = [p for _, p, _ in layers]
-        size = tar_to_squashfs(
-            lambda pipe: flatten(paths, pipe, spool_dir=cache.directory), partial, squashfs
-        )
+        size = layers_to_squashfs(paths, partial, squashfs, spool_dir=cache.directory)
         metadata = ImageMetadata.from_config(
             config,
             id=image_id,
