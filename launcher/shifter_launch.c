@@ -277,6 +277,15 @@ static void make_key(struct buf *key, int argc_options, char **options)
     const char *config = getenv("SHIFTER_CONFIG");
     buf_add(key, "config=", 7);
     buf_field(key, config ? config : "");
+    /* The job and node (a root prepared for them), and the request a job passes on. */
+    static const char *context[] = {"SLURM_JOB_ID",         "SLURMD_NODENAME", "SHIFTER_IMAGE",
+                                    "SHIFTER_IMAGEREQUEST", "SHIFTER_VOLUME",  "SHIFTER_MODULE"};
+    for (size_t i = 0; i < sizeof context / sizeof context[0]; i++) {
+        const char *value = getenv(context[i]);
+        snprintf(number, sizeof number, "%s %zu:", context[i], value ? strlen(value) : 0);
+        buf_add(key, number, strlen(number));
+        buf_field(key, value ? value : "");
+    }
     for (int i = 0; i < argc_options; i++) {
         snprintf(number, sizeof number, "option %zu:", strlen(options[i]));
         buf_add(key, number, strlen(number));
@@ -376,6 +385,8 @@ struct mount_rec {
 };
 
 struct plan {
+    const char *job_root; /* a root the prolog prepared for this job: entered, not built */
+    const char *userns;   /* the user namespace pinned for the job ("" if none) */
     const char *image, *squashfuse;
     struct mount_rec mounts[MAX_MOUNTS];
     int nmounts;
@@ -408,6 +419,11 @@ static int load_plan(struct recipe *r, struct plan *p, const char **why)
             const char *when = field(r);
             if (!when || (long long)time(NULL) >= atoll(when))
                 return *why = "the image name's resolution expired", -1;
+        } else if (strcmp(rec, "job-root") == 0) {
+            p->job_root = field(r);
+            p->userns = field(r);
+            if (!p->userns)
+                return *why = "recipe cut short", -1;
         } else if (strcmp(rec, "image") == 0) {
             p->image = field(r);
         } else if (strcmp(rec, "squashfuse") == 0) {
@@ -444,7 +460,7 @@ static int load_plan(struct recipe *r, struct plan *p, const char **why)
             p->workdir = field(r);
             p->workdir_explicit = parse_int(field(r));
         } else if (strcmp(rec, "end") == 0) {
-            if (!p->image)
+            if (!p->image && !p->job_root)
                 return *why = "recipe incomplete", -1;
             return 0;
         } else {
@@ -627,6 +643,24 @@ static void send_fd(int sock, int fd)
 
 /* ---- building the root ------------------------------------------------------------------- */
 
+/* Join the user namespace pinned for the job (the user's gids all mapped); 0 if joined. */
+static int join_user_namespace(const char *path)
+{
+    int fd = *path ? open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) : -1;
+    if (fd < 0)
+        return -1;
+    uid_t uid = getuid();
+    int joined = setns(fd, CLONE_NEWUSER);
+    close(fd);
+    if (joined != 0)
+        return -1;
+    if (getuid() != uid)
+        die("the user namespace at %s does not map uid %u", path, (unsigned)uid);
+    if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
+        die("cannot make a mount namespace");
+    return 0;
+}
+
 static void enter_namespaces(void)
 {
     char map[64];
@@ -766,6 +800,36 @@ static void apply_env(struct recipe *r, struct plan *p)
     }
 }
 
+/* The last steps, in the container: no capabilities, the working directory, the
+ * environment, exec. */
+__attribute__((noreturn)) static void finish(struct recipe *recipe, struct plan *plan,
+                                             const char *caller_cwd, char **command)
+{
+    drop_privileges();
+
+    /* The working directory: -w DIR must exist; by default the caller's, else /. */
+    const char *workdir = plan->workdir && *plan->workdir ? plan->workdir : caller_cwd;
+    if (chdir(workdir) != 0) {
+        if (plan->workdir_explicit)
+            die("cannot change to the working directory %s", workdir);
+        if (chdir("/") != 0)
+            die("cannot change to /");
+    }
+    apply_env(recipe, plan);
+    execvp(command[0], command);
+    int saved = errno;
+    if (saved == ENOENT) {
+        fprintf(stderr,
+                "shifter: %s: command not found in the container; check the image's PATH or "
+                "give the full path\n",
+                command[0]);
+        _exit(127);
+    }
+    fprintf(stderr, "shifter: cannot run %s in the container: %s\n", command[0],
+            strerror(saved));
+    _exit(126);
+}
+
 /* ---- main -------------------------------------------------------------------------------- */
 
 int main(int argc, char **argv)
@@ -773,8 +837,6 @@ int main(int argc, char **argv)
     original_argv = argv;
     if (getuid() == 0 || geteuid() == 0)
         fallback("run as root", NULL);
-    if (getenv("SLURM_JOB_ID"))
-        fallback("in a Slurm job", NULL); /* the job's prepared root: Python's fast path */
     if (getenv("SHIFTER_LAUNCH_DISABLE"))
         fallback("disabled by SHIFTER_LAUNCH_DISABLE", NULL);
     int command = command_index(argc, argv);
@@ -804,6 +866,18 @@ int main(int argc, char **argv)
     const char *why = NULL;
     if (load_plan(&recipe, &plan, &why) != 0)
         fallback(why, key_hex);
+
+    if (plan.job_root) {
+        struct stat st;
+        if (lstat(plan.job_root, &st) != 0 || !S_ISDIR(st.st_mode))
+            fallback("the job's prepared root is gone", key_hex);
+        /* From here on there is no way back to Python. */
+        if (join_user_namespace(plan.userns) != 0)
+            enter_namespaces();
+        if (chroot(plan.job_root) != 0 || chdir("/") != 0)
+            die("cannot enter the root prepared for this job");
+        finish(&recipe, &plan, caller_cwd, argv + command);
+    }
 
     /* Check every host source now, while Python can still explain a problem. */
     for (int i = 0; i < plan.nmounts; i++) {
@@ -889,27 +963,5 @@ int main(int argc, char **argv)
         if (plan.mounts[i].fd >= 0)
             close(plan.mounts[i].fd);
     close(root_fd);
-    drop_privileges();
-
-    /* The working directory: -w DIR must exist; by default the caller's, else /. */
-    const char *workdir = plan.workdir && *plan.workdir ? plan.workdir : caller_cwd;
-    if (chdir(workdir) != 0) {
-        if (plan.workdir_explicit)
-            die("cannot change to the working directory %s", workdir);
-        if (chdir("/") != 0)
-            die("cannot change to /");
-    }
-    apply_env(&recipe, &plan);
-    execvp(argv[command], argv + command);
-    int saved = errno;
-    if (saved == ENOENT) {
-        fprintf(stderr,
-                "shifter: %s: command not found in the container; check the image's PATH or "
-                "give the full path\n",
-                argv[command]);
-        _exit(127);
-    }
-    fprintf(stderr, "shifter: cannot run %s in the container: %s\n", argv[command],
-            strerror(saved));
-    _exit(126);
+    finish(&recipe, &plan, caller_cwd, argv + command);
 }

@@ -164,6 +164,27 @@ def test_shifter_in_a_job_shows_the_users_groups_by_their_gids(user_tmp):
     assert not any(str(job) in item for item in leftovers())
 
 
+def test_shifter_in_a_job_is_replayed_by_the_launcher(user_tmp):
+    """The second `srun shifter` of a job is the C launcher's: it enters the same prepared root
+    and joins the same pinned user namespace, without Python."""
+    science = grp.getgrnam("science").gr_gid
+    name = unique_name("launch")
+    script = (
+        "export SHIFTER_LAUNCH_DEBUG=1\n"
+        "for i in 1 2 3; do srun -N1 shifter sh -c 'id; cat /etc/shifter-test-image' 2>&1; done\n"
+    )
+    output = sbatch(script, "-J", name, "-N1", "--image=busybox", output=user_tmp / "out")
+    runs = output.split("uid=")[1:]
+    assert len(runs) == 3, output
+    assert output.count("running the Python runtime") == 1, output  # the first one only
+    assert runs[0] == runs[1] == runs[2], output
+    assert f"{science}(science)" in runs[2] and "65534" not in runs[2]
+    assert BUSYBOX_TEXT in runs[2]
+    (job,) = jobs_named(name)
+    wait_for_idle_cluster()
+    assert not any(str(job) in item for item in leftovers())
+
+
 def test_steps_with_another_image_or_volume_get_a_root_of_their_own(user_tmp):
     (user_tmp / "data.txt").write_text("from the host\n")
     (user_tmp / "data.txt").chmod(0o644)

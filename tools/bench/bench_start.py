@@ -10,7 +10,8 @@ that interleave all variants so machine noise hits them alike. Variants:
 - ``shifter, Python runtime``: the same launcher with ``SHIFTER_LAUNCH_DISABLE=1``, so every
   start runs the Python implementation (``python -m shifter_core.cli.shifter``);
 - ``shifter (wheel script)``: the Python ``main()`` behind the script ``pip install .`` writes;
-- ``shifter in a job``: the fast path, entering a root prepared as root (as the prolog does);
+- ``shifter in a job`` (the launcher) and ``shifter in a job, Python``: entering a root
+  prepared as root, as the prolog does;
 - ``ch-run squashfs``: Charliecloud 0.31 on the same squashfs (squashfuse in-process);
 - ``ch-run directory`` and ``bwrap directory``: an unpacked copy of the image (tmpfs);
 - floors: ``python3 -I -S -c pass`` (an interpreter that does nothing) and ``true``.
@@ -146,7 +147,8 @@ def variants(s: dict[str, object]) -> list[tuple[str, list[str], dict[str, str]]
             {"SHIFTER_LAUNCH_DISABLE": "1"},
         ),
         ("shifter (wheel script)", [str(s["script"]), image, "true"], {}),
-        ("shifter in a job", [str(s["script"]), "true"], job),
+        ("shifter in a job", [str(ROOT / ".venv" / "bin" / "shifter"), "true"], job),
+        ("shifter in a job, Python", [str(s["script"]), "true"], job),
         (REFERENCE, ["ch-run", str(s["squashfs"]), "--", "true"], {}),
         ("ch-run directory", ["ch-run", rootfs, "--", "true"], {}),
         ("bwrap directory", [*bwrap, "--proc", "/proc", "--dev", "/dev", "true"], {}),

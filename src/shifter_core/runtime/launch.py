@@ -16,12 +16,14 @@ the recipe for next time.  The recipe is what the Python build decided, nothing 
 - ``depends``: the files whose change invalidates the recipe (configuration, image,
   ``/etc/passwd``, ``/etc/group``, host files copied in), with their status.
 
-Only requests whose container depends on nothing else get a recipe: an explicit command, an
-``--image`` (given by name, the recipe expires after ``runtime.launcher_name_ttl`` seconds,
+In a Slurm job whose prolog prepared the root, the recipe only says which root to enter
+and which user namespace to join (``job-root``); its key names the job and the node.
+
+Only requests whose container depends on nothing else get a recipe: an explicit command
+(the image given by name, the recipe expires after ``runtime.launcher_name_ttl`` seconds,
 since the name may be pulled again), ``--env`` only as ``NAME=VALUE``, no ``--env-file``,
-``--entrypoint``, ``--writable-tmpfs``, ``-v`` or module with devices, copies or hooks, and
-not in a Slurm job (whose prepared root the Python fast path enters).  The cache is
-``$XDG_RUNTIME_DIR/shifter-launch`` (else ``/tmp/shifter-launch-UID``): the user's own
+``--entrypoint``, ``--writable-tmpfs``, ``-v`` or module with devices, copies or hooks.
+The cache is ``$XDG_RUNTIME_DIR/shifter-launch`` (else ``/tmp/shifter-launch-UID``): the user's own
 directory, mode 0700; the launcher ignores it otherwise.  Nothing here is privileged: a
 recipe can do nothing its user could not do with ``unshare``.
 """
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
     from ..cli.shifter import Options
     from .assemble import RootBuilder
+    from .jobs import JobState
     from .plan import Plan
 
 log = get_logger(__name__)
@@ -51,16 +54,34 @@ HOST_DEPENDENCIES = ("/etc/passwd", "/etc/group", "/etc/hosts", "/etc/resolv.con
 _BAD_PATH_CHARS = (",", ":", "\\", "\n")
 
 
+# The job and node (a root prepared for them) and the request a job passes on to its steps.
+KEY_VARIABLES = (
+    "SLURM_JOB_ID",
+    "SLURMD_NODENAME",
+    "SHIFTER_IMAGE",
+    "SHIFTER_IMAGEREQUEST",
+    "SHIFTER_VOLUME",
+    "SHIFTER_MODULE",
+)
+
+
 def launch_key(
-    uid: int, gid: int, groups: Sequence[int], config: str, options: Sequence[str]
+    uid: int,
+    gid: int,
+    groups: Sequence[int],
+    environ: Mapping[str, str],
+    options: Sequence[str],
 ) -> str:
     """What a recipe is for, exactly as the launcher writes it (see ``make_key`` there)."""
     lines = [
         MAGIC,
         f"uid={uid} gid={gid}",
         "groups=" + ",".join(str(g) for g in sorted(groups)),
-        f"config={config}",
+        f"config={environ.get('SHIFTER_CONFIG', '')}",
     ]
+    for name in KEY_VARIABLES:
+        value = environ.get(name, "")
+        lines.append(f"{name} {len(value.encode())}:{value}")
     lines += [f"option {len(o.encode())}:{o}" for o in options]
     return "".join(line + "\n" for line in lines)
 
@@ -110,13 +131,9 @@ def file_identity(path: str) -> str:
 
 def why_not_recordable(plan: Plan, options: Options, option_args: Sequence[str]) -> str | None:
     """Why the launcher could not replay this request (None: it can)."""
-    if os.environ.get("SLURM_JOB_ID"):
-        return "in a Slurm job"
     if not options.command:
         return "no command given"
-    if not options.image:
-        return "no --image (the job's image)"
-    if not options.image.startswith("id:") and plan.runtime.launcher_name_ttl <= 0:
+    if not _by_id(options) and plan.runtime.launcher_name_ttl <= 0:
         return "the image is given by name (runtime.launcher_name_ttl is 0)"
     if options.env_files or options.entrypoint is not None:
         return "--env-file or --entrypoint"
@@ -130,6 +147,13 @@ def why_not_recordable(plan: Plan, options: Options, option_args: Sequence[str])
     if len(option_args) > 64:
         return "too many options"
     return None
+
+
+def _by_id(options: Options) -> bool:
+    """The image is named by its id (--image=id:..., or the job's $SHIFTER_IMAGE)."""
+    if options.image:
+        return options.image.startswith("id:")
+    return bool(os.environ.get("SHIFTER_IMAGE"))
 
 
 class Recorder:
@@ -151,14 +175,8 @@ class Recorder:
         if reason:
             log.debug("no launch recipe: %s", reason)
             return None
-        key = launch_key(
-            plan.user.uid,
-            plan.user.gid,
-            os.getgroups(),
-            os.environ.get("SHIFTER_CONFIG", ""),
-            option_args,
-        )
-        return cls(plan, key, config_file, by_id=(options.image or "").startswith("id:"))
+        key = launch_key(plan.user.uid, plan.user.gid, os.getgroups(), os.environ, option_args)
+        return cls(plan, key, config_file, by_id=_by_id(options))
 
     def open_cache(self) -> None:
         """Open the cache before the build covers /tmp (where it may be) with its staging."""
@@ -184,13 +202,39 @@ class Recorder:
         finally:
             self.close()
 
-    def _fields(self, builder: RootBuilder) -> list[str] | None:
+    def record_job(self, state: JobState) -> None:
+        """Write the recipe of entering the root the prolog prepared for this job."""
+        if self.cache_fd is None:
+            return
+        try:
+            fields = self._head(state.path)
+            fields += ["job-root", state.root, state.userns or ""]
+            self._write(self._tail(fields), None)
+        except OSError as err:
+            log.debug("no launch recipe: %s", err)
+        finally:
+            self.close()
+
+    def _head(self, *depends: str) -> list[str]:
         plan = self.plan
         fields = [self.key]
-        for path in (self.config_file, plan.image_file, *HOST_DEPENDENCIES):
+        for path in (self.config_file, *depends, *HOST_DEPENDENCIES):
             fields += ["depends", path, file_identity(path)]
         if not self.by_id:  # what the name resolved to may change: only for a while
             fields += ["expires", str(int(time.time()) + int(plan.runtime.launcher_name_ttl))]
+        return fields
+
+    def _tail(self, fields: list[str]) -> list[str]:
+        plan = self.plan
+        fields += ["clearenv", "1" if plan.clearenv else "0"]
+        for op, name, value in plan.env_ops:
+            fields += ["env", op, name, value]
+        workdir = plan.workdir if plan.workdir_explicit else ""
+        return [*fields, "workdir", workdir, "1" if plan.workdir_explicit else "0", "end"]
+
+    def _fields(self, builder: RootBuilder) -> list[str] | None:
+        plan = self.plan
+        fields = self._head(plan.image_file)
         fields += ["image", plan.image_file, "squashfuse", plan.runtime.squashfuse]
         for spec in sorted(builder.specs, key=lambda s: s.resolved.count("/")):
             kind = spec.kind
@@ -220,28 +264,28 @@ class Recorder:
                 if on
             )
             fields += ["mount", kind, source, spec.resolved, flags or "-", f"{spec.tmpfs_mode:o}"]
-        fields += ["clearenv", "1" if plan.clearenv else "0"]
-        for op, name, value in plan.env_ops:
-            fields += ["env", op, name, value]
-        workdir = plan.workdir if plan.workdir_explicit else ""
-        fields += ["workdir", workdir, "1" if plan.workdir_explicit else "0", "end"]
-        if any("\0" in f for f in fields):
-            return None
-        return fields
+        return self._tail(fields)
 
-    def _write(self, fields: list[str], upper: str) -> None:
+    def _write(self, fields: list[str], upper: str | None) -> None:
+        """The recipe directory: ``recipe``, and for a private root ``upper`` (a copy of the
+        build's upper layer) and the mount points ``lower`` and ``root``."""
         import secrets
         import shutil
 
         assert self.cache_fd is not None
+        if any("\0" in f for f in fields):
+            return
         cache = f"/proc/self/fd/{self.cache_fd}"
         name = key_hash(self.key)
         temporary = f".new-{secrets.token_hex(8)}"
         os.mkdir(temporary, 0o700, dir_fd=self.cache_fd)
         try:
-            shutil.copytree(upper, f"{cache}/{temporary}/upper", symlinks=True, dirs_exist_ok=True)
-            for directory in ("lower", "root"):
-                os.mkdir(f"{temporary}/{directory}", 0o700, dir_fd=self.cache_fd)
+            if upper is not None:
+                shutil.copytree(
+                    upper, f"{cache}/{temporary}/upper", symlinks=True, dirs_exist_ok=True
+                )
+                for directory in ("lower", "root"):
+                    os.mkdir(f"{temporary}/{directory}", 0o700, dir_fd=self.cache_fd)
             fd = os.open(
                 f"{temporary}/recipe",
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,

@@ -138,7 +138,7 @@ def run(
     recorder: Recorder | None = None,
 ) -> NoReturn:
     """Run the plan's command in a container as the calling user (never returns); a
-    ``recorder`` leaves a recipe of a private root for the C launcher (:mod:`.launch`)."""
+    ``recorder`` leaves a recipe of what it did for the C launcher (:mod:`.launch`)."""
     if os.geteuid() == 0 or os.getuid() == 0:
         raise PrivilegeError(
             "shifter does not run as root", hint="run it as the user the container is for"
@@ -149,6 +149,9 @@ def run(
     if state is not None:
         root = state.root
         log.info("entering the root prepared for this job: %s", root)
+        if recorder is not None:
+            recorder.open_cache()
+            recorder.record_job(state)
         pinned = state.userns
         if pinned is None:
             log.debug("the prolog pinned no user namespace for this job: making one")
