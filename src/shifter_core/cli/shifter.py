@@ -19,7 +19,8 @@ usage: {PROG} [OPTIONS] [COMMAND [ARG...]]
 Run COMMAND in a container made from an image, as yourself (your uid, gid and groups, no
 capabilities, no way to gain privilege). The image is read-only; /tmp and volumes are
 writable where you may write. shifter needs no privilege: it uses a user namespace, in which
-your groups other than the primary one still count but show as nogroup (65534).
+your groups other than the primary one still count but show as nogroup (65534), except in a
+Slurm job made with --image, whose prolog maps them all.
 
 Without COMMAND: with --entrypoint, the image's ENTRYPOINT and CMD run; otherwise your
 shell ($SHELL, else your login shell) runs.
