@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from .slurm import user_env
 from .test_runtime_support import (  # noqa: F401 - fixture 'rt'
     SHIFTER,
     host_mounts_with,
@@ -171,6 +172,13 @@ def test_many_replays_leave_nothing(rt, fresh_cache) -> None:
 
 def test_an_image_name_is_replayed_for_a_while(rt, box, fresh_cache) -> None:
     """By name (through the gateway): replayed until runtime.launcher_name_ttl runs out."""
+    pull = subprocess.run(
+        ["runuser", "-u", "alice", "--", "env", "-i",
+         *(f"{k}={v}" for k, v in user_env().items()),
+         str(Path(SHIFTER).parent / "shifterimg"), "pull", "busybox"],
+        capture_output=True, text=True, timeout=300, cwd="/tmp", check=False,
+    )  # fmt: skip
+    assert pull.returncode == 0, pull.stderr
     env = {"SHIFTER_CONFIG": str(box.shifter_config)}
     args = ["--image=busybox", "sh", "-c", "echo $SHIFTER_IMAGEREQUEST"]
     first, replayed = launched(rt, args, **env)
