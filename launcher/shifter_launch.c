@@ -104,6 +104,10 @@ struct open_how_arg {
 
 extern char **environ;
 static char **original_argv;
+/* The recipe being replayed: a replay that fails removes it (where the path still resolves),
+ * so the next run goes through Python, which says what is wrong or writes a recipe that
+ * works. */
+static char recipe_path[3300];
 
 /* ---- falling back to Python ------------------------------------------------------------ */
 
@@ -150,6 +154,8 @@ static void die(const char *fmt, ...)
     if (saved)
         fprintf(stderr, ": %s", strerror(saved));
     fputc('\n', stderr);
+    if (recipe_path[0])
+        unlink(recipe_path);
     _exit(EXIT_FAILED);
 }
 
@@ -866,6 +872,7 @@ int main(int argc, char **argv)
     const char *why = NULL;
     if (load_plan(&recipe, &plan, &why) != 0)
         fallback(why, key_hex);
+    snprintf(recipe_path, sizeof recipe_path, "%s", path);
 
     if (plan.job_root) {
         struct stat st;

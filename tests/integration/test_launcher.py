@@ -193,3 +193,35 @@ def test_an_image_name_is_replayed_for_a_while(rt, box, fresh_cache) -> None:
     recipe.write_bytes(b"\0".join(fields))
     third, replayed = launched(rt, args, **env)
     assert not replayed and "expired" in third.stderr and third.stdout == first.stdout
+
+
+def test_a_replay_that_fails_leaves_the_next_run_to_python(rt, fresh_cache, alice_dir) -> None:
+    args = [f"--image=id:{rt.busybox}", "--workdir=/tmp", "true"]
+    assert launched(rt, args)[0].returncode == 0
+    recipe = next(fresh_cache.glob("*/recipe"))
+    fields = recipe.read_bytes().split(b"\0")
+    fields[fields.index(b"workdir") + 1] = b"/no/such/dir"  # what Python decided is now wrong
+    recipe.write_bytes(b"\0".join(fields))
+    failed, replayed = launched(rt, args)
+    assert replayed and failed.returncode == 125
+    assert "cannot change to the working directory /no/such/dir" in failed.stderr
+    assert not recipe.exists()
+    again, replayed = launched(rt, args)
+    assert not replayed and again.returncode == 0
+
+
+def test_files_below_tmp_are_seen_as_the_launcher_sees_them(rt, fresh_cache) -> None:
+    """The Python runtime stages its build on a tmpfs over /tmp: the status of what the
+    recipe depends on (here the configuration, as in a checkout under /tmp) is taken before."""
+    directory = Path(tempfile.mkdtemp(prefix="shifter-launch-config-", dir="/tmp"))
+    try:
+        directory.chmod(0o755)
+        config = directory / "shifter.yaml"
+        shutil.copy(rt.config, config)
+        config.chmod(0o644)
+        args = [f"--image=id:{rt.busybox}", "true"]
+        assert not launched(rt, args, SHIFTER_CONFIG=str(config))[1]
+        result, replayed = launched(rt, args, SHIFTER_CONFIG=str(config))
+        assert replayed, result.stderr
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -165,6 +165,7 @@ class Recorder:
         self.config_file = config_file
         self.by_id = by_id  # the image was given as id:, not by a name that may move
         self.cache_fd: int | None = None
+        self.depends: list[tuple[str, str]] = []  # (path, file_identity) taken by open_cache
 
     @classmethod
     def for_request(
@@ -178,11 +179,15 @@ class Recorder:
         key = launch_key(plan.user.uid, plan.user.gid, os.getgroups(), os.environ, option_args)
         return cls(plan, key, config_file, by_id=_by_id(options))
 
-    def open_cache(self) -> None:
-        """Open the cache before the build covers /tmp (where it may be) with its staging."""
+    def open_cache(self, *depends: str) -> None:
+        """Open the cache and take the status of the files the recipe depends on, before the
+        build covers /tmp (where they, and the cache, may be) with its staging tmpfs."""
         path = cache_directory(self.plan.user.uid, os.environ, create=True)
-        if path is not None:
-            self.cache_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if path is None:
+            return
+        self.cache_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        paths = (self.config_file, *depends, *HOST_DEPENDENCIES)
+        self.depends = [(p, file_identity(p)) for p in paths]
 
     def close(self) -> None:
         if self.cache_fd is not None:
@@ -204,10 +209,11 @@ class Recorder:
 
     def record_job(self, state: JobState) -> None:
         """Write the recipe of entering the root the prolog prepared for this job."""
+        self.open_cache(state.path)
         if self.cache_fd is None:
             return
         try:
-            fields = self._head(state.path)
+            fields = self._head()
             fields += ["job-root", state.root, state.userns or ""]
             self._write(self._tail(fields), None)
         except OSError as err:
@@ -215,11 +221,11 @@ class Recorder:
         finally:
             self.close()
 
-    def _head(self, *depends: str) -> list[str]:
+    def _head(self) -> list[str]:
         plan = self.plan
         fields = [self.key]
-        for path in (self.config_file, *depends, *HOST_DEPENDENCIES):
-            fields += ["depends", path, file_identity(path)]
+        for path, identity in self.depends:
+            fields += ["depends", path, identity]
         if not self.by_id:  # what the name resolved to may change: only for a while
             fields += ["expires", str(int(time.time()) + int(plan.runtime.launcher_name_ttl))]
         return fields
@@ -234,7 +240,7 @@ class Recorder:
 
     def _fields(self, builder: RootBuilder) -> list[str] | None:
         plan = self.plan
-        fields = self._head(plan.image_file)
+        fields = self._head()
         fields += ["image", plan.image_file, "squashfuse", plan.runtime.squashfuse]
         for spec in sorted(builder.specs, key=lambda s: s.resolved.count("/")):
             kind = spec.kind

@@ -150,7 +150,6 @@ def run(
         root = state.root
         log.info("entering the root prepared for this job: %s", root)
         if recorder is not None:
-            recorder.open_cache()
             recorder.record_job(state)
         pinned = state.userns
         if pinned is None:
@@ -274,8 +273,8 @@ def _run_private(plan: Plan, recorder: Recorder | None = None) -> NoReturn:
         plan, f"{STAGING}/root", f"{STAGING}/staging", privileged=False, mount_image=mount_image
     )
     try:
-        if recorder is not None:
-            recorder.open_cache()  # before the staging tmpfs covers /tmp, where it may be
+        if recorder is not None:  # before the staging tmpfs covers /tmp, where they may be
+            recorder.open_cache(plan.image_file)
         enter_user_namespace(uid, gid)
         builder.collect()  # bind sources must be opened in the mount namespace they go to
         syscalls.mount(
