@@ -178,7 +178,13 @@ def prepare_step_root(
         image_request=request["image_request"],
     )
     step_dir = os.path.join(directory, STEPS_DIR, step)
-    os.makedirs(step_dir, mode=0o755, exist_ok=True)
+    for attempt in range(3):  # another step's teardown may remove empty parents meanwhile
+        try:
+            os.makedirs(step_dir, mode=0o755, exist_ok=True)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     prepared = prepare(plan, os.path.join(step_dir, "root"))
     return prepared.root, [list(kv) for kv in plan.env]
 
@@ -192,4 +198,11 @@ def teardown_step_root(directory: str, step: str) -> list[str]:
     step_dir = os.path.join(directory, STEPS_DIR, step)
     problems = teardown(os.path.join(step_dir, "root"))
     shutil.rmtree(step_dir, ignore_errors=True)
+    # A job without --image has no prolog root and no epilog of ours: leave nothing behind.
+    # (rmdir removes only empty directories: the job's root or other steps keep them.)
+    for empty in (os.path.join(directory, STEPS_DIR), directory):
+        try:
+            os.rmdir(empty)
+        except OSError:
+            break
     return problems

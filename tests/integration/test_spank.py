@@ -153,9 +153,16 @@ def test_plugin_logs_its_hooks_on_every_node():
 
 
 def test_fifty_steps_in_one_allocation_do_not_hang():
-    script = "for i in $(seq 50); do timeout 60 srun -N3 -n6 --image=busybox true || exit $i; done"
+    """... and leave nothing: the allocation has no --image, so no prolog or epilog of ours
+    runs for it; each step's teardown removes its root and the directories it made."""
+    script = (
+        "echo $SLURM_JOB_ID; "
+        "for i in $(seq 50); do timeout 60 srun -N3 -n6 --image=busybox true || exit $i; done"
+    )
     result = run_as(["salloc", "-N3", "-n6", "sh", "-c", script], timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    job = result.stdout.split()[0]
+    assert list(Path("/run/shifter-box").glob(f"*/{job}")) == []  # runtime.run_dir of the box
 
 
 @pytest.fixture
