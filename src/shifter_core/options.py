@@ -2,8 +2,24 @@
 
 ``--image`` is parsed by :mod:`shifter_core.reference`. This module parses
 ``--volume`` (``SRC:DST[:FLAG]``, several joined by ``;`` or given repeatedly) and
-``--module`` (``a,b`` or ``none``). Only syntax is checked here; whether a source is
-readable by the user or a target is allowed is decided by the runtime, as the user.
+``--module`` (``a,b`` or ``none``). Only syntax and bounds are checked here; whether a
+source is readable by the user or a target is allowed is decided by the runtime, as the user.
+
+Everything here is also run by root on the nodes (the prolog re-parses what the submitting
+side sent, since the user can replace that side), so every input is bounded *before* it is
+split or matched, and every error shows the offending value escaped and cut short:
+
+- ``--volume``: at most :data:`MAX_VOLUME_TEXT` characters in all, :data:`MAX_VOLUMES`
+  volumes, :data:`MAX_PER_NODE_CACHE_VOLUMES` of them ``perNodeCache``; each path below
+  :data:`PATH_MAX` bytes (UTF-8) with components of at most :data:`NAME_MAX` bytes. A path
+  may hold any *printable* character (``str.isprintable``: letters of any script, digits,
+  punctuation, the ASCII space) except ``:`` and ``;``, which separate specs. Refused: NUL,
+  C0/C1 control characters and DEL, line and paragraph separators, other white space than
+  the ASCII space, format characters (e.g. U+202E, which reorders text in logs) and lone
+  surrogates (bytes of a name that is not UTF-8).
+- ``--module``: at most :data:`MAX_MODULES` names of ASCII letters, digits, ``.``, ``_``
+  and ``-``, each at most 64 characters.
+- sizes: at most :data:`MAX_SIZE` bytes.
 """
 
 from __future__ import annotations
@@ -17,8 +33,17 @@ from .errors import OptionError
 
 VOLUME_SEPARATOR = ";"
 MODULE_NONE = "none"
-_MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", re.ASCII)
-_SIZE_RE = re.compile(r"^(?P<num>[1-9][0-9]{0,15})(?P<unit>[kKmMgGtT]?)$", re.ASCII)
+PATH_MAX = 4096  # bytes, with the terminating NUL (linux/limits.h)
+NAME_MAX = 255  # bytes per path component
+MAX_VOLUMES = 64
+MAX_PER_NODE_CACHE_VOLUMES = 4
+MAX_VOLUME_TEXT = 64 * 1024  # characters of all --volume values together
+MAX_MODULES = 32
+MAX_MODULE_TEXT = MAX_MODULES * 65
+MAX_SIZE = 1 << 60  # bytes (1 EiB): far beyond any disk, small enough to stay sane
+SHOWN_LENGTH = 72  # characters of an offending value shown in an error
+_MODULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)  # fullmatch
+_SIZE_RE = re.compile(r"(?P<num>[1-9][0-9]{0,15})(?P<unit>[kKmMgGtT]?)", re.ASCII)  # fullmatch
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 VOLUME_FLAGS = ("ro", "rw", "perNodeCache=size=N")
 
@@ -40,28 +65,62 @@ class Volume(
         return f"{self.source}:{self.target}:{'ro' if self.read_only else 'rw'}"
 
 
+def shown(value: object, limit: int = SHOWN_LENGTH) -> str:
+    """``value`` fit for a message or a log line: escaped (``repr``) and cut to ``limit``
+    characters, with the length of what was cut."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def parse_size(text: str) -> int:
-    """``512``, ``10k``, ``200M``, ``1G``, ``2T`` → bytes."""
-    match = _SIZE_RE.match(text)
-    if match is None:
+    """``512``, ``10k``, ``200M``, ``1G``, ``2T`` → bytes (at most :data:`MAX_SIZE`)."""
+    match = _SIZE_RE.fullmatch(text) if len(text) <= 32 else None
+    size = int(match.group("num")) * _SIZE_UNITS[match.group("unit").lower()] if match else 0
+    if not 0 < size <= MAX_SIZE:
         raise OptionError(
-            f"invalid size {text!r}", hint="use a number with an optional k, M, G or T"
+            f"invalid size {shown(text)}",
+            hint="use a number with an optional k, M, G or T, at most 1024T",
         )
-    return int(match.group("num")) * _SIZE_UNITS[match.group("unit").lower()]
+    return size
+
+
+def _check_characters(what: str, text: str) -> None:
+    if not text.isprintable():
+        bad = next(ch for ch in text if not ch.isprintable())
+        raise OptionError(
+            f"invalid {what} {shown(text)}: it contains the character {bad!r}",
+            hint="paths may hold printable characters only (no control characters, "
+            "tabs, line breaks or invisible formatting)",
+        )
 
 
 def _check_path(spec: str, what: str, path: str) -> str:
     if not path:
-        raise OptionError(f"invalid volume {spec!r}: empty {what}", hint="use SRC:DST[:ro|rw]")
-    if "\0" in path or "\n" in path:
-        raise OptionError(f"invalid volume {spec!r}: the {what} contains a control character")
+        raise OptionError(f"invalid volume {shown(spec)}: empty {what}", hint="use SRC:DST[:ro|rw]")
+    size = len(path.encode())
+    if size >= PATH_MAX:
+        raise OptionError(
+            f"invalid volume {shown(spec)}: the {what} is {size} bytes long, longer than "
+            f"{PATH_MAX - 1} bytes",
+            hint="paths are limited to PATH_MAX (4096 bytes); use a shorter path or a symlink",
+        )
     if not path.startswith("/"):
         raise OptionError(
-            f"invalid volume {spec!r}: the {what} {path!r} is not an absolute path",
+            f"invalid volume {shown(spec)}: the {what} {shown(path)} is not an absolute path",
             hint="give absolute paths, e.g. -V $SCRATCH/in:/data",
         )
-    if ".." in path.split("/"):
-        raise OptionError(f"invalid volume {spec!r}: the {what} {path!r} contains '..'")
+    components = path.split("/")
+    if ".." in components:
+        raise OptionError(f"invalid volume {shown(spec)}: the {what} {shown(path)} contains '..'")
+    for component in components:
+        if len(component) > NAME_MAX // 4 and len(component.encode()) > NAME_MAX:
+            raise OptionError(
+                f"invalid volume {shown(spec)}: the {what} has a component "
+                f"{shown(component)} longer than {NAME_MAX} bytes",
+                hint="file names are limited to NAME_MAX (255 bytes)",
+            )
     return posixpath.normpath(path) if path != "//" else "/"
 
 
@@ -75,21 +134,28 @@ def _parse_flag(spec: str, flag: str) -> tuple[bool, int | None]:
         key, _, size = value.partition("=")
         if key != "size" or not size:
             raise OptionError(
-                f"invalid volume {spec!r}: perNodeCache needs a size", hint="perNodeCache=size=10G"
+                f"invalid volume {shown(spec)}: perNodeCache needs a size",
+                hint="perNodeCache=size=10G",
             )
         return False, parse_size(size)
     raise OptionError(
-        f"invalid volume {spec!r}: unknown flag {flag!r}",
+        f"invalid volume {shown(spec)}: unknown flag {shown(flag)}",
         hint=f"flags are {', '.join(VOLUME_FLAGS)}",
     )
 
 
 def parse_volume(spec: str) -> Volume:
-    """Parse one ``SRC:DST[:FLAG]``."""
+    """Parse one ``SRC:DST[:FLAG]`` (the bounds of the module docstring apply)."""
+    if len(spec) > 2 * PATH_MAX + 64:
+        raise OptionError(
+            f"invalid volume {shown(spec)}: longer than {2 * PATH_MAX + 64} characters",
+            hint="paths are limited to PATH_MAX (4096 bytes)",
+        )
+    _check_characters("volume", spec)
     parts = spec.split(":")
     if len(parts) < 2 or len(parts) > 3:
         raise OptionError(
-            f"invalid volume {spec!r}", hint="use SRC:DST[:ro|rw|perNodeCache=size=N]"
+            f"invalid volume {shown(spec)}", hint="use SRC:DST[:ro|rw|perNodeCache=size=N]"
         )
     source = _check_path(spec, "source", parts[0])
     target = _check_path(spec, "target", parts[1])
@@ -98,17 +164,44 @@ def parse_volume(spec: str) -> Volume:
 
 
 def parse_volumes(values: Iterable[str]) -> list[Volume]:
-    """Parse every ``--volume`` value given; each may hold several specs joined by ``;``."""
-    volumes: list[Volume] = []
+    """Parse every ``--volume`` value given; each may hold several specs joined by ``;``.
+
+    Bounded as the module docstring says; the total length and the number of volumes are
+    checked before any spec is parsed.
+    """
+    values = list(values)
+    total = sum(len(v) + 1 for v in values)
+    if total > MAX_VOLUME_TEXT:
+        raise OptionError(
+            f"--volume {shown(values[0])}: the volume options are {total} characters long, "
+            f"longer than {MAX_VOLUME_TEXT}",
+            hint=f"give at most {MAX_VOLUMES} volumes; bind a common parent directory "
+            "instead of many of its files",
+        )
+    specs = []
     for value in values:
-        specs = [s for s in value.split(VOLUME_SEPARATOR) if s.strip()]
-        if not specs:
-            raise OptionError("empty --volume value", hint="use SRC:DST[:ro|rw]")
-        volumes.extend(parse_volume(s.strip()) for s in specs)
-    targets = [v.target for v in volumes]
-    for target in targets:
-        if targets.count(target) > 1:
-            raise OptionError(f"volume target {target!r} is given more than once")
+        found = [s.strip() for s in value.split(VOLUME_SEPARATOR) if s.strip()]
+        if not found:
+            raise OptionError(f"empty --volume value {shown(value)}", hint="use SRC:DST[:ro|rw]")
+        specs += found
+    if len(specs) > MAX_VOLUMES:
+        raise OptionError(
+            f"{len(specs)} volumes given: more than {MAX_VOLUMES} volumes",
+            hint="bind a common parent directory instead of many of its entries",
+        )
+    volumes = [parse_volume(s) for s in specs]
+    caches = sum(v.per_node_cache_bytes is not None for v in volumes)
+    if caches > MAX_PER_NODE_CACHE_VOLUMES:
+        raise OptionError(
+            f"{caches} perNodeCache volumes given: at most {MAX_PER_NODE_CACHE_VOLUMES} "
+            "perNodeCache volumes per job",
+            hint="use one larger perNodeCache volume with subdirectories",
+        )
+    seen: set[str] = set()
+    for volume in volumes:
+        if volume.target in seen:
+            raise OptionError(f"volume target {shown(volume.target)} is given more than once")
+        seen.add(volume.target)
     return volumes
 
 
@@ -118,18 +211,39 @@ def format_volumes(volumes: Iterable[Volume]) -> str:
 
 
 def parse_modules(value: str) -> list[str]:
-    """Parse ``--module``: ``a,b`` → ``['a', 'b']``; ``none`` → ``['none']``."""
+    """Parse ``--module``: ``a,b`` → ``['a', 'b']``; ``none`` → ``['none']``.
+
+    At most :data:`MAX_MODULES` names of at most 64 ASCII letters, digits, ``.``, ``_``, ``-``.
+    """
+    if len(value) > MAX_MODULE_TEXT:
+        raise OptionError(
+            f"invalid --module value {shown(value)}: longer than {MAX_MODULE_TEXT} characters",
+            hint=f"give at most {MAX_MODULES} module names",
+        )
+    if not (value.isascii() and value.isprintable()):
+        raise OptionError(
+            f"invalid --module value {shown(value)}: it contains a character that is not "
+            "printable ASCII",
+            hint="names use letters, digits, '.', '_' and '-'",
+        )
     names = [n.strip() for n in value.split(",")]
     if not value.strip() or any(not n for n in names):
-        raise OptionError(f"invalid --module value {value!r}", hint="use NAME[,NAME...] or none")
+        raise OptionError(
+            f"invalid --module value {shown(value)}", hint="use NAME[,NAME...] or none"
+        )
+    if len(names) > MAX_MODULES:
+        raise OptionError(
+            f"{len(names)} modules given: more than {MAX_MODULES} modules",
+            hint="ask your site for a module that combines what you need",
+        )
     for name in names:
-        if not _MODULE_NAME_RE.match(name):
+        if not _MODULE_NAME_RE.fullmatch(name):
             raise OptionError(
-                f"invalid module name {name!r}",
-                hint="names use letters, digits, '.', '_' and '-'",
+                f"invalid module name {shown(name)}",
+                hint="names use up to 64 ASCII letters, digits, '.', '_' and '-'",
             )
     if MODULE_NONE in names and len(names) > 1:
         raise OptionError("--module=none cannot be combined with other modules")
     if len(set(names)) != len(names):
-        raise OptionError(f"module given twice in {value!r}")
+        raise OptionError(f"module given twice in {shown(value)}")
     return names

@@ -8,7 +8,9 @@ Two layers:
   rules applied (``ubuntu`` is ``docker.io/library/ubuntu:latest``).
 
 The grammar follows the distribution project's reference grammar; anything else is
-refused with a message that says what was wrong.
+refused with a message that says what was wrong. Bounds (checked first, also by root on the
+nodes): a whole request at most :data:`MAX_REFERENCE_LENGTH` characters, the name at most
+:data:`MAX_NAME_LENGTH` (Docker's limit), a tag at most 128; only printable ASCII.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 from collections import namedtuple
 
 from .errors import OptionError
+from .options import shown
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
@@ -35,6 +38,9 @@ _REFERENCE_RE = re.compile(
 )
 _ID_RE = re.compile(r"^(?:sha256:)?(?P<hex>[0-9a-f]{12,64})$", re.ASCII)
 MAX_NAME_LENGTH = 255
+# name (255) + ":" + tag (128) + "@sha512:" + 128 hex digits = 520; round to what
+# registries accept in practice (the full form of a sha256 pin is 455 characters).
+MAX_REFERENCE_LENGTH = 512
 
 
 # Named tuples, not dataclasses: this module is on the start-up path of every Shifter srun,
@@ -55,16 +61,21 @@ class DockerReference(_DockerReference):
     @classmethod
     def parse(cls, text: str) -> DockerReference:
         """Parse ``[registry/]repo[:tag][@digest]``; Docker Hub rules apply."""
-        match = _REFERENCE_RE.match(text)
+        _check_length(text)
+        match = _REFERENCE_RE.fullmatch(text)
         if match is None:
             raise OptionError(
-                f"invalid image reference {text!r}",
+                f"invalid image reference {shown(text)}",
                 hint="expected [REGISTRY/]NAME[:TAG][@sha256:DIGEST] with a lower-case NAME, "
                 "e.g. ubuntu:22.04",
             )
         name = match.group("name")
         if len(name) > MAX_NAME_LENGTH:
-            raise OptionError(f"invalid image reference {text!r}: name longer than 255 characters")
+            raise OptionError(
+                f"invalid image reference {shown(text)}: name longer than "
+                f"{MAX_NAME_LENGTH} characters",
+                hint="Docker limits image names (with the registry) to 255 characters",
+            )
         first, sep, rest = name.partition("/")
         if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
             registry, repository = first, rest
@@ -94,6 +105,14 @@ class DockerReference(_DockerReference):
         return text
 
 
+def _check_length(text: str) -> None:
+    if len(text) > MAX_REFERENCE_LENGTH:
+        raise OptionError(
+            f"invalid image reference {shown(text)}: longer than {MAX_REFERENCE_LENGTH} characters",
+            hint="image names have at most 255 characters and tags at most 128",
+        )
+
+
 class ImageRequest(namedtuple("_ImageRequest", "type tag")):
     """An image as a user asked for it: ``type`` (``docker`` or ``id``) and ``tag``."""
 
@@ -106,15 +125,17 @@ class ImageRequest(namedtuple("_ImageRequest", "type tag")):
             raise OptionError(
                 "empty image name", hint="give an image such as --image=docker:ubuntu:22.04"
             )
-        if text != text.strip() or any(ch.isspace() or not ch.isprintable() for ch in text):
+        _check_length(text)
+        if not (text.isascii() and text.isprintable()) or " " in text:
             raise OptionError(
-                f"invalid image reference {text!r}: it contains white space or control characters",
+                f"invalid image reference {shown(text)}: it contains white space, control "
+                "or non-ASCII characters",
                 hint="image names are like docker:ubuntu:22.04",
             )
         prefix, sep, rest = text.partition(":")
         if sep and prefix in UNSUPPORTED_TYPES:
             raise OptionError(
-                f"image type {prefix!r} is not supported",
+                f"image type {shown(prefix)} is not supported",
                 hint=f"use one of: {', '.join(IMAGE_TYPES)}",
             )
         if sep and prefix in IMAGE_TYPES:
@@ -122,10 +143,10 @@ class ImageRequest(namedtuple("_ImageRequest", "type tag")):
         else:
             image_type, tag = default_type, text
         if image_type == "id":
-            match = _ID_RE.match(tag)
+            match = _ID_RE.fullmatch(tag)
             if match is None:
                 raise OptionError(
-                    f"invalid image id {tag!r}",
+                    f"invalid image id {shown(tag)}",
                     hint="an id is 12 to 64 lower-case hexadecimal digits (see shifterimg lookup)",
                 )
             return cls("id", match.group("hex"))

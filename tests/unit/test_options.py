@@ -106,3 +106,117 @@ def test_volume_parser_never_crashes(text):
     else:
         assert all(v.source.startswith("/") and v.target.startswith("/") for v in volumes)
         assert all(".." not in v.target.split("/") for v in volumes)
+
+
+# -- bounds (issue 9): every limit is checked before any privileged work --------------------
+
+from shifter_core.options import (  # noqa: E402
+    MAX_MODULES,
+    MAX_PER_NODE_CACHE_VOLUMES,
+    MAX_VOLUME_TEXT,
+    MAX_VOLUMES,
+    NAME_MAX,
+    PATH_MAX,
+)
+
+
+def test_path_max_per_path():
+    ok = "/" + "/".join(["d" * 200] * 20)  # 4020 bytes
+    assert parse_volume(f"/a:{ok}").target == ok
+    long = "/" + "/".join(["d" * 200] * 21)  # 4221 bytes
+    with pytest.raises(OptionError, match="longer than 4095 bytes") as info:
+        parse_volume(f"/a:{long}")
+    assert len(str(info.value)) < 400  # the value is cut, not echoed whole
+    assert PATH_MAX == 4096
+
+
+def test_path_max_counts_bytes_not_characters():
+    component = "é" * 127  # 254 bytes
+    path = "/" + "/".join([component] * 16)  # 16 * 255 = 4080 bytes, 2048 characters
+    assert parse_volume(f"/a:{path}").target == path
+    with pytest.raises(OptionError, match="longer than 4095 bytes"):
+        parse_volume(f"/a:{path}/éééééééé")
+
+
+def test_name_max_per_component():
+    assert parse_volume("/a:/" + "n" * 255).target == "/" + "n" * 255
+    with pytest.raises(OptionError, match="255 bytes") as info:
+        parse_volume("/a:/data/" + "n" * 256)
+    assert "hint" not in str(info.value) and info.value.hint
+    with pytest.raises(OptionError, match="255 bytes"):
+        parse_volume("/" + "é" * 128 + ":/b")
+    assert NAME_MAX == 255
+
+
+@pytest.mark.parametrize(
+    "char", ["\0", "\n", "\r", "\t", "\x1b", "\x7f", "\x85", "\u2028", "\u202e", "\udcff"]
+)
+def test_control_and_invisible_characters_are_refused(char):
+    with pytest.raises(OptionError, match="character") as info:
+        parse_volumes([f"/a:/b{char}c"])
+    assert char not in str(info.value)  # shown escaped
+
+
+def test_printable_unicode_and_spaces_are_allowed():
+    volume = parse_volume("/scratch/données utiles:/data/résultats")
+    assert volume.source == "/scratch/données utiles"
+    assert parse_volume(str(volume)) == volume
+
+
+def test_number_of_volumes_is_bounded():
+    specs = [f"/s{i}:/t{i}" for i in range(MAX_VOLUMES)]
+    assert len(parse_volumes([";".join(specs)])) == MAX_VOLUMES
+    with pytest.raises(OptionError, match=f"more than {MAX_VOLUMES} volumes"):
+        parse_volumes([";".join(specs), "/x:/y"])
+    assert MAX_VOLUMES == 64
+
+
+def test_total_length_is_bounded_before_parsing():
+    huge = "/a:/b;" * 1_000_000  # 6 MB: refused at once, without splitting it up
+    with pytest.raises(OptionError, match="longer than") as info:
+        parse_volumes([huge])
+    assert len(str(info.value)) < 400
+    with pytest.raises(OptionError, match="longer than"):
+        parse_volumes(["/a:/b"] * (MAX_VOLUME_TEXT // 4))
+
+
+def test_per_node_cache_count_is_bounded():
+    specs = [f"/s{i}:/t{i}:perNodeCache=size=1G" for i in range(MAX_PER_NODE_CACHE_VOLUMES)]
+    assert len(parse_volumes(specs)) == MAX_PER_NODE_CACHE_VOLUMES
+    with pytest.raises(OptionError, match="perNodeCache volumes"):
+        parse_volumes([*specs, "/x:/y:perNodeCache=size=1G"])
+
+
+def test_sizes_are_bounded():
+    with pytest.raises(OptionError, match="invalid size"):
+        parse_size("9" * 16 + "T")  # 10**16 TiB: refused, not an astronomic int
+    assert parse_size("1024T") == 1 << 50
+
+
+def test_module_lists_are_bounded():
+    names = [f"m{i}" for i in range(MAX_MODULES)]
+    assert parse_modules(",".join(names)) == names
+    with pytest.raises(OptionError, match=f"more than {MAX_MODULES} modules"):
+        parse_modules(",".join([*names, "extra"]))
+    with pytest.raises(OptionError, match="longer than") as info:
+        parse_modules("a," * 1_000_000)
+    assert len(str(info.value)) < 400
+    with pytest.raises(OptionError, match="invalid module name") as info:
+        parse_modules("g" * 65)
+    for bad in ("gpu\0", "gpu\n", "gpü", "١"):
+        with pytest.raises(OptionError):
+            parse_modules(bad)
+
+
+@given(st.lists(st.text(max_size=80), max_size=4))
+def test_volume_parser_never_crashes_on_any_text(values):
+    try:
+        volumes = parse_volumes(values)
+    except OptionError as err:
+        assert str(err) and len(str(err)) < 1000
+    else:
+        assert len(volumes) <= MAX_VOLUMES
+        for volume in volumes:
+            for path in (volume.source, volume.target):
+                assert path.isprintable() and len(path.encode()) < PATH_MAX
+                assert all(len(c.encode()) <= NAME_MAX for c in path.split("/"))

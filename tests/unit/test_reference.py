@@ -107,3 +107,45 @@ def test_parser_never_crashes(text):
     else:
         assert request.type in ("docker", "id")
         assert not any(ch.isspace() for ch in request.tag)
+
+
+# -- bounds (issue 9) -----------------------------------------------------------------------
+
+from shifter_core.reference import MAX_REFERENCE_LENGTH  # noqa: E402
+
+
+def test_over_long_references_are_refused_at_once_with_a_cut_message():
+    for text in ("a" * 100_000, "docker:" + "a/" * 50_000 + "a", "a:" + "t" * 100_000):
+        with pytest.raises(OptionError, match="longer than") as info:
+            ImageRequest.parse(text)
+        assert len(str(info.value)) < 400
+    assert MAX_REFERENCE_LENGTH == 512
+
+
+def test_name_and_tag_limits():
+    name = "a" * 255
+    assert ImageRequest.parse(name).docker.repository == "library/" + name
+    with pytest.raises(OptionError, match="255"):
+        ImageRequest.parse("a" * 256)
+    assert ImageRequest.parse("a:" + "t" * 128).docker.tag == "t" * 128
+    with pytest.raises(OptionError, match="invalid image reference"):
+        ImageRequest.parse("a:" + "t" * 129)
+
+
+@pytest.mark.parametrize("text", ["ubuntu\0", "ubu\x1bntu", "ubuntu:22.04\u202e", "ubuntu:١"])
+def test_control_and_non_ascii_characters_are_refused(text):
+    with pytest.raises(OptionError) as info:
+        ImageRequest.parse(text)
+    message = str(info.value)
+    assert all(ch.isprintable() for ch in message)
+
+
+@given(st.text(max_size=600))
+def test_image_request_parser_gives_a_request_or_an_option_error(text):
+    try:
+        request = ImageRequest.parse(text)
+    except OptionError as err:
+        assert len(str(err)) < 1000
+    else:
+        assert len(request.tag) <= MAX_REFERENCE_LENGTH
+        assert request.tag.isascii() and request.tag.isprintable()
