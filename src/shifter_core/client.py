@@ -2,7 +2,12 @@
 
 Each request gets a fresh munge credential whose payload binds it to that request (method,
 path with query, sha256 of the body); registry credentials travel inside that payload, which
-munge encrypts, never in the body.
+munge encrypts, never in the body. A credential that carries registry credentials is
+restricted to the gateway's uid (``MUNGE_OPT_UID_RESTRICTION``): munged decodes it for the
+gateway only, so whoever else gets hold of it (a process listening on the gateway's port
+while the gateway is down, the network) learns nothing. The gateway's user is the site
+config's (``gateway.user`` where the config has it, else the service user ``shifter``),
+never what an answer from the network claims.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +32,7 @@ log = logging.getLogger(__name__)
 API = "/api/v1"
 FINAL_STATES = ("READY", "FAILED")
 _CHUNK = 1 << 20
+SERVICE_USER = "shifter"  # the gateway's user unless the site config names another
 
 Encoder = Callable[[bytes], str]
 
@@ -42,23 +49,26 @@ class GatewayUnreachable(GatewayError):
     """No answer from the gateway (not running, wrong URL, network)."""
 
 
-def _encode(payload: bytes) -> str:
-    return munge.encode(payload)
-
-
 class GatewayClient:
-    """Calls to one gateway; ``encoder`` makes the munge credential (tests may replace it)."""
+    """Calls to one gateway.
+
+    ``encoder`` makes every munge credential (tests replace it); by default munge does, and
+    a credential that carries a secret is restricted to the uid of ``gateway_user`` (a
+    name or a uid; default :data:`SERVICE_USER`).
+    """
 
     def __init__(
         self,
         url: str,
         *,
         timeout: float = 30.0,
-        encoder: Encoder = _encode,
+        encoder: Encoder | None = None,
         transport: httpx.BaseTransport | None = None,
+        gateway_user: str | int | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self._encoder = encoder
+        self._gateway_user = SERVICE_USER if gateway_user is None else gateway_user
         # The gateway is a site service: no proxy from the user's environment in between.
         # Loading the CA bundle costs ~100 ms: only an https gateway needs it.
         verify: ssl.SSLContext | bool = True
@@ -74,6 +84,25 @@ class GatewayClient:
 
     def close(self) -> None:
         self._http.close()
+
+    def gateway_uid(self) -> int:
+        """The uid the gateway runs as: the only one that may decode a secret we send."""
+        user = self._gateway_user
+        if isinstance(user, int) or user.isdigit():
+            return int(user)
+        try:
+            return pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise GatewayError(
+                f"registry credentials go only to the image gateway's user, and user "
+                f"{user!r} does not exist on this host",
+                hint="the site config must name the user shifter-gateway runs as",
+            ) from None
+
+    def _credential(self, payload: bytes, secret: bool) -> str:
+        if self._encoder is not None:
+            return self._encoder(payload)
+        return munge.encode(payload, uid_restriction=self.gateway_uid() if secret else None)
 
     def __enter__(self) -> GatewayClient:
         return self
@@ -113,7 +142,8 @@ class GatewayClient:
         assert digest is not None
         target = request.url.raw_path.decode("ascii")
         payload = munge.request_payload(method, target, digest, secret)
-        request.headers["Authorization"] = f"Munge {self._encoder(payload)}"
+        credential = self._credential(payload, secret is not None)
+        request.headers["Authorization"] = f"Munge {credential}"
         try:
             response = self._http.send(request)
         except httpx.TransportError as err:

@@ -47,6 +47,7 @@ EMUNGE_CRED_REWOUND = 16
 EMUNGE_CRED_REPLAYED = 17
 MUNGE_OPT_TTL = 4
 MUNGE_OPT_SOCKET = 8
+MUNGE_OPT_UID_RESTRICTION = 9
 
 
 class MungeError(ShifterError):
@@ -100,8 +101,10 @@ def _message(lib: Any, ffi: Any, code: int) -> str:
     return str(ffi.string(lib.munge_strerror(code)).decode("utf-8", "replace"))
 
 
-def _context(lib: Any, ffi: Any, ttl: int | None, socket: str | None) -> Any:
-    if ttl is None and socket is None:
+def _context(
+    lib: Any, ffi: Any, ttl: int | None, socket: str | None, uid_restriction: int | None = None
+) -> Any:
+    if ttl is None and socket is None and uid_restriction is None:
         return ffi.NULL
     ctx = lib.munge_ctx_create()
     if ctx == ffi.NULL:
@@ -113,16 +116,35 @@ def _context(lib: Any, ffi: Any, ttl: int | None, socket: str | None) -> Any:
         path = ffi.new("char[]", socket.encode())
         keep.append(path)
         lib.munge_ctx_set(ctx, MUNGE_OPT_SOCKET, path)
+    if uid_restriction is not None:
+        code = lib.munge_ctx_set(
+            ctx, MUNGE_OPT_UID_RESTRICTION, ffi.cast("unsigned int", uid_restriction)
+        )
+        if code != EMUNGE_SUCCESS:
+            lib.munge_ctx_destroy(ctx)
+            raise MungeError(
+                f"cannot restrict a munge credential to uid {uid_restriction}: "
+                f"{_message(lib, ffi, code)}",
+                code=code,
+            )
     return ffi.gc(ctx, lib.munge_ctx_destroy)
 
 
-def encode(payload: bytes = b"", *, ttl: int | None = None, socket: str | None = None) -> str:
+def encode(
+    payload: bytes = b"",
+    *,
+    ttl: int | None = None,
+    socket: str | None = None,
+    uid_restriction: int | None = None,
+) -> str:
     """A credential for the calling process's uid and gid carrying ``payload``.
 
-    ``ttl`` (seconds) overrides munged's default time-to-live.
+    ``ttl`` (seconds) overrides munged's default time-to-live. ``uid_restriction``: only
+    processes of that uid may decode the credential (munged refuses everyone else, so a
+    payload carrying a secret reaches that uid only).
     """
     lib, libc, ffi = _load()
-    ctx = _context(lib, ffi, ttl, socket)
+    ctx = _context(lib, ffi, ttl, socket, uid_restriction)
     out = ffi.new("char **")
     buf = ffi.from_buffer(payload) if payload else ffi.NULL
     code = lib.munge_encode(out, ctx, buf, len(payload))

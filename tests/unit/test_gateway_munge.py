@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import subprocess
 
 import pytest
 
@@ -59,3 +62,74 @@ def test_an_unreachable_munged_is_not_an_auth_error() -> None:
     with pytest.raises(munge.MungeError) as err:
         munge.decode("MUNGE:abc", socket="/nonexistent/munge.socket")
     assert not isinstance(err.value, munge.MungeAuthError)
+
+
+def _unmunge_as(user: str, credential: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["runuser", "-u", user, "--", "unmunge"],
+        input=credential,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(not munged_running(), reason="munged is not running")
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs unmunge as other users")
+def test_a_uid_restricted_credential_decodes_for_that_uid_only() -> None:
+    try:
+        bob, service = pwd.getpwnam("bob"), pwd.getpwnam("shifter")
+    except KeyError:
+        pytest.skip("needs the box's users bob and shifter")
+    secret = b"registry password"
+    credential = munge.encode(secret, uid_restriction=service.pw_uid)
+    other = _unmunge_as(bob.pw_name, credential)
+    assert other.returncode != 0 and "Unauthorized credential" in other.stderr
+    assert secret.decode() not in other.stdout
+    with pytest.raises(munge.MungeAuthError, match="invalid munge credential"):
+        munge.decode(munge.encode(secret, uid_restriction=service.pw_uid))  # not even root
+    mine = _unmunge_as(service.pw_name, credential)
+    assert mine.returncode == 0, mine.stderr
+    assert mine.stdout.endswith(secret.decode())
+
+
+@pytest.mark.skipif(not munged_running(), reason="munged is not running")
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs unmunge as other users")
+def test_the_client_restricts_credentials_with_secrets_to_the_gateway_user() -> None:
+    """shifterimg login and private pulls: only the gateway's uid can read the password."""
+    from shifter_core._httpx import httpx
+    from shifter_core.client import GatewayClient
+
+    try:
+        service = pwd.getpwnam("shifter")
+    except KeyError:
+        pytest.skip("needs the box's service user shifter")
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["Authorization"].removeprefix("Munge "))
+        return httpx.Response(200, json={"result": "ok", "job": {"id": "j"}})
+
+    with GatewayClient("http://gw.test", transport=httpx.MockTransport(handler)) as client:
+        assert client.gateway_uid() == service.pw_uid
+        client.login("reg.test", "alice", "hunter2")
+        secret = {"registry": "reg.test", "username": "a", "password": "p"}
+        client.pull("reg.test/x:1", secret=secret)
+        client.ping()
+    login, pull, ping = seen
+    for credential in (login, pull):
+        assert _unmunge_as("bob", credential).returncode != 0
+    decoded = _unmunge_as("shifter", login)
+    assert decoded.returncode == 0 and '"password":"hunter2"' in decoded.stdout
+    assert "UID_RESTRICTION" not in _unmunge_as("bob", ping).stdout  # no secret: unrestricted
+
+
+def test_an_unknown_gateway_user_refuses_to_send_secrets() -> None:
+    from shifter_core.client import GatewayClient, GatewayError
+
+    client = GatewayClient("http://gw.test", gateway_user="no-such-user-here")
+    with client, pytest.raises(GatewayError, match="user 'no-such-user-here' does not exist"):
+        client.login("reg.test", "alice", "hunter2")
+    with GatewayClient("http://gw.test", gateway_user=4242) as client:
+        assert client.gateway_uid() == 4242

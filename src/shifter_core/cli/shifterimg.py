@@ -70,8 +70,10 @@ def _client(args: argparse.Namespace) -> Any:
     from .. import config
     from ..client import GatewayClient
 
-    url = args.gateway or config.load().gateway.url
-    return GatewayClient(url)
+    site = config.load().gateway
+    # Secrets are restricted to the gateway's user of the site config (root-owned), never to
+    # a user that some answer from the network names.
+    return GatewayClient(args.gateway or site.url, gateway_user=getattr(site, "user", None))
 
 
 # -- progress ---------------------------------------------------------------------------------
@@ -425,6 +427,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as err:
         _err(str(err))
+        return 1
+    except Exception as err:  # the edge: never a traceback for a user
+        if args.verbose:
+            log.exception("internal error")
+        detail = str(err).splitlines()[0] if str(err) else ""
+        _err(
+            f"internal error: {type(err).__name__}"
+            + (f": {detail}" if detail else "")
+            + ("" if args.verbose else " (run with -v for details)")
+        )
         return 1
 
 
