@@ -52,16 +52,98 @@ def _doc(text: str, **extra: Any) -> dict[str, Any]:
     return {"doc": text, **extra}
 
 
+def _gateway_url(value: str) -> str | None:
+    if value.startswith("unix:"):
+        return _absolute(value[len("unix:") :]) and "must be a URL or unix:/ABSOLUTE/PATH"
+    return _url(value)
+
+
+def _gateway_size(value: str) -> str | None:
+    return _size(value)
+
+
+def _listen_or_socket(value: str) -> str | None:
+    if value.startswith("unix:"):
+        return _absolute(value[len("unix:") :]) and "must be HOST:PORT or unix:/ABSOLUTE/PATH"
+    return _listen(value) and "must be HOST:PORT or unix:/ABSOLUTE/PATH"
+
+
+@dataclass(frozen=True)
+class GatewayLimitsConfig:
+    """What one request or one pull may cost the gateway (sizes: a number with k, M, G or T;
+    "0" or 0: no bound)."""
+
+    max_request_body: str = field(
+        default="1M",
+        metadata=_doc(
+            "largest JSON request body; larger ones are refused before they are read",
+            check=_gateway_size,
+        ),
+    )
+    max_import_size: str = field(
+        default="128G",
+        metadata=_doc("largest image file an import may upload", check=_gateway_size),
+    )
+    max_manifest_size: str = field(
+        default="4M", metadata=_doc("largest manifest or index accepted", check=_gateway_size)
+    )
+    max_layers: int = field(
+        default=500, metadata=_doc("most layers an image may have", check=_non_negative)
+    )
+    max_layer_size: str = field(
+        default="64G",
+        metadata=_doc("largest compressed layer", check=_gateway_size),
+    )
+    max_image_size: str = field(
+        default="128G",
+        metadata=_doc("largest compressed image (all layers)", check=_gateway_size),
+    )
+    max_layer_unpacked: str = field(
+        default="128G",
+        metadata=_doc("most bytes one layer may decompress to", check=_gateway_size),
+    )
+    max_image_unpacked: str = field(
+        default="256G",
+        metadata=_doc("most bytes all layers of an image may decompress to", check=_gateway_size),
+    )
+    max_tar_entries: int = field(
+        default=10_000_000,
+        metadata=_doc("most tar entries all layers of an image may hold", check=_non_negative),
+    )
+    pull_timeout: float = field(
+        default=21600.0,
+        metadata=_doc(
+            "seconds a pull may take, download and conversion (0: no bound)",
+            check=_non_negative,
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Where the image gateway is and how it runs."""
 
     url: str = field(
         default="http://127.0.0.1:7080",
-        metadata=_doc("URL clients (shifterimg, plugin) use to reach the gateway", check=_url),
+        metadata=_doc(
+            "URL clients (shifterimg, plugin) use to reach the gateway: http(s)://HOST:PORT, "
+            "or unix:/PATH for a Unix socket",
+            check=_gateway_url,
+        ),
     )
     listen: str = field(
-        default="127.0.0.1:7080", metadata=_doc("HOST:PORT the gateway listens on", check=_listen)
+        default="127.0.0.1:7080",
+        metadata=_doc(
+            "HOST:PORT the gateway listens on, or unix:/PATH for a Unix socket",
+            check=_listen_or_socket,
+        ),
+    )
+    tls_cert: str | None = field(
+        default=None,
+        metadata=_doc("PEM certificate (chain): serve https on HOST:PORT", check=_absolute),
+    )
+    tls_key: str | None = field(
+        default=None, metadata=_doc("PEM private key of tls_cert", check=_absolute)
     )
     database: str = field(
         default="/var/lib/shifter/gateway.sqlite",
@@ -85,6 +167,17 @@ class GatewayConfig:
     expire_days: int = field(
         default=0,
         metadata=_doc("remove images not looked up or used for this many days (0: never)"),
+    )
+    layer_cache_size: str = field(
+        default="500G",
+        metadata=_doc(
+            "cap of the layer cache; least recently used layers are evicted (0: no cap)",
+            check=_gateway_size,
+        ),
+    )
+    limits: GatewayLimitsConfig = field(
+        default_factory=GatewayLimitsConfig,
+        metadata=_doc("bounds on requests and pulls"),
     )
 
 

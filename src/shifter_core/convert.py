@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import ShifterError
+from .limits import UnpackBudget
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def layers_to_squashfs(
     options: SquashfsOptions | None = None,
     *,
     spool_dir: Path | None = None,
+    budget: UnpackBudget | None = None,
 ) -> int:
     """Flatten image layers (lowest first) into a squashfs file; return its size.
 
@@ -106,16 +108,21 @@ def layers_to_squashfs(
     before its directory: :func:`~shifter_core.flatten.flatten_one_pass`), so decompressing
     it overlaps compressing the squashfs; anything else, or a single layer that turns out not
     to allow it, goes through the two passes of :func:`~shifter_core.flatten.flatten`.
+    *budget* bounds what the layers may decompress to (a bomb fails with ``LimitExceeded``).
     """
     from .flatten import OnePassImpossible, flatten, flatten_one_pass
 
     if len(layers) == 1:
         try:
             return tar_to_squashfs(
-                lambda pipe: flatten_one_pass(layers[0], pipe, spool_dir=spool_dir),
+                lambda pipe: flatten_one_pass(layers[0], pipe, spool_dir=spool_dir, budget=budget),
                 output,
                 options,
             )
         except OnePassImpossible as why:
             log.info("converting in two passes: %s", why)
-    return tar_to_squashfs(lambda pipe: flatten(layers, pipe, spool_dir=spool_dir), output, options)
+            if budget is not None:
+                budget.reset()
+    return tar_to_squashfs(
+        lambda pipe: flatten(layers, pipe, spool_dir=spool_dir, budget=budget), output, options
+    )

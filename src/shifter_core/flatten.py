@@ -87,6 +87,7 @@ import zstandard
 from isal import igzip, isal_zlib
 
 from shifter_core.errors import ShifterError
+from shifter_core.limits import UnpackBudget
 
 LOG = logging.getLogger(__name__)
 
@@ -320,6 +321,10 @@ class _Spool:
                         raise self.layer.fail(exc) from exc
                     if not count:
                         break
+                    if self.layer.budget is not None:  # a decompression bomb stops here
+                        self.layer.budget.add_bytes(
+                            self.layer.index + 1, self.written + count, count
+                        )
                     self._write(view[:count])
                     with self._changed:
                         self.written += count
@@ -403,10 +408,16 @@ class _LayerSource:
     over the data, and data is copied by offset."""
 
     def __init__(
-        self, path: Path, index: int, spool_dir: Path | None, slots: threading.Semaphore
+        self,
+        path: Path,
+        index: int,
+        spool_dir: Path | None,
+        slots: threading.Semaphore,
+        budget: UnpackBudget | None = None,
     ) -> None:
         self.path = path
         self.index = index
+        self.budget = budget
         self.tar: tarfile.TarFile | None = None
         try:
             raw = open(path, "rb")  # noqa: SIM115 - kept, or handed to the spool
@@ -462,6 +473,8 @@ class _LayerSource:
                 if member is None:
                     break
                 self.tar.members.clear()  # memory per entry of the final tree, not per member
+                if self.budget is not None:
+                    self.budget.add_entry()
                 yield member
             if self.tar.offset > self.size():
                 raise tarfile.ReadError("unexpected end of data")
@@ -891,6 +904,7 @@ def flatten(
     *,
     policy: FlattenPolicy | None = None,
     spool_dir: Path | None = None,
+    budget: UnpackBudget | None = None,
 ) -> FlattenStats:
     """Apply ``layers`` (lowest first) and write the final tree to ``out`` as a PAX tar stream.
 
@@ -900,7 +914,7 @@ def flatten(
     closed.  Raises ``FlattenError`` when a layer cannot be read or is not a tar archive;
     errors writing to ``out`` (``BrokenPipeError`` when the converter died) propagate
     unchanged.  After any error the output is incomplete (no end-of-archive blocks) and must
-    be discarded.
+    be discarded.  *budget* bounds decompressed bytes and entries (``LimitExceeded``).
     """
     policy = policy or FlattenPolicy()
     stats = FlattenStats(layers=len(layers))
@@ -911,7 +925,7 @@ def flatten(
         # Every layer starts decompressing at once (as many at a time as there are CPUs) ...
         slots = threading.Semaphore(os.cpu_count() or 1)
         for index, path in enumerate(layers):
-            source = _LayerSource(Path(path), index, spool_dir, slots)
+            source = _LayerSource(Path(path), index, spool_dir, slots, budget)
             stack.callback(source.close)
             sources.append(source)
         # ... while pass 1 reads their headers in order and applies them to the tree.
@@ -997,6 +1011,7 @@ def flatten_one_pass(
     *,
     policy: FlattenPolicy | None = None,
     spool_dir: Path | None = None,
+    budget: UnpackBudget | None = None,
 ) -> FlattenStats:
     """A single-layer image, written to ``out`` while it is read: a thread decompresses it
     into a spool file (as for :func:`flatten`), the headers are read as it grows and the data
@@ -1010,7 +1025,7 @@ def flatten_one_pass(
     seen: dict[str, str] = {"": "dir"}  # path -> dir | reg | sym | dev (dropped ones too)
     primaries: dict[str, tarfile.TarInfo] = {}  # written non-directories, for hardlinks
     primary_of: dict[str, str] = {}  # a name -> the name its inode was written under
-    source = _LayerSource(Path(layer), 0, spool_dir, threading.Semaphore(1))
+    source = _LayerSource(Path(layer), 0, spool_dir, threading.Semaphore(1), budget)
     members = 0
     try:
         for member in source.members():

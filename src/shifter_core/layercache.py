@@ -10,6 +10,13 @@ that each open the lock file exclude each other just as two processes do.)
 
 Each download is counted in :attr:`LayerCache.stats` and logged at INFO, which is how tests
 prove "one download per layer".
+
+Bounds: with ``max_bytes`` the cache evicts the least recently used blobs (by mtime, which
+each hit renews) after every download until it fits, skipping blobs that a running pull has
+:meth:`~LayerCache.pinned`. Privacy: a blob downloaded with registry credentials carries a
+marker (``<dir>/private/<algo>-<hex>``, naming the registry) written before the blob is
+published; the registry client reuses such a blob for another pull only after that pull's own
+request proved access (:meth:`shifter_core.registry.RegistryClient.prove_access`).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -53,16 +60,26 @@ class LayerCache:
     """Compressed blobs keyed by digest, safe for concurrent use by threads and processes."""
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, fsync: bool = True, mode: int = 0o700
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        mode: int = 0o700,
+        max_bytes: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
+        self.max_bytes = max_bytes
         if not self.directory.exists():
             self.directory.mkdir(mode=mode, parents=True, exist_ok=True)
         self._locks = self.directory / "locks"
         self._locks.mkdir(exist_ok=True)
+        self._private = self.directory / "private"
+        self._private.mkdir(exist_ok=True)
         self.stats = CacheStats()
         self._stats_lock = threading.Lock()
+        self._pins: dict[str, int] = {}
+        self._evict_lock = threading.Lock()
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -88,7 +105,96 @@ class LayerCache:
 
     def size(self) -> int:
         """Total bytes of the cached blobs."""
-        return sum(self.path(d).stat().st_size for d in self.digests())
+        total = 0
+        for digest in self.digests():
+            with contextlib.suppress(FileNotFoundError):
+                total += self.path(digest).stat().st_size
+        return total
+
+    # -- privacy -------------------------------------------------------------------------------
+
+    def _marker(self, digest: str) -> Path:
+        algo, hexdigest = split_digest(digest)
+        return self._private / f"{algo}-{hexdigest}"
+
+    def private_origin(self, digest: str) -> str | None:
+        """The registry a blob was downloaded from with credentials; None for a public one."""
+        try:
+            return self._marker(digest).read_text(encoding="utf-8").strip() or "?"
+        except FileNotFoundError:
+            return None
+
+    def mark_public(self, digest: str) -> None:
+        """Anonymous access to *digest* was proven: anyone may reuse it."""
+        self._marker(digest).unlink(missing_ok=True)
+
+    # -- the size bound ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pinned(self, digests: Iterable[str]) -> Iterator[None]:
+        """Keep *digests* from eviction while the block runs (a pull that uses them)."""
+        held = list(dict.fromkeys(digests))
+        with self._evict_lock:
+            for digest in held:
+                self._pins[digest] = self._pins.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            with self._evict_lock:
+                for digest in held:
+                    self._pins[digest] -= 1
+                    if not self._pins[digest]:
+                        del self._pins[digest]
+
+    def evict(self, keep: str | None = None) -> list[str]:
+        """Remove least recently used blobs until the cache fits ``max_bytes``."""
+        if not self.max_bytes:
+            return []
+        removed: list[str] = []
+        with self._evict_lock:
+            entries = []
+            for digest in self.digests():
+                with contextlib.suppress(FileNotFoundError):
+                    st = self.path(digest).stat()
+                    entries.append((st.st_mtime, digest, st.st_size))
+            total = sum(e[2] for e in entries)
+            for _mtime, digest, size in sorted(entries):
+                if total <= self.max_bytes:
+                    break
+                if digest == keep or digest in self._pins or not self._try_remove(digest):
+                    continue
+                total -= size
+                removed.append(digest)
+        if removed:
+            log.info(
+                "evicted %d layer(s) to keep the cache under %d bytes", len(removed), self.max_bytes
+            )
+        if total > self.max_bytes:
+            log.warning(
+                "layer cache %s holds %d bytes, over its cap of %d: the rest is in use",
+                self.directory,
+                total,
+                self.max_bytes,
+            )
+        return removed
+
+    def _try_remove(self, digest: str) -> bool:
+        """Remove a blob unless someone holds its lock (downloading or waiting for it)."""
+        algo, hexdigest = split_digest(digest)
+        fd = os.open(
+            self._locks / f"{algo}-{hexdigest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                self.path(digest).unlink()
+            self.mark_public(digest)
+            return True
+        finally:
+            os.close(fd)
 
     # -- locking -------------------------------------------------------------------------------
 
@@ -114,7 +220,13 @@ class LayerCache:
     # -- writing -------------------------------------------------------------------------------
 
     def put(
-        self, digest: str, writer: Writer, *, size: int | None = None, verify: bool = True
+        self,
+        digest: str,
+        writer: Writer,
+        *,
+        size: int | None = None,
+        verify: bool = True,
+        private: str | None = None,
     ) -> Path:
         """Make sure the blob *digest* is cached; return its path.
 
@@ -124,7 +236,8 @@ class LayerCache:
         verified while streaming) and published atomically. If *writer* raises or the check
         fails, the temporary file is removed and nothing becomes visible. A blob that is
         already present (or that another thread or process finishes while this call waits for
-        the lock) is not written again.
+        the lock) is not written again. *private* (a registry name) marks a new blob as
+        downloaded with credentials from there. Over ``max_bytes``, older blobs are evicted.
         """
         final = self.path(digest)
         if final.is_file():
@@ -162,6 +275,10 @@ class LayerCache:
                     if self.fsync:
                         os.fsync(fh.fileno())
                 os.chmod(tmp, 0o644)
+                if private is not None:
+                    self._marker(digest).write_text(private, encoding="utf-8")
+                else:
+                    self.mark_public(digest)
                 os.replace(tmp, final)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
@@ -175,6 +292,7 @@ class LayerCache:
             self.stats.bytes_written += written
             self.stats.downloaded.append(digest)
         log.info("cached blob %s (%d bytes) in %.2f s", digest, written, elapsed)
+        self.evict(keep=digest)
         return final
 
     def put_bytes(self, digest: str, data: bytes) -> Path:
@@ -184,6 +302,7 @@ class LayerCache:
     def remove(self, digest: str) -> bool:
         """Delete the blob *digest*; True when it was there."""
         with self.lock(digest):
+            self.mark_public(digest)
             try:
                 self.path(digest).unlink()
             except FileNotFoundError:
@@ -207,6 +326,8 @@ class LayerCache:
         return removed
 
     def _hit(self, digest: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.path(digest))  # most recently used
         with self._stats_lock:
             self.stats.hits += 1
         log.debug("blob %s already cached", digest)

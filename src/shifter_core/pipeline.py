@@ -15,9 +15,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .convert import SquashfsOptions, layers_to_squashfs
 from .layercache import LayerCache
+from .limits import Deadline, PullLimits, UnpackBudget
 from .registry import Platform, RegistryClient, ResolvedImage
 from .store import Acl, ImageMetadata, ImageStore
 
@@ -64,10 +66,15 @@ def build_image(
     squashfs: SquashfsOptions | None = None,
     acl: Acl | None = None,
     progress: ProgressCallback | None = None,
+    limits: PullLimits | None = None,
+    deadline: Deadline | None = None,
 ) -> ImageMetadata:
     """Download, flatten, convert and publish a resolved image; return its metadata.
 
     An image already in the store is not built again (its metadata is returned as is).
+    *limits* bound what the layers decompress to and the tar entries they hold, *deadline*
+    the time; past either the pull fails and nothing is left in the store (the spool files
+    are anonymous, the partial squashfs is removed).
     """
     report = progress or (lambda _p: None)
     existing = store.get(resolved.id)
@@ -75,27 +82,45 @@ def build_image(
         log.info("image %s (%s) is already in the store", resolved.id, resolved.reference)
         return existing
     report(Progress(PULLING))
-    layers = client.pull_layers(
-        resolved,
-        cache,
-        lambda digest, done, total: report(Progress(PULLING, digest, done, total)),
-    )
-    report(Progress(CONVERTING))
+    with cache.pinned(d.digest for d in resolved.layers):
+        layers = client.pull_layers(
+            resolved,
+            cache,
+            lambda digest, done, total: report(Progress(PULLING, digest, done, total)),
+            deadline,
+        )
+        report(Progress(CONVERTING))
+        metadata = _convert(resolved, layers, cache, store, squashfs, acl, limits, deadline)
+    report(Progress(READY))
+    return metadata
+
+
+def _convert(
+    resolved: ResolvedImage,
+    layers: list[Path],
+    cache: LayerCache,
+    store: ImageStore,
+    squashfs: SquashfsOptions | None,
+    acl: Acl | None,
+    limits: PullLimits | None,
+    deadline: Deadline | None,
+) -> ImageMetadata:
+    budget = UnpackBudget(limits, deadline)
     partial = store.new_partial(resolved.id)
     try:
         started = time.monotonic()
-        size = layers_to_squashfs(layers, partial, squashfs, spool_dir=cache.directory)
+        size = layers_to_squashfs(
+            layers, partial, squashfs, spool_dir=cache.directory, budget=budget
+        )
         log.info(
             "converted %s in %.1f s (%d bytes)",
             resolved.reference,
             time.monotonic() - started,
             size,
         )
-        metadata = store.publish(metadata_for(resolved, size, acl), partial)
+        return store.publish(metadata_for(resolved, size, acl), partial)
     finally:
         partial.unlink(missing_ok=True)
-    report(Progress(READY))
-    return metadata
 
 
 def pull_image(

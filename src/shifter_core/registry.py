@@ -51,6 +51,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from .errors import OptionError, ShifterError
+from .limits import Deadline, PullLimits, RedirectRefused, check_redirect, clean_text
 from .reference import DOCKER_HUB, DOCKER_HUB_ALIASES, DockerReference
 
 if TYPE_CHECKING:
@@ -604,6 +605,7 @@ class RegistrySettings:
     ca_bundle: str | None = None
     trust_env: bool = True
     user_agent: str = "shifter/0.1 (+https://github.com/NERSC/shifter)"
+    limits: PullLimits = field(default_factory=PullLimits)
 
     def __post_init__(self) -> None:
         mirrors = {
@@ -652,11 +654,14 @@ def _error_codes(body: bytes) -> list[tuple[str, str]]:
 
 
 def _describe(status: int, body: bytes) -> str:
+    """``HTTP 400 CODE: message`` from an error answer, cut and escaped (registry text is
+    hostile: it reaches users and logs)."""
     codes = _error_codes(body)
     if codes:
-        return f"HTTP {status} " + "; ".join(f"{c}: {m}" if m else c for c, m in codes)
-    text = body[:200].decode("utf-8", "replace").strip()
-    return f"HTTP {status}" + (f" ({text})" if text else "")
+        text = "; ".join(f"{c}: {m}" if m else c for c, m in codes[:5])
+        return f"HTTP {status} " + clean_text(text)
+    text = body[:1000].decode("utf-8", "replace").strip()
+    return f"HTTP {status}" + (f" ({clean_text(text)})" if text else "")
 
 
 class RegistryClient:
@@ -705,9 +710,20 @@ class RegistryClient:
 
     # -- transport: redirects, retries, rate limits -------------------------------------------
 
-    def _follow(self, method: str, url: str, headers: dict[str, str]) -> httpx.Response:
-        """Send, following redirects; drop ``Authorization`` once the origin changes."""
+    def _follow(
+        self, method: str, url: str, headers: dict[str, str], registry: str
+    ) -> httpx.Response:
+        """Send, following redirects; drop ``Authorization`` once the origin changes.
+
+        Redirects go only where :func:`~shifter_core.limits.check_redirect` allows: http(s),
+        https unless the registry is insecure, no loopback or link-local address unless the
+        registry is on one.
+        """
         origin = _origin(url)
+        home = url
+        insecure = _normalize_host(registry) in self.settings.insecure or origin[1] in (
+            self.settings.insecure
+        )
         for _ in range(MAX_REDIRECTS + 1):
             request = self._http.build_request(method, url, headers=headers)
             response = self._http.send(request, stream=True)
@@ -715,7 +731,17 @@ class RegistryClient:
             if response.status_code not in _REDIRECTS or not location:
                 return response
             response.close()
-            url = urljoin(url, location)
+            try:
+                url = urljoin(url, location)
+                check_redirect(url, home, registry, insecure)
+            except (ValueError, RedirectRefused) as err:
+                raise RegistryError(
+                    str(err)
+                    if isinstance(err, RedirectRefused)
+                    else f"registry {registry} redirected to an invalid URL "
+                    f"{clean_text(location, 200)}",
+                    hint="the registry (or something in between) is misconfigured or hostile",
+                ) from None
             if _origin(url) != origin and any(k.lower() == "authorization" for k in headers):
                 log.debug("redirect to %s: not forwarding the Authorization header", _origin(url))
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
@@ -735,7 +761,7 @@ class RegistryClient:
         limited = 0
         while True:
             try:
-                response = self._follow(method, url, headers)
+                response = self._follow(method, url, headers, registry)
             except httpx.TransportError as exc:
                 if attempt >= self.settings.retries:
                     raise RegistryUnavailable(
@@ -967,12 +993,14 @@ class RegistryClient:
         scope: str,
         name: str,
         headers: Mapping[str, str] | None = None,
+        method: str = "GET",
     ) -> httpx.Response:
-        """GET ``endpoint.url + path`` with auth; returns a streamed response (not 401/403)."""
+        """GET (or HEAD) ``endpoint.url + path`` with auth; returns a streamed response (not
+        401/403)."""
         url = endpoint.url + path
         base = {"Accept-Encoding": "identity", **(headers or {})}
         auth = self._authorization(endpoint, scope)
-        response = self._send("GET", url, _with_auth(base, auth), registry=endpoint.registry)
+        response = self._send(method, url, _with_auth(base, auth), registry=endpoint.registry)
         if response.status_code == 401:
             challenges = parse_challenges(response.headers.get_list("www-authenticate"))
             self._read_error(response)
@@ -993,7 +1021,7 @@ class RegistryClient:
             )
             if auth is None or (challenge.scheme == "basic" and sent_before):
                 raise self._denied(endpoint, name, challenge)
-            response = self._send("GET", url, _with_auth(base, auth), registry=endpoint.registry)
+            response = self._send(method, url, _with_auth(base, auth), registry=endpoint.registry)
             if response.status_code == 401:
                 self._read_error(response)
                 raise self._denied(endpoint, name, challenge)
@@ -1027,7 +1055,11 @@ class RegistryClient:
                     f"registry {endpoint.registry} refused the manifest of '{name}': "
                     f"{_describe(response.status_code, body)}"
                 )
-            content = self._read_raw(response, MAX_MANIFEST_BYTES, f"manifest of '{name}'")
+            content = self._read_raw(
+                response,
+                self.settings.limits.max_manifest_bytes or MAX_MANIFEST_BYTES,
+                f"manifest of '{name}'",
+            )
             content_type = response.headers.get("content-type")
             header_digest = response.headers.get("docker-content-digest")
         finally:
@@ -1220,6 +1252,7 @@ class RegistryClient:
             Descriptor.from_json(layer, f"layer {i} of '{name}'")
             for i, layer in enumerate(raw_layers)
         )
+        self.settings.limits.check_layers(name, [layer.size for layer in layers])
         for i, layer in enumerate(layers):
             if layer.media_type not in LAYER_COMPRESSION:
                 raise UnsupportedManifest(
@@ -1293,6 +1326,7 @@ class RegistryClient:
         sink: IO[bytes],
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        deadline: Deadline | None = None,
     ) -> int:
         """Stream blob *desc* into *sink*, verifying size and digest on the way.
 
@@ -1341,6 +1375,8 @@ class RegistryClient:
                 for chunk in _iter_raw(response):
                     if cancel is not None and cancel.is_set():
                         raise _Cancelled
+                    if deadline is not None:
+                        deadline.check()
                     done += len(chunk)
                     if done > desc.size:
                         raise DigestMismatch(
@@ -1405,11 +1441,47 @@ class RegistryClient:
             progress_callback,
         )
 
+    def prove_access(
+        self,
+        resolved: ResolvedImage,
+        desc: Descriptor,
+        origin: str,
+        deadline: Deadline | None = None,
+    ) -> None:
+        """Prove that this client (its credentials) may pull blob *desc* of *resolved*.
+
+        For a layer that a pull with credentials put in the cache (from registry *origin*):
+        its own registry answers a ``HEAD`` on the blob in this repository; any other registry
+        must send the blob itself, whose digest is the proof (a registry may lie about a
+        ``HEAD``, not about content). Raises :class:`BlobNotFound` or an auth error.
+        """
+        endpoint, ref, name = resolved.endpoint, resolved.reference, resolved.name
+        if endpoint.registry != origin:
+            log.info("%s: proving access to %s by downloading it again", name, desc.digest)
+            self._download(endpoint, ref, name, desc, _HashSink(), deadline=deadline)
+            return
+        response = self._get(
+            endpoint,
+            f"/v2/{ref.repository}/blobs/{desc.digest}",
+            scope=f"repository:{ref.repository}:pull",
+            name=name,
+            method="HEAD",
+        )
+        status = response.status_code
+        response.close()
+        if status != 200:
+            raise BlobNotFound(
+                f"blob {desc.digest} of '{name}' is missing from registry {endpoint.registry} "
+                f"({endpoint.url}): HTTP {status}",
+                hint="the image in the registry is incomplete, or not yours to pull",
+            )
+
     def pull_layers(
         self,
         resolved: ResolvedImage,
         cache: LayerCache,
         progress_callback: ProgressCallback | None = None,
+        deadline: Deadline | None = None,
     ) -> list[Path]:
         """Make sure every layer of *resolved* is in *cache*; return their paths in order.
 
@@ -1419,6 +1491,10 @@ class RegistryClient:
         ``(digest, bytes_done, total)`` is called from the worker threads (once with
         ``done == total`` for a layer that was already cached). On the first failure the other
         downloads stop and that error is raised.
+
+        A cached layer that a pull with credentials fetched is reused only after
+        :meth:`prove_access`; layers this client fetches with credentials are marked so.
+        *deadline* stops the pull once it is past.
         """
         unique: dict[str, Descriptor] = {}
         for layer in resolved.layers:
@@ -1427,9 +1503,19 @@ class RegistryClient:
             return []
         cancel = threading.Event()
 
+        credentialed = self._credentials_for(resolved.endpoint) is not None
+        private = resolved.endpoint.registry if credentialed else None
+
         def fetch(desc: Descriptor) -> Path:
             if cancel.is_set():
                 raise _Cancelled
+            if deadline is not None:
+                deadline.check()
+            origin = cache.private_origin(desc.digest) if desc.digest in cache else None
+            if origin is not None:
+                self.prove_access(resolved, desc, origin, deadline)
+                if private is None:
+                    cache.mark_public(desc.digest)  # anonymous access works: it is public
             wrote = False
 
             def writer(fh: IO[bytes]) -> None:
@@ -1443,9 +1529,10 @@ class RegistryClient:
                     fh,
                     progress_callback,
                     cancel,
+                    deadline,
                 )
 
-            path = cache.put(desc.digest, writer, size=desc.size, verify=False)
+            path = cache.put(desc.digest, writer, size=desc.size, verify=False, private=private)
             if not wrote and progress_callback:
                 progress_callback(desc.digest, desc.size, desc.size)
             return path
@@ -1467,6 +1554,25 @@ class RegistryClient:
             real = [e for e in errors if not isinstance(e, _Cancelled)]
             raise (real or errors)[0]
         return [futures[layer.digest].result() for layer in resolved.layers]
+
+
+class _HashSink(io.RawIOBase):
+    """A sink that keeps nothing (the download verifies the digest as it streams)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def truncate(self, size: int | None = None) -> int:
+        return 0
 
 
 def _iter_raw(response: httpx.Response) -> Iterator[bytes]:

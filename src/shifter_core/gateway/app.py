@@ -23,8 +23,9 @@ from starlette.routing import Route
 
 from .. import __version__, munge
 from ..errors import ShifterError
+from ..limits import clean_text, human
 from .changes import wait_for
-from .errors import BadRequest, GatewayError, Unauthenticated, Unavailable
+from .errors import BadRequest, GatewayError, TooLarge, Unauthenticated, Unavailable
 from .service import Caller, Gateway
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,35 @@ async def authenticate(
     return caller, str(payload["body_sha256"])
 
 
+def _too_large(what: str, limit: int) -> str:
+    return f"the {what} is larger than {human(limit)}, the most this image gateway accepts"
+
+
+def check_length(request: Request, limit: int, what: str) -> None:
+    """Refuse a request whose ``Content-Length`` is over *limit* (0: no limit) or invalid."""
+    header = request.headers.get("content-length")
+    if header is None:
+        return
+    if not header.strip().isdigit():
+        raise BadRequest(f"invalid Content-Length {clean_text(header, 40)!r}")
+    if limit and int(header) > limit:
+        raise TooLarge(_too_large(what, limit), hint="gateway.limits in the site config")
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request's body, read only up to *limit* bytes (413 beyond it, whatever the
+    ``Content-Length`` said)."""
+    check_length(request, limit, what)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if limit and received > limit:
+            raise TooLarge(_too_large(what, limit), hint="gateway.limits in the site config")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _wait_seconds(request: Request) -> float:
     """The ``wait`` query parameter: seconds a status request may wait, at most MAX_WAIT."""
     text = request.query_params.get("wait", "0")
@@ -106,13 +136,19 @@ Handler = Callable[[Request, Caller, Any], Awaitable[Any]]
 def create_app(gateway: Gateway, decoder: Decoder = munge.decode) -> Starlette:
     """The ASGI application around *gateway*; *decoder* verifies munge credentials."""
 
+    limits = gateway.limits
+    max_body, max_import = limits.max_request_body, limits.max_import_size
+
     def json_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
-                body = await request.body()
-                caller, _ = await authenticate(
-                    gateway, decoder, request, hashlib.sha256(body).hexdigest()
-                )
+                # Who is asking first: an unauthenticated body is never read.
+                caller, expected = await authenticate(gateway, decoder, request, None)
+                body = await read_body(request, max_body, "request body")
+                if hashlib.sha256(body).hexdigest() != expected:
+                    raise Unauthenticated(
+                        "refused: the munge credential was made for another request body"
+                    )
                 data: Any = None
                 if body:
                     try:
@@ -200,10 +236,15 @@ def create_app(gateway: Gateway, decoder: Decoder = munge.decode) -> Starlette:
         try:
             caller, expected = await authenticate(gateway, decoder, request, None)
             name = gateway.check_import(caller, request.query_params.get("name"))
+            check_length(request, max_import, "image file")
             upload = gateway.new_upload()
             hasher = hashlib.sha256()
+            received = 0
             with open(upload, "wb") as fh:
                 async for chunk in request.stream():
+                    received += len(chunk)
+                    if max_import and received > max_import:
+                        raise TooLarge(_too_large("image file", max_import))
                     hasher.update(chunk)
                     await run_in_threadpool(fh.write, chunk)
             digest = hasher.hexdigest()

@@ -27,5 +27,9 @@ class NotFound(GatewayError):
     status = 404
 
 
+class TooLarge(GatewayError):
+    status = 413
+
+
 class Unavailable(GatewayError):
     status = 503

@@ -6,11 +6,38 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from .. import config
-from ..errors import ShifterError
+from ..errors import ConfigError, ShifterError
 
 log = logging.getLogger("shifter_core.gateway")
+
+
+MAX_CONNECTIONS = 1000  # beyond this many open connections uvicorn answers 503
+
+
+def listen_options(listen: str, tls_cert: str | None, tls_key: str | None) -> dict[str, Any]:
+    """uvicorn's options for ``gateway.listen`` (``HOST:PORT`` or ``unix:/PATH``) and TLS."""
+    options: dict[str, Any]
+    if listen.startswith("unix:"):
+        path = listen[len("unix:") :]
+        if tls_cert or tls_key:
+            raise ConfigError("gateway.tls_cert and tls_key are for HOST:PORT, not a Unix socket")
+        options = {"uds": path}
+    else:
+        host, _, port = listen.rpartition(":")
+        options = {"host": host.strip("[]"), "port": int(port)}
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("set both gateway.tls_cert and gateway.tls_key, or neither")
+    if tls_cert:
+        for path in (tls_cert, tls_key):
+            if not os.access(str(path), os.R_OK):
+                raise ConfigError(
+                    f"cannot read {path}", hint="the gateway's service user must read it"
+                )
+        options.update(ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,19 +80,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ShifterError, OSError) as err:
         log.error("cannot start the gateway: %s", err)
         return 1
-    host, _, port = cfg.gateway.listen.rpartition(":")
+    try:
+        where = listen_options(cfg.gateway.listen, cfg.gateway.tls_cert, cfg.gateway.tls_key)
+    except ShifterError as err:
+        log.error("cannot start the gateway: %s", err)
+        gateway.stop()
+        return 1
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(gateway),
-            host=host,
-            port=int(port),
+            **where,
             log_config=None,
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            limit_concurrency=MAX_CONNECTIONS,
         )
     )
-    log.info("listening on %s (config %s)", cfg.gateway.listen, cfg.source)
+    log.info(
+        "listening on %s%s (config %s)",
+        cfg.gateway.listen,
+        " with TLS" if cfg.gateway.tls_cert else "",
+        cfg.source,
+    )
     try:
         server.run()
     finally:

@@ -41,9 +41,16 @@ from ..convert import SquashfsOptions
 from ..credentials import CredentialError, StaticCredentials, normalize_registry
 from ..errors import ShifterError
 from ..layercache import LayerCache
+from ..limits import Deadline, GatewayLimits
 from ..pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
 from ..reference import DockerReference
-from ..registry import Platform, RegistryClient, RegistrySettings, RegistryUnavailable
+from ..registry import (
+    Platform,
+    RegistryClient,
+    RegistrySettings,
+    RegistryUnavailable,
+    ResolvedImage,
+)
 from ..store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore, set_image_access
 from . import login
 from .changes import StateChanges
@@ -142,8 +149,9 @@ class Gateway:
     ) -> None:
         self.config = config
         gw = config.gateway
+        self.limits = GatewayLimits.from_config(gw)
         self.store = ImageStore(config.image_path)
-        self.cache = LayerCache(gw.layer_cache)
+        self.cache = LayerCache(gw.layer_cache, max_bytes=self.limits.layer_cache_size)
         self.db = Database(gw.database)
         reg = config.registries
         self.settings = RegistrySettings(
@@ -152,6 +160,7 @@ class Gateway:
             timeout=reg.timeout,
             retries=reg.retries,
             max_parallel=reg.max_parallel,
+            limits=self.limits.pull,
         )
         conv = config.conversion
         self.squashfs = SquashfsOptions(conv.compressor, conv.level, conv.block_size)
@@ -295,15 +304,24 @@ class Gateway:
             raise BadRequest("platform must be a string such as linux/amd64")
         return platform_name(Platform.parse(text)), True
 
-    def _find_image_id(self, text: str) -> str | None:
-        """An image id from ``id:HEX``, a full id, or a unique prefix of 12+ digits."""
+    def _find_image_id(self, text: str, caller: Caller | None = None) -> str | None:
+        """An image id from ``id:HEX``, a full id, or a unique prefix of 12+ digits.
+
+        With *caller*, only images the caller may see count: a private image never makes a
+        prefix ambiguous for someone outside its ACL.
+        """
         match = _ID_PREFIX_RE.match(text.strip().lower())
         if match is None:
             return None
         prefix = match.group(1)
         if IMAGE_ID_RE.match(prefix):
             return prefix
-        found = {m.id for m in self.store if m.id.startswith(prefix)}
+        found = {
+            m.id
+            for m in self.store
+            if m.id.startswith(prefix)
+            and (caller is None or caller.admin or m.visible_to(caller.uid, caller.gids))
+        }
         if len(found) > 1:
             raise BadRequest(f"image id prefix {prefix} is ambiguous", hint="give more digits")
         return found.pop() if found else None
@@ -470,6 +488,7 @@ class Gateway:
                 state[0] = CONVERTING
                 self._set_state(job, CONVERTING)
 
+        deadline = Deadline(self.limits.pull.pull_timeout, f"the pull of {job.reference}")
         try:
             resolved = client.resolve(
                 job.reference, job.platform if job.platform_explicit else None
@@ -478,6 +497,7 @@ class Gateway:
             with self._image_lock(resolved.id):
                 existing = self.store.get(resolved.id)
                 if existing is not None:
+                    self._prove_access(existing, resolved, client, job, deadline)
                     meta = self._merge_visibility(existing, job.acl)
                 else:
                     meta = build_image(
@@ -488,6 +508,8 @@ class Gateway:
                         squashfs=self.squashfs,
                         acl=job.acl,
                         progress=report,
+                        limits=self.limits.pull,
+                        deadline=deadline,
                     )
         finally:
             if client is not self._client:
@@ -495,6 +517,29 @@ class Gateway:
         self.db.set_tag(job.reference, job.platform, meta.id, job.acl)
         self.db.touch_image(meta.id)
         self._set_state(job, READY, image_id=meta.id, finished=time.time())
+
+    def _prove_access(
+        self,
+        existing: ImageMetadata,
+        resolved: ResolvedImage,
+        client: RegistryClient,
+        job: Job,
+        deadline: Deadline,
+    ) -> None:
+        """A private image found again is shared with this pull's users only when this
+        pull's own registry requests prove access to each of its layers (the registry could
+        otherwise serve a copy of someone's private manifest and be given the image)."""
+        if existing.acl is None:
+            return
+        if (
+            job.acl is not None
+            and all(existing.acl.allows(u, ()) for u in job.acl.users)
+            and (set(job.acl.groups) <= set(existing.acl.groups))
+        ):
+            return  # nobody new would see it
+        origin = DockerReference.parse(existing.source).registry if existing.source else "?"
+        for layer in resolved.layers:
+            client.prove_access(resolved, layer, origin, deadline)
 
     def _merge_visibility(self, existing: ImageMetadata, acl: Acl | None) -> ImageMetadata:
         """An image pulled again: publicly makes it public, privately widens its ACL."""
@@ -537,7 +582,7 @@ class Gateway:
         """The image *reference* (or an id) names for the caller; NotFound for what they may not
         see."""
         text = str(reference or "").strip()
-        image_id = self._find_image_id(text) if text else None
+        image_id = self._find_image_id(text, caller) if text else None
         if image_id is not None:
             meta = self.store.get(image_id)
             if meta is not None and (caller.admin or meta.visible_to(caller.uid, caller.gids)):
