@@ -302,17 +302,47 @@ def image_inherited() -> bool:
 
 
 def resolve_image(request: str) -> str:
-    """The image id of ``request``, from the enclosing job when it resolved the same
-    request, else from the gateway (which says why when the user may not have it)."""
-    if os.environ.get(ENV_IMAGEREQUEST) == request and os.environ.get(ENV_IMAGE):
-        return os.environ[ENV_IMAGE]
-    from .client import GatewayClient
+    """The image id of ``request``, as the gateway resolves it (applying the image's ACL).
+
+    No variable of the environment stands in for that lookup: a step of a job made with
+    the same ``--image`` reuses the job's ``SHIFTER_IMAGE`` only once the store's own
+    record of that id confirms it (a complete image whose source is ``request`` and whose
+    ACL admits the caller). When the gateway cannot be reached, the store answers (public
+    images for all, private ones for their ACL), with a warning to the user.
+    """
+    from .reference import ImageRequest
+    from .runtime.images import _by_source
+
+    parsed = ImageRequest.parse(request, str(state.config.get("default_image_type", "docker")))
+    image_path = str(state.config.get("image_path", ""))
+    uid, gids = os.getuid(), {os.getgid(), *os.getgroups()}
+    claimed = os.environ.get(ENV_IMAGE)
+    if claimed and os.environ.get(ENV_IMAGEREQUEST) == request:
+        record = _by_source(image_path, parsed, uid, gids, image_id=claimed)
+        if record is not None:
+            return str(record.id)
+    from .client import GatewayClient, GatewayUnreachable
 
     gateway = state.config.get("gateway", {})
     url = str(gateway.get("url")) if isinstance(gateway, dict) else ""
-    with GatewayClient(url, timeout=30.0) as client:
-        image = client.lookup(request)
-    return str(image["id"])
+    try:
+        with GatewayClient(url, timeout=30.0) as client:
+            image = client.lookup(request)
+        return str(image["id"])
+    except GatewayUnreachable:
+        record = _by_source(image_path, parsed, uid, gids)
+    if record is None:
+        raise ShifterError(
+            f"image {parsed.tag!r} is not in the image store, and the image gateway at {url} "
+            "cannot be reached",
+            hint="try again later, or tell your site's support that the gateway is down",
+        )
+    log(
+        ERROR,
+        f"warning: the image gateway at {url} cannot be reached; "
+        f"using image {parsed.tag} ({record.id[:12]}) from the image store",
+    )
+    return str(record.id)
 
 
 def hook_init_post_opt(spank: Spank) -> None:

@@ -225,3 +225,17 @@ def test_rich_progress_renders(capsys) -> None:
             }
         )
     assert "CONVERTING" in out.getvalue()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unexpected_exception_is_one_line_without_v(monkeypatch, capsys, verbose):
+    def broken(args: Any) -> Any:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(shifterimg, "_client", broken)
+    assert shifterimg.main(["-v"] * verbose + ["images"]) == 1
+    err = capsys.readouterr().err
+    if verbose:
+        assert "Traceback" in err and err.rstrip().endswith("internal error: KeyError: 'boom'")
+    else:
+        assert err == "shifterimg: internal error: KeyError: 'boom' (run with -v for details)\n"

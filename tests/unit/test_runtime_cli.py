@@ -81,3 +81,36 @@ def test_help_and_usage_exit_codes(capsys):
     assert "your\nshell ($SHELL" in out
     assert main(["--nope"]) == 2
     assert "unknown option --nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unexpected_exception_is_one_line_without_v(monkeypatch, capsys, verbose):
+    """The edge of the command: never a traceback for a user unless asked with -v."""
+    from shifter_core.cli import shifter
+
+    def broken(options):
+        raise PermissionError(13, "Permission denied", "/store/x.json")
+
+    monkeypatch.setattr(shifter, "run", broken)
+    argv = ["-v"] * verbose + ["--image=busybox", "true"]
+    assert main(argv) == 125
+    err = capsys.readouterr().err
+    line = "shifter: internal error: PermissionError: [Errno 13] Permission denied: '/store/x.json'"
+    if verbose:
+        assert "Traceback" in err and err.rstrip().endswith(line)
+    else:
+        assert err == line + " (run with -v for details)\n"
+
+
+def test_a_shifter_error_is_its_message_and_hint(monkeypatch, capsys):
+    from shifter_core.cli import shifter
+    from shifter_core.runtime import ImageError
+
+    def missing(options):
+        raise ImageError("image 'x' not found", hint="pull it first: shifterimg pull x")
+
+    monkeypatch.setattr(shifter, "run", missing)
+    assert main(["--image=x", "true"]) == 125
+    assert capsys.readouterr().err == (
+        "shifter: image 'x' not found; pull it first: shifterimg pull x\n"
+    )

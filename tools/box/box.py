@@ -38,7 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -912,12 +912,29 @@ def start_gateway(paths: BoxPaths, changed: set[str]) -> None:
     log.info("gateway is up (pid %d)", proc.pid)
 
 
-def restart_gateway(paths: BoxPaths = PATHS) -> None:
-    """Stop and start only the gateway (after a code change; the rest keeps running)."""
+def stop_gateway(paths: BoxPaths = PATHS) -> None:
+    """Stop only the gateway (start it again with ``start_gateway``)."""
     require_root()
     daemon = gateway_daemon(paths)
     if pid := daemon.pid():
         stop_pids({daemon.name: pid})
+    daemon.pidfile.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def gateway_stopped(paths: BoxPaths = PATHS) -> Iterator[None]:
+    """The gateway stopped for the ``with`` block, and always started again after it
+    (tests of a gateway outage; other users of the box see it down only meanwhile)."""
+    stop_gateway(paths)
+    try:
+        yield
+    finally:
+        start_gateway(paths, set())
+
+
+def restart_gateway(paths: BoxPaths = PATHS) -> None:
+    """Stop and start only the gateway (after a code change; the rest keeps running)."""
+    stop_gateway(paths)
     start_gateway(paths, set())
 
 

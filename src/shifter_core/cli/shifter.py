@@ -264,18 +264,35 @@ def run(options: Options) -> int:
     return EXIT_FAILED  # not reached: run() execs or raises
 
 
+def _internal_error(err: BaseException, verbose: int) -> None:
+    """One line for a failure that is not the user's (the traceback only with ``-v``)."""
+    if verbose:
+        import traceback
+
+        sys.stderr.write(traceback.format_exc())
+    detail = str(err).splitlines()[0] if str(err) else ""
+    _say(
+        f"internal error: {type(err).__name__}"
+        + (f": {detail}" if detail else "")
+        + ("" if verbose else " (run with -v for details)")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``shifter`` command: its exit status; no exception ever leaves it."""
     args = sys.argv[1:] if argv is None else argv
+    verbose = 0
     try:
-        options = parse_args(args)
-    except UsageError as err:
-        _say(f"{err}\nTry '{PROG} --help' for the options.")
-        return 2
-    if options.help:
-        sys.stdout.write(HELP)
-        return 0
-    _setup_logging(options.verbose)
-    try:
+        try:
+            options = parse_args(args)
+        except UsageError as err:
+            _say(f"{err}\nTry '{PROG} --help' for the options.")
+            return 2
+        if options.help:
+            sys.stdout.write(HELP)
+            return 0
+        verbose = options.verbose
+        _setup_logging(options.verbose)
         return run(options)
     except UsageError as err:
         _say(str(err))
@@ -285,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(err, "exit_code", EXIT_FAILED))
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # the edge: never a traceback for a user
+        _internal_error(err, verbose)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

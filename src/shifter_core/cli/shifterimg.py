@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as err:  # the edge: never a traceback for a user
         if args.verbose:
-            log.exception("internal error")
+            import traceback
+
+            sys.stderr.write(traceback.format_exc())
         detail = str(err).splitlines()[0] if str(err) else ""
         _err(
             f"internal error: {type(err).__name__}"

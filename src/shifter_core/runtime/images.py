@@ -107,18 +107,69 @@ def _by_id(image_path: str, prefix: str) -> ImageRecord | None:
     return None
 
 
-def _by_source(image_path: str, request: ImageRequest) -> ImageMetadata | None:
-    from ..store import ImageStore
+def _by_source(
+    image_path: str,
+    request: ImageRequest,
+    uid: int,
+    gids: Any,
+    *,
+    image_id: str | None = None,
+) -> ImageRecord | None:
+    """The image of the store that ``request`` names and ``uid``/``gids`` may use.
 
-    wanted = str(request.docker)
-    for meta in ImageStore(image_path):
-        if meta.source == wanted:
-            return meta
-    return None
+    Used without the gateway: the store's records are read directly. A record the caller
+    cannot read (a private image's files are readable by its ACL only) or cannot parse is
+    skipped, never an error. ``docker`` requests match the recorded source, ``id``
+    requests the id (a prefix). With ``image_id``, only that image is considered (a job's
+    recorded id, verified rather than trusted). Of several matches, the host's platform
+    and then the newest record win.
+    """
+    wanted = str(request.docker) if request.type == "docker" else None
+    if image_id is not None:
+        names = [f"{image_id}.json"] if _ID_RE.match(image_id) else []
+    else:
+        try:
+            names = os.listdir(image_path)
+        except OSError:
+            return None
+    arch = None
+    best: tuple[tuple[bool, float], ImageRecord] | None = None
+    for name in names:
+        stem = name[:-5]
+        if not name.endswith(".json") or not _ID_RE.match(stem):
+            continue
+        if request.type == "id" and not stem.startswith(request.tag):
+            continue
+        try:
+            with open(os.path.join(image_path, name), encoding="utf-8") as fh:
+                mtime = os.fstat(fh.fileno()).st_mtime
+                record = ImageRecord.from_json(fh.read())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if record.id != stem or (wanted is not None and record.source != wanted):
+            continue
+        if not record.visible_to(uid, gids) or not os.path.exists(image_file(image_path, stem)):
+            continue
+        if arch is None:
+            import platform
+
+            machine = platform.machine()
+            arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+        key = (str(record.platform).split("/")[1:2] == [arch], mtime)
+        if best is None or key > best[0]:
+            best = (key, record)
+    return best[1] if best else None
 
 
 def _from_gateway(config: Config, text: str) -> ImageMetadata | None:
     """The gateway's answer; None when the gateway is unreachable."""
+    from . import _log
+
+    if _log.on_first_use is not None:
+        # The client imports logging: the program sets its handler up first, as it would
+        # for the first warning, so that later warnings look like every other message.
+        hook, _log.on_first_use = _log.on_first_use, None
+        hook()
     from ..client import GatewayClient, GatewayError, GatewayUnreachable
     from ..store import ImageMetadata
 
@@ -126,7 +177,7 @@ def _from_gateway(config: Config, text: str) -> ImageMetadata | None:
         with GatewayClient(config.gateway.url) as client:
             data = client.lookup(text)
     except GatewayUnreachable as err:
-        log.warning("%s; looking in the image store instead", err)
+        log.info("%s; looking in the image store instead", err)
         return None
     except GatewayError as err:
         raise ImageError(err.message, err.hint) from None
@@ -136,18 +187,39 @@ def _from_gateway(config: Config, text: str) -> ImageMetadata | None:
 
 
 def resolve_image(text: str, config: Config, user: User) -> tuple[Any, str]:
-    """(metadata, squashfs path) of the image ``text`` names, if ``user`` may use it."""
+    """(metadata, squashfs path) of the image ``text`` names, if ``user`` may use it.
+
+    When the gateway cannot be reached, images already in the store still work (public
+    ones for all, private ones for their ACL), with a warning on stderr.
+    """
     request = ImageRequest.parse(text, config.default_image_type)
     meta: Any = None
+    unreachable = False
     if request.type == "id":
         meta = _by_id(config.image_path, request.tag)
         if meta is None:
             meta = _from_gateway(config, f"id:{request.tag}")
+            unreachable = meta is None
     else:
         meta = _from_gateway(config, str(request))
         if meta is None:
-            meta = _by_source(config.image_path, request)
+            unreachable = True
+            meta = _by_source(config.image_path, request, user.uid, user.groups)
+            if meta is not None:
+                log.warning(
+                    "warning: the image gateway at %s cannot be reached; "
+                    "using image %s (%s) from the image store",
+                    config.gateway.url,
+                    request.tag,
+                    meta.id[:12],
+                )
     if meta is None or not meta.visible_to(user.uid, user.groups):
+        if unreachable:
+            raise ImageError(
+                f"image {text!r} is not in the image store, and the image gateway at "
+                f"{config.gateway.url} cannot be reached",
+                hint="try again later, or tell your site's support that the gateway is down",
+            )
         hint = f"pull it first: shifterimg pull {request.tag}" if request.type == "docker" else None
         raise ImageError(f"image {text!r} not found", hint=hint)
     return meta, image_file(config.image_path, meta.id)
