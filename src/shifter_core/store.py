@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ShifterError
+from .imagecontent import MAX_METADATA_TEXT, ImageContentError, check_config, parse_record
 
 if TYPE_CHECKING:  # registry pulls in httpx, which readers of the store do not need
     from .registry import ImageConfig
@@ -111,19 +112,25 @@ class ImageMetadata:
     ) -> ImageMetadata:
         """The record of an image built from ``config`` (created now).
 
-        ``layers`` are (digest, size, media type) of the image's layers, in order.
+        ``layers`` are (digest, size, media type) of the image's layers, in order. The
+        config's run-time fields are checked as :mod:`shifter_core.imagecontent` says: a
+        hostile config fails the pull with an :class:`ImageContentError`.
         """
+        checked = check_config(
+            source,
+            env=list(config.env),
+            entrypoint=None if config.entrypoint is None else list(config.entrypoint),
+            cmd=None if config.cmd is None else list(config.cmd),
+            workdir=config.workdir,
+            user=config.user,
+            labels=dict(config.labels),
+        )
         return cls(
             id=id,
             source=source,
             digest=digest,
             platform=platform,
-            env=tuple(config.env),
-            entrypoint=config.entrypoint,
-            cmd=config.cmd,
-            workdir=config.workdir,
-            user=config.user,
-            labels=dict(config.labels),
+            **checked,  # type: ignore[arg-type]
             config_digest=config_digest,
             layers=tuple({"digest": d, "size": n, "media_type": m} for d, n, m in layers),
             size=size,
@@ -135,17 +142,13 @@ class ImageMetadata:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> ImageMetadata:
-        data = json.loads(text)
-        acl = data.pop("acl", None)
-        for key in ("env", "layers"):
-            data[key] = tuple(data.get(key) or ())
-        for key in ("entrypoint", "cmd"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        if acl is not None:
-            acl = Acl(tuple(acl.get("users", ())), tuple(acl.get("groups", ())))
-        return cls(acl=acl, **data)
+    def from_json(cls, text: str | bytes) -> ImageMetadata:
+        """Read a record (the store's ``<id>.json``, a gateway answer): every field is
+        checked; anything malformed is an :class:`ImageContentError`, unknown keys are
+        ignored."""
+        data = parse_record(text)
+        acl = data.pop("acl")
+        return cls(acl=None if acl is None else Acl(*acl), **data)  # type: ignore[arg-type,misc]
 
 
 # -- POSIX access ACLs (acl(5); the xattr format of linux/posix_acl_xattr.h) ------------------
@@ -298,21 +301,34 @@ class ImageStore:
         return metadata
 
     def get(self, image_id: str) -> ImageMetadata | None:
-        """The metadata of a complete image, or None."""
+        """The metadata of a complete image, or None; a damaged record (malformed, too
+        large, or naming another id) is an :class:`ImageContentError`."""
         try:
-            text = self.metadata_file(image_id).read_text(encoding="utf-8")
+            with open(self.metadata_file(image_id), "rb") as fh:
+                text = fh.read(MAX_METADATA_TEXT + 1)
         except FileNotFoundError:
             return None
         if not self.image_file(image_id).exists():
             return None
-        return ImageMetadata.from_json(text)
+        meta = ImageMetadata.from_json(text)
+        if meta.id != image_id:
+            raise ImageContentError(
+                f"the image record {image_id}.json names the image {meta.id}",
+                hint="the image store is damaged; ask an administrator to pull it again",
+            )
+        return meta
 
     def __iter__(self) -> Iterator[ImageMetadata]:
+        """Every complete image; a damaged record is skipped with a warning."""
         if not self.path.is_dir():
             return
         for meta in sorted(self.path.glob("*.json")):
             if IMAGE_ID_RE.match(meta.stem):
-                image = self.get(meta.stem)
+                try:
+                    image = self.get(meta.stem)
+                except ImageContentError as err:
+                    log.warning("skipping the image record %s: %s", meta, err)
+                    continue
                 if image is not None:
                     yield image
 

@@ -1,28 +1,28 @@
 """``/etc/passwd`` and ``/etc/group`` for the container: the image's entries plus the user.
 
 Entries of the image that clash with the user (same name or id) or with the user's groups
-are dropped; malformed lines are dropped. Pure functions of text.
+are dropped; malformed lines are dropped (see
+:func:`shifter_core.imagecontent.identity_lines`: the image's files are hostile input).
+Pure functions of text; a file over the size bound is an ``ImageContentError``.
 """
 
 from __future__ import annotations
 
+from ..imagecontent import identity_lines
 from .plan import User
 
 
 def _clean(value: str) -> str:
-    return value.replace(":", " ").replace("\n", " ")
+    return "".join(" " if ch == ":" or not ch.isprintable() else ch for ch in value)
 
 
 def passwd_file(image_text: str, user: User, shell: str) -> str:
     """The image's passwd with the user's own line appended."""
-    lines = []
-    for line in image_text.splitlines():
-        fields = line.split(":")
-        if len(fields) != 7 or not fields[2].isdigit():
-            continue
-        if fields[0] == user.name or int(fields[2]) == user.uid:
-            continue
-        lines.append(line)
+    lines = [
+        ":".join(fields)
+        for fields in identity_lines(image_text, "/etc/passwd", 7)
+        if fields[0] != user.name and int(fields[2]) != user.uid
+    ]
     gecos, home = _clean(user.gecos), _clean(user.home)
     lines.append(f"{user.name}:x:{user.uid}:{user.gid}:{gecos}:{home}:{shell}")
     return "\n".join(lines) + "\n"
@@ -33,14 +33,12 @@ def group_file(image_text: str, user: User, overflow: int | None = None) -> str:
     with ``overflow``, a ``nogroup`` line for that gid unless the image names it."""
     names = dict(user.group_names)
     taken_names = set(names.values())
-    lines = []
-    for line in image_text.splitlines():
-        fields = line.split(":")
-        if len(fields) != 4 or not fields[2].isdigit():
-            continue
-        if int(fields[2]) in names or fields[0] in taken_names:
-            continue
-        lines.append(line)
+    entries = [
+        fields
+        for fields in identity_lines(image_text, "/etc/group", 4)
+        if int(fields[2]) not in names and fields[0] not in taken_names
+    ]
+    lines = [":".join(fields) for fields in entries]
     for gid in user.groups:
         name = names.get(gid)
         if name is None:

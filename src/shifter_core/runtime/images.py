@@ -18,6 +18,7 @@ import os
 import re
 from collections import namedtuple
 
+from ..imagecontent import parse_record
 from ..reference import ImageRequest
 from ._log import get_logger
 from .errors import ImageError
@@ -48,19 +49,14 @@ class ImageRecord(
     __slots__ = ()
 
     @classmethod
-    def from_json(cls, text: str) -> ImageRecord:
-        data = json.loads(text)
-        listed = ("entrypoint", "cmd")
+    def from_json(cls, text: str | bytes) -> ImageRecord:
+        """Read a store record; every field is checked (``imagecontent.parse_record``):
+        anything malformed is an ``ImageContentError`` (also a ``ValueError``)."""
+        data = parse_record(text)
+        acl = data["acl"]
         return cls(
-            id=data["id"],
-            source=data.get("source", ""),
-            digest=data.get("digest", ""),
-            platform=data.get("platform", ""),
-            env=tuple(data.get("env") or ()),
-            workdir=data.get("workdir") or "",
-            user=data.get("user") or "",
-            acl=data.get("acl"),
-            **{k: tuple(data[k]) if data.get(k) is not None else None for k in listed},
+            **{k: data[k] for k in cls._fields if k != "acl"},
+            acl=None if acl is None else {"users": list(acl[0]), "groups": list(acl[1])},
         )
 
     @property
