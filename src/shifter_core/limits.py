@@ -197,18 +197,19 @@ def _addresses(host: str, port: int | None) -> list[ipaddress.IPv4Address | ipad
     return found
 
 
-def _internal(addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
-    return any(
-        a.is_loopback
-        or a.is_link_local
-        or a.is_unspecified
-        or (
-            isinstance(a, ipaddress.IPv6Address)
-            and a.ipv4_mapped is not None
-            and (a.ipv4_mapped.is_loopback or a.ipv4_mapped.is_link_local)
-        )
-        for a in addresses
-    )
+def _kinds(addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> set[str]:
+    """Which internal kinds of address (loopback, link-local, unspecified) are among these."""
+    kinds = set()
+    for a in addresses:
+        if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+            a = a.ipv4_mapped
+        if a.is_loopback:
+            kinds.add("loopback")
+        if a.is_link_local:
+            kinds.add("link-local")
+        if a.is_unspecified:
+            kinds.add("unspecified")
+    return kinds
 
 
 def check_redirect(target: str, registry_url: str, registry: str, insecure: bool) -> None:
@@ -237,13 +238,14 @@ def check_redirect(target: str, registry_url: str, registry: str, insecure: bool
     home = urlsplit(registry_url)
     if host == (home.hostname or ""):
         return
-    if _internal(_addresses(host, parts.port)) and not _internal(
+    refused = _kinds(_addresses(host, parts.port)) - _kinds(
         _addresses(home.hostname or "", home.port)
-    ):
+    )
+    if refused:
         raise RedirectRefused(
-            f"registry {registry} redirected to {shown}, a loopback or link-local address; "
-            "refusing it",
-            hint="a registry may not send the gateway to its own host's services",
+            f"registry {registry} redirected to {shown}, a {'/'.join(sorted(refused))} "
+            "address; refusing it",
+            hint="a registry may send the gateway only where it is itself, or to public hosts",
         )
 
 

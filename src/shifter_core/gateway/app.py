@@ -126,8 +126,11 @@ def _wait_seconds(request: Request) -> float:
     return seconds
 
 
-def _error(err: ShifterError, status: int) -> JSONResponse:
-    return JSONResponse({"error": str(err)}, status_code=status)
+def _error(err: ShifterError, status: int, *, unread: bool = False) -> JSONResponse:
+    """The error answer; with *unread* (the body may not have been read: refused before,
+    or an import) the connection is closed, so an unread body is never drained."""
+    headers = {"Connection": "close"} if unread or status in (401, 413) else None
+    return JSONResponse({"error": str(err)}, status_code=status, headers=headers)
 
 
 Handler = Callable[[Request, Caller, Any], Awaitable[Any]]
@@ -258,9 +261,9 @@ def create_app(gateway: Gateway, decoder: Decoder = munge.decode) -> Starlette:
         except GatewayError as err:
             if err.status == 401:
                 log.warning("%s %s: %s", request.method, request.url.path, err)
-            return _error(err, err.status)
+            return _error(err, err.status, unread=True)
         except ShifterError as err:
-            return _error(err, 400)
+            return _error(err, 400, unread=True)
         finally:
             if upload is not None:
                 upload.unlink(missing_ok=True)
