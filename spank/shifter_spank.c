@@ -201,13 +201,13 @@ static int hook(const char *name, spank_t sp, int ac, char **av)
     return py_spank_hook(name, sp, ac, av);
 }
 
+/* The prolog starts Python only for jobs submitted with our options. */
 static int job_script_hook(const char *name, spank_t sp, int ac, char **av)
 {
     if (getenv("SPANK_SHIFTER_IMAGEREQUEST"))
         shifter_used = 1;
     return hook(name, sp, ac, av);
 }
-
 int slurm_spank_init(spank_t sp, int ac, char **av)
 {
     int i;
@@ -230,9 +230,17 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     return job_script_hook("job_prolog", sp, ac, av);
 }
 
+/*
+ * The epilog runs for every job (the steps of a job without --image may have made roots of
+ * their own) and always succeeds: Slurm drains a node whose epilog fails, and nothing a
+ * job did may do that. Python logs what it could not remove.
+ */
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 {
-    return job_script_hook("job_epilog", sp, ac, av);
+    shifter_used = 1;
+    if (hook("job_epilog", sp, ac, av) != 0)
+        slurm_error("shifter: job_epilog: see the errors above (the epilog still succeeds)");
+    return 0;
 }
 
 #define TRAMPOLINE(name)                                            \
@@ -242,10 +250,7 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
     }
 
 TRAMPOLINE(init_post_opt)
-TRAMPOLINE(local_user_init)
 TRAMPOLINE(user_init)
 TRAMPOLINE(task_init_privileged)
 TRAMPOLINE(task_init)
-TRAMPOLINE(task_post_fork)
-TRAMPOLINE(task_exit)
 TRAMPOLINE(exit)

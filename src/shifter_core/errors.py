@@ -23,3 +23,17 @@ class ConfigError(ShifterError):
 
 class OptionError(ShifterError):
     """A user-supplied option value (image, volume, module) is malformed."""
+
+
+class NodeFault(ShifterError):
+    """A fault of the node itself (no squashfs in the kernel, no loop device, a run directory
+    that cannot be written): the only error a root-side hook may fail on. Every other error
+    in the prolog, epilog or a step is the job's, recorded and shown to its user."""
+
+
+def escape(text: object, limit: int = 512) -> str:
+    """``text`` made safe for a log line: control characters escaped, cut to ``limit``."""
+    value = str(text)
+    cut = len(value) > limit
+    value = value[:limit].encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    return value + "..." if cut else value

@@ -20,25 +20,20 @@ import contextlib
 import logging
 import os
 import subprocess
+import traceback
 from collections.abc import Mapping
 
 from .config import Config
-from .errors import ShifterError
+from .errors import NodeFault, ShifterError, escape
+from .jobdirs import valid_name
 from .nodecache import NodeCache
-from .options import parse_size
+from .options import parse_modules, parse_size, parse_volumes
+from .reference import ImageRequest
 from .runtime.jobs import job_dir
 from .runtime.plan import RunRequest, User, build_plan
 from .runtime.privileged import prepare_job, teardown_job
-from .steps import (
-    ERROR_FILE,
-    STEP_RECORD,
-    STEPS_DIR,
-    step_request,
-    teardown_step_root,
-    write_error,
-    write_record,
-)
-from .store import ImageStore
+from .steps import step_request, write_error, write_record
+from .store import ImageMetadata, ImageStore, check_image_id
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +63,12 @@ def running_jobs(node: str) -> set[str] | None:
 
 
 def sweep(config: Config, node: str, current_job: str) -> None:
-    """Tear down job directories of this node whose job is gone (a crash, a lost epilog)."""
+    """Tear down job directories of this node whose job is gone (a crash, a lost epilog).
+    Never raises: a sweep that cannot finish tries again at the next prolog."""
     base = os.path.join(config.runtime.run_dir, node)
     try:
         entries = os.listdir(base)
-    except FileNotFoundError:
+    except OSError:
         return
     stale = [e for e in entries if e != current_job and not e.startswith(".")]
     if not stale:
@@ -81,38 +77,79 @@ def sweep(config: Config, node: str, current_job: str) -> None:
     if alive is None:
         return
     for job in stale:
-        if job not in alive:
-            log.info("sweeping leftovers of job %s on %s", job, node)
+        if job not in alive and valid_name(job):
+            log.info("sweeping leftovers of job %s on %s", escape(job), node)
             epilog(config, node, job)
 
 
-def prolog(config: Config, environ: Mapping[str, str]) -> None:
-    """Prepare the container root of the job described by the prolog's environment."""
+def check_request(request: Mapping[str, str], default_type: str) -> None:
+    """Parse again, as root, what the submission side sent: the user may have replaced it."""
+    image_id, text = request["image_id"], request["image_request"]
+    try:
+        check_image_id(image_id)
+    except ShifterError:
+        raise ShifterError(f"the job carries no valid image id for {text!r}") from None
+    ImageRequest.parse(text, default_type)
+    if request["volume"]:
+        parse_volumes([request["volume"]])
+    if request["module"]:
+        parse_modules(request["module"])
+
+
+def _matches(image: ImageMetadata, text: str, default_type: str) -> bool:
+    """Whether the store's image is what the user's request names (not another one)."""
+    request = ImageRequest.parse(text, default_type)
+    if request.type == "id":
+        return image.id.startswith(request.tag)
+    return image.source == str(request.docker)
+
+
+def find_image(
+    config: Config, request: Mapping[str, str], user: User
+) -> tuple[ImageMetadata, ImageStore]:
+    """The image the job asked for, if ``user`` may use it: checked before anything is
+    staged or copied."""
+    store = ImageStore(config.image_path)
+    image = store.get(request["image_id"])
+    text = request["image_request"]
+    if (
+        image is None
+        or not image.visible_to(user.uid, user.groups)
+        or not _matches(image, text, config.default_image_type)
+    ):
+        raise ShifterError(
+            f"image {text} is not in the image store or not shared with {user.name}",
+            hint="pull it again with shifterimg pull, then resubmit",
+        )
+    return image, store
+
+
+def prolog(config: Config, environ: Mapping[str, str]) -> str | None:
+    """Prepare the container root of the job described by the prolog's environment; the
+    job's error, if the job caused one (recorded for its steps, never a failed prolog).
+
+    Node and job come from slurmd; everything ``SPANK_SHIFTER_*`` is the user's and checked
+    again. Only a :class:`NodeFault` is raised."""
     node, job = environ["SLURMD_NODENAME"], environ["SLURM_JOB_ID"]
     sweep(config, node, job)
-    node_cache(config, node).sweep()
+    with contextlib.suppress(OSError):
+        node_cache(config, node).sweep()
     directory = job_dir(config.runtime.run_dir, node, job)
+    uid, gid = int(environ["SLURM_JOB_UID"]), int(environ["SLURM_JOB_GID"])
     try:
         request = step_request(environ, prefix="SPANK_")
-        image_id = request["image_id"]
-        store = ImageStore(config.image_path)
-        image = store.get(image_id) if image_id else None
-        if image is None:
-            raise ShifterError(
-                f"image {request['image_request']} ({image_id or 'no id'}) is no longer in the "
-                f"image store",
-                hint="pull it again with shifterimg pull, then resubmit",
-            )
-        image_file = str(store.image_file(image_id))
+        check_request(request, config.default_image_type)
+        user = User.from_uid(uid, gid)
+        image, store = find_image(config, request, user)
+        image_file = str(store.image_file(image.id))
         if config.slurm.stage_images:
             image_file = str(
                 node_cache(config, node).stage(
-                    image_id, store.image_file(image_id), image.sha256, job
+                    image.id, store.image_file(image.id), image.sha256, job
                 )
             )
-        user = User.from_uid(int(environ["SLURM_JOB_UID"]), int(environ["SLURM_JOB_GID"]))
         run = RunRequest(
-            image=f"id:{image_id}",
+            image=f"id:{image.id}",
             volumes=(request["volume"],) if request["volume"] else (),
             modules=request["module"] or None,
         )
@@ -123,27 +160,48 @@ def prolog(config: Config, environ: Mapping[str, str]) -> None:
         write_record(
             directory, {**request, "root": prepared.root, "env": [list(kv) for kv in plan.env]}
         )
-        log.info("prolog: job %s on %s: %s ready", job, node, request["image_request"])
-    except ShifterError as err:
-        write_error(directory, str(err))
-        log.error("prolog: job %s on %s: %s", job, node, err)
+        log.info("prolog: job %s on %s: %s ready", job, node, escape(request["image_request"]))
+        return None
+    except NodeFault:
+        raise
+    except Exception as err:  # anything else is the job's: recorded, never a drained node
+        message = job_error_message(err)
+        log.error("prolog: job %s on %s: %s", job, node, escape(message))
+        if not isinstance(err, ShifterError):
+            log.error("prolog: job %s: %s", job, escape(traceback.format_exc(), 4000))
+        for problem in teardown_job(config.runtime.run_dir, node, job):
+            log.error("prolog: job %s on %s: %s", job, node, escape(problem))
+        node_cache(config, node).release(job)
+        try:
+            write_error(directory, message, uid)
+        except OSError as again:
+            raise NodeFault(f"cannot record the job's error in {directory}: {again}") from None
+        return message
+
+
+def job_error_message(err: BaseException) -> str:
+    """What the user reads for a failure caused by their job."""
+    if isinstance(err, ShifterError):
+        return str(err)
+    if isinstance(err, OSError) and err.strerror:
+        where = f" ({err.filename})" if err.filename else ""
+        return f"the container could not be set up: {err.strerror}{where}"
+    return f"the container could not be set up: internal error ({type(err).__name__})"
 
 
 def epilog(config: Config, node: str, job: str) -> list[str]:
-    """Remove everything of ``job`` on ``node``; the problems left (empty when all is gone)."""
-    directory = job_dir(config.runtime.run_dir, node, job)
+    """Remove everything of ``job`` on ``node`` from whatever state a crashed or partial
+    prolog, step or earlier epilog left; the problems left (empty when all is gone).
+    Never raises."""
     problems: list[str] = []
-    steps = os.path.join(directory, STEPS_DIR)
-    if os.path.isdir(steps):
-        for step in os.listdir(steps):
-            problems += teardown_step_root(directory, step)
-        os.rmdir(steps)
-    for name in (STEP_RECORD, ERROR_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, name))
-    if os.path.isdir(directory):
+    try:
         problems += teardown_job(config.runtime.run_dir, node, job)
-    node_cache(config, node).release(job)
+    except Exception as err:
+        problems.append(f"tearing down: {err}")
+    try:
+        node_cache(config, node).release(job)
+    except Exception as err:
+        problems.append(f"releasing the node cache: {err}")
     for problem in problems:
-        log.error("epilog: job %s on %s: %s", job, node, problem)
+        log.error("epilog: job %s on %s: %s", job, node, escape(problem))
     return problems

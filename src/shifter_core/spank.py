@@ -5,11 +5,13 @@ The C shim (``spank/shifter_spank.c``) registers ``--image``, ``--volume`` and
 prolog/epilog of a job that used them), and forwards each callback to :func:`on_hook`
 or :func:`on_option`. Where each callback runs (observed on Slurm 22.05):
 
-- ``srun`` (local): init → options → init_post_opt → local_user_init → exit
+- ``srun`` (local): init → options → init_post_opt → exit
 - ``sbatch``/``salloc`` (allocator): init → options → init_post_opt → exit
 - ``slurmstepd`` (remote, every step): init → options (twice) → init_post_opt →
-  user_init → per task task_init_privileged → task_init; task_post_fork, task_exit, exit
-- prolog/epilog (job_script): job_prolog or job_epilog alone
+  user_init → per task task_init_privileged → task_init; exit
+- prolog/epilog (job_script): job_prolog or job_epilog alone (the epilog in every job)
+
+The shim forwards only the callbacks in :data:`HOOKS`.
 
 Submission side: values are checked, then exported so the job, its prolog and its steps
 see them: ``SHIFTER_IMAGEREQUEST``, ``SHIFTER_VOLUME`` (every ``--volume`` joined by
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ShifterError
+from .errors import ShifterError, escape
 
 OPT_IMAGE, OPT_VOLUME, OPT_MODULE = 0, 1, 2
 OPTION_NAMES = {OPT_IMAGE: "image", OPT_VOLUME: "volume", OPT_MODULE: "module"}
@@ -82,7 +84,8 @@ def log(level: str, message: str) -> None:
     """
     if _lib is None:
         return
-    text = _ffi.new("char[]", ("shifter: " + message).encode(errors="replace"))
+    # Escaped: user text (image names, volumes, paths) must not forge lines in root's logs.
+    text = _ffi.new("char[]", ("shifter: " + escape(message, 4000)).encode())
     if level == ERROR:
         _lib.slurm_error(b"%s", text)
     elif level == INFO and _lib.spank_context() in (_lib.S_CTX_LOCAL, _lib.S_CTX_ALLOCATOR):
@@ -424,7 +427,7 @@ def hook_user_init(spank: Spank) -> None:
             if value is not None:
                 spank.setenv(name, value)
     job, step = spank.item_u32("S_JOB_ID"), spank.item_u32("S_JOB_STEPID")
-    node = _node_name(spank, step)
+    node = _node_name()
     container = spank.getenv(ENV_CONTAINER_STEP) == "1"
     if step == SLURM_BATCH_SCRIPT:
         slurm = state.config.get("slurm", {})
@@ -439,24 +442,11 @@ def hook_user_init(spank: Spank) -> None:
         _find_step_root(spank, str(job), str(step), node)
 
 
-def _node_name(spank: Spank, step: int | None) -> str:
-    """This node's name, as the prolog knew it (SLURMD_NODENAME).
-
-    slurmstepd has no item for it, and the step's SLURMD_NODENAME is not set yet in
-    user_init: an srun in a batch script passes on the batch node's. The step's node list
-    and this node's index in it say which node this is.
-    """
-    from .jobdirs import expand_hostlist
-
-    if step == SLURM_BATCH_SCRIPT:
-        nodes = expand_hostlist(spank.getenv("SLURM_JOB_NODELIST") or "")[:1]
-        index = 0
-    else:
-        nodes = expand_hostlist(spank.getenv("SLURM_STEP_NODELIST") or "")
-        index = spank.item_u32("S_JOB_NODEID") or 0
-    if index < len(nodes):
-        return nodes[index]
-    return spank.getenv("SLURMD_NODENAME") or "?"
+def _node_name() -> str:
+    """This node's name, as the prolog knew it: slurmstepd's own ``SLURMD_NODENAME``, which
+    slurmd sets (the job's environment and node lists come from the user's srun: an srun
+    in a batch script even passes on the batch node's ``SLURMD_NODENAME``)."""
+    return os.environ.get("SLURMD_NODENAME", "")
 
 
 def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
@@ -562,8 +552,13 @@ class _SlurmLogHandler:
 
 
 def _job_script(what: str) -> None:
-    """Run the prolog or epilog of a job submitted with --image."""
-    if os.environ.get("SPANK_" + ENV_IMAGEREQUEST) is None:
+    """The prolog or epilog. Slurm drains a node whose prolog or epilog fails, so only a
+    fault of the node may fail them (:class:`~shifter_core.errors.NodeFault`, or a
+    configuration root cannot read); the job's errors are recorded and shown to its user.
+    The epilog runs for every job (steps of jobs without --image may have made roots) and
+    never fails."""
+    shifter_job = os.environ.get("SPANK_" + ENV_IMAGEREQUEST) is not None
+    if what == "prolog" and not shifter_job:
         return
     from . import prolog
     from .config import load
@@ -571,11 +566,34 @@ def _job_script(what: str) -> None:
     _SlurmLogHandler.install()
     config = load(state.args.get("config"), privileged=True)
     node, job = os.environ.get("SLURMD_NODENAME", ""), os.environ.get("SLURM_JOB_ID", "")
-    log(INFO, f"{what}: job {job} on node {node}: image {os.environ['SPANK_' + ENV_IMAGEREQUEST]}")
-    if what == "prolog":
-        prolog.prolog(config, os.environ)
-    else:
-        prolog.epilog(config, node, job)
+    if what == "epilog":
+        from .jobdirs import job_dir
+
+        if shifter_job or os.path.lexists(job_dir(config.runtime.run_dir, node, job)):
+            log(INFO, f"epilog: job {job} on node {node}")
+            prolog.epilog(config, node, job)
+        return
+    log(INFO, f"prolog: job {job} on node {node}: image {os.environ['SPANK_' + ENV_IMAGEREQUEST]}")
+    problem = prolog.prolog(config, os.environ)
+    if problem is not None:
+        _tell_job(job, problem)
+
+
+def _tell_job(job: str, problem: str) -> None:
+    """Show the job's error where its user looks: the job's admin comment (``scontrol show
+    job``, ``sacct``); its container steps print it too."""
+    import subprocess
+
+    text = escape(f"shifter: {problem}", 900).replace('"', "'")
+    try:
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job}", f"AdminComment={text}"],
+            capture_output=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as err:
+        log(ERROR, f"cannot set the admin comment of job {job}: {err}")
 
 
 def hook_job_prolog(spank: Spank) -> None:
@@ -583,7 +601,10 @@ def hook_job_prolog(spank: Spank) -> None:
 
 
 def hook_job_epilog(spank: Spank) -> None:
-    _job_script("epilog")
+    try:
+        _job_script("epilog")
+    except Exception as err:  # the epilog always succeeds: a failed one drains the node
+        log(ERROR, f"epilog: {err} (the node was not drained; fix and sweep)")
 
 
 HOOKS = {

@@ -74,10 +74,13 @@ def write_record(directory: str, record: dict[str, object]) -> None:
     _write_root_file(os.path.join(directory, STEP_RECORD), marshal.dumps(record))
 
 
-def write_error(directory: str, message: str) -> None:
+def write_error(directory: str, message: str, uid: int) -> None:
     """Record (as root) why the prolog could not prepare the job's container."""
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    _write_root_file(os.path.join(directory, ERROR_FILE), message.encode())
+    from .errors import escape
+    from .jobdirs import make_job_dir
+
+    make_job_dir(directory, uid)
+    _write_root_file(os.path.join(directory, ERROR_FILE), escape(message, 2000).encode())
 
 
 def prolog_error(directory: str) -> str | None:
@@ -150,6 +153,7 @@ def prepare_step_root(
 ) -> tuple[str, list[list[str]]]:
     """A root of the step's own (another image, volumes or modules than the job's)."""
     from .config import load
+    from .jobdirs import make_job_dir
     from .runtime.plan import RunRequest, User, build_plan
     from .runtime.privileged import prepare
     from .store import ImageStore
@@ -180,7 +184,8 @@ def prepare_step_root(
     step_dir = os.path.join(directory, STEPS_DIR, step)
     for attempt in range(3):  # another step's teardown may remove empty parents meanwhile
         try:
-            os.makedirs(step_dir, mode=0o755, exist_ok=True)
+            make_job_dir(directory, uid)
+            os.makedirs(step_dir, mode=0o700, exist_ok=True)
             break
         except FileNotFoundError:
             if attempt == 2:
@@ -191,15 +196,11 @@ def prepare_step_root(
 
 def teardown_step_root(directory: str, step: str) -> list[str]:
     """Remove a step's own root (the epilog does it too, if the step died first)."""
-    import shutil
+    from .runtime.privileged import teardown_tree
 
-    from .runtime.privileged import teardown
-
-    step_dir = os.path.join(directory, STEPS_DIR, step)
-    problems = teardown(os.path.join(step_dir, "root"))
-    shutil.rmtree(step_dir, ignore_errors=True)
-    # A job without --image has no prolog root and no epilog of ours: leave nothing behind.
-    # (rmdir removes only empty directories: the job's root or other steps keep them.)
+    problems = teardown_tree(os.path.join(directory, STEPS_DIR, step))
+    # A job without --image has no prolog root: leave nothing behind (rmdir removes only
+    # empty directories: the job's root or other steps keep them).
     for empty in (os.path.join(directory, STEPS_DIR), directory):
         try:
             os.rmdir(empty)

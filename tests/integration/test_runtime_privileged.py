@@ -4,7 +4,6 @@ path), tear it down; perNodeCache; cleanup after failures."""
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import subprocess
@@ -159,7 +158,7 @@ def test_fast_path_joins_the_user_namespace_pinned_for_the_job(rt):
             for i in range(count)
         }
         assert mapped == set(groups) and lines[-1] == "deny"
-        # the namespace is alice's: bob cannot join it
+        # the namespace is alice's: bob cannot even reach it (the job directory is alice's only)
         bob = subprocess.run(
             ["runuser", "-u", "bob", "--", sys.executable, "-c", JOIN, str(pinned)],
             capture_output=True,
@@ -168,7 +167,7 @@ def test_fast_path_joins_the_user_namespace_pinned_for_the_job(rt):
             cwd="/tmp",
             check=False,
         )
-        assert bob.stdout.strip() == str(errno.EPERM), bob.stdout + bob.stderr
+        assert bob.returncode != 0 and "Permission denied" in bob.stderr, bob.stdout + bob.stderr
         # no pinned namespace any more: shifter falls back to a namespace of its own
         assert userns.release(str(pinned)) == [] and not pinned.exists()
         out = shifter_as(rt, ["-vv", "id", "-G"], **env)

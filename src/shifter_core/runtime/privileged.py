@@ -9,9 +9,10 @@
 - :func:`teardown` unmounts everything below the root deepest first, waits for the loop
   devices to detach, removes the directories; idempotent, and safe after a partial prepare.
 
-:func:`prepare_job`, :func:`teardown_job` and :func:`find_job_root` do the same for the
-job directories described in :mod:`.jobs`; a job's directory also holds the user namespace
-pinned for the user's own ``shifter`` (:mod:`.userns`).
+:func:`prepare_job` and :func:`teardown_job` do the same for the job directories described
+in :mod:`.jobs` (a job's directory also holds the user namespace pinned for the user's own
+``shifter``, :mod:`.userns`); :func:`teardown_tree` removes a job's or a step's directory
+from whatever state a crash left.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from dataclasses import dataclass, field
 
 from .. import syscalls
-from ..jobdirs import USERNS_FILE
+from ..errors import NodeFault
+from ..jobdirs import USERNS_FILE, make_job_dir
 from ..syscalls import SyscallError
 from . import loop, userns
 from ._log import get_logger
@@ -36,6 +39,8 @@ from .plan import Plan
 log = get_logger(__name__)
 
 STAGING_SUFFIX = ".staging"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+NO_LOOP_HINT = "load the loop module and check /dev/loop-control and max_loop"
 
 
 @dataclass
@@ -52,14 +57,27 @@ def _require_root(what: str) -> None:
 
 
 def mount_image_loop(image_file: str, target: str, devices: list[str]) -> None:
-    """Loop-mount a squashfs read-only, nosuid, nodev (the device detaches on unmount)."""
+    """Loop-mount a squashfs read-only, nosuid, nodev (the device detaches on unmount).
+
+    No loop device to be had, or a kernel without squashfs, is a :class:`NodeFault`: the
+    node must be fixed. A missing or unreadable image file is the job's problem."""
     try:
         device, fd = loop.attach(image_file, read_only=True)
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        if err.filename == loop.LOOP_CONTROL:
+            raise NodeFault(f"{loop.LOOP_CONTROL} is missing", hint=NO_LOOP_HINT) from None
         raise ImageError(f"image file {image_file} does not exist") from None
+    except SyscallError as err:
+        raise NodeFault(f"cannot attach a loop device: {err}", hint=NO_LOOP_HINT) from None
     try:
         flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
         syscalls.mount(device, target, "squashfs", flags)
+    except SyscallError as err:
+        if err.errno == errno.ENODEV:
+            raise NodeFault(
+                "the kernel cannot mount squashfs", hint="load the squashfs module (modprobe)"
+            ) from None
+        raise ImageError(f"cannot mount image file {image_file}: {err}") from None
     finally:
         os.close(fd)
     devices.append(device)
@@ -119,6 +137,40 @@ def _rmdir(path: str) -> str | None:
     return None
 
 
+def _unmount_below(base: str, problems: list[str]) -> list[str]:
+    """Unmount everything at and below ``base``, deepest first (lazily when busy); the loop
+    devices that backed image mounts there."""
+    devices: list[str] = []
+    for _round in range(20):
+        mounts = mounts_under(base)
+        if not mounts:
+            return devices
+        for entry in mounts:
+            if entry.source.startswith("/dev/loop"):
+                devices.append(entry.source)
+            try:
+                syscalls.umount2(entry.target, syscalls.UMOUNT_NOFOLLOW)
+            except SyscallError as err:
+                if err.errno in (errno.EINVAL, errno.ENOENT):
+                    continue  # already gone with its parent
+                if err.errno != errno.EBUSY:
+                    problems.append(str(err))
+                    continue
+                log.warning("%s is busy: detaching it lazily", entry.target)
+                try:
+                    syscalls.umount2(entry.target, syscalls.MNT_DETACH | syscalls.UMOUNT_NOFOLLOW)
+                except SyscallError as again:
+                    problems.append(str(again))
+    problems.append(f"mounts remain below {base}")
+    return devices
+
+
+def _wait_detached(devices: list[str] | tuple[str, ...], problems: list[str]) -> None:
+    for device in dict.fromkeys(devices):
+        if not loop.wait_detached(device, None):
+            problems.append(f"{device} is still attached to {loop.backing_file(device)}")
+
+
 def teardown(root_dir: str, loop_devices: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Unmount everything at and below ``root_dir`` (and its staging directory), wait for the
     loop devices to detach, remove the directories. Returns the problems left (empty when
@@ -126,38 +178,79 @@ def teardown(root_dir: str, loop_devices: list[str] | tuple[str, ...] = ()) -> l
     _require_root("tearing down a container root")
     root_dir = os.path.abspath(root_dir)
     problems: list[str] = []
+    devices = list(loop_devices)
     for base in (root_dir, root_dir + STAGING_SUFFIX):
-        for _round in range(20):
-            mounts = mounts_under(base)
-            if not mounts:
-                break
-            for entry in mounts:
-                try:
-                    syscalls.umount2(entry.target, syscalls.UMOUNT_NOFOLLOW)
-                except SyscallError as err:
-                    if err.errno in (errno.EINVAL, errno.ENOENT):
-                        continue  # already gone with its parent
-                    if err.errno == errno.EBUSY:
-                        log.warning("%s is busy: detaching it lazily", entry.target)
-                        try:
-                            syscalls.umount2(
-                                entry.target, syscalls.MNT_DETACH | syscalls.UMOUNT_NOFOLLOW
-                            )
-                        except SyscallError as again:
-                            problems.append(str(again))
-                    else:
-                        problems.append(str(err))
-        else:
-            problems.append(f"mounts remain below {base}")
+        devices += _unmount_below(base, problems)
     staging = root_dir + STAGING_SUFFIX
     for path in (os.path.join(staging, "lower"), os.path.join(staging, "rw"), staging, root_dir):
         problem = _rmdir(path)
         if problem:
             problems.append(problem)
-    for device in loop_devices:
-        if not loop.wait_detached(device, None):
-            problems.append(f"{device} is still attached to {loop.backing_file(device)}")
+    _wait_detached(devices, problems)
     return problems
+
+
+def teardown_tree(directory: str, loop_devices: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Remove ``directory`` and everything in it, from whatever state a crash left: every
+    mount below it goes first (deepest first), then the files (:func:`remove_tree`: never
+    through a mount point or a link, so nothing mounted from elsewhere, such as a user's
+    volume or the host's /tmp, is ever deleted through it). Returns the problems left;
+    never raises."""
+    problems: list[str] = []
+    try:
+        directory = os.path.abspath(directory)
+        devices = list(loop_devices) + _unmount_below(directory, problems)
+        _wait_detached(devices, problems)
+        if mounts_under(directory):
+            problems.append(f"not removing {directory}: mounts remain below it")
+        elif os.path.lexists(directory):
+            remove_tree(directory, problems)
+    except Exception as err:  # a teardown reports, it never raises
+        problems.append(f"tearing down {directory}: {err}")
+    return problems
+
+
+def remove_tree(top: str, problems: list[str]) -> None:
+    """``rm -r top`` that stays on ``top``'s file system: it never follows a link, never
+    enters a mount point (by the mount table, and by device number in case the table was
+    read while it changed) and reports what it leaves in ``problems``."""
+    st = os.lstat(top)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(top)
+        return
+    mounted = {m.target for m in read_mounts()}
+    if top in mounted:
+        problems.append(f"not removing {top}: something is mounted there")
+        return
+
+    def empty(dir_fd: int, path: str) -> None:
+        for entry in os.scandir(dir_fd):
+            full = os.path.join(path, entry.name)
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    os.unlink(entry.name, dir_fd=dir_fd)
+                    continue
+                fd = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    if os.fstat(fd).st_dev != st.st_dev or full in mounted:
+                        problems.append(f"not removing {full}: something is mounted there")
+                        continue
+                    empty(fd, full)
+                finally:
+                    os.close(fd)
+                os.rmdir(entry.name, dir_fd=dir_fd)
+            except OSError as err:
+                problems.append(f"cannot remove {full}: {err.strerror}")
+
+    fd = os.open(top, _DIR_FLAGS)
+    try:
+        empty(fd, top)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(top)
+    except OSError as err:
+        problems.append(f"cannot remove {top}: {err.strerror}")
 
 
 def enter(plan: Plan, root_dir: str, *, run: bool = True) -> None:
@@ -203,15 +296,17 @@ def _ensure_private_run_dir(run_dir: str) -> None:
 
 def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoot:
     """Prepare the job's root at ``RUN_DIR/NODE/JOB/root`` and write its ``state.json``
-    (leftovers of an earlier attempt in that directory are torn down first)."""
+    (leftovers of an earlier attempt in that directory are torn down first). The job's
+    directory is reachable by the job's user alone (:func:`~shifter_core.jobdirs.make_job_dir`).
+    """
     _require_root("preparing a job's root")
     directory = job_dir(run_dir, node, job_id)
     _ensure_private_run_dir(run_dir)
-    os.makedirs(os.path.dirname(directory), mode=0o755, exist_ok=True)
     if os.path.lexists(directory):
-        for problem in teardown_job(run_dir, node, job_id):
+        for problem in teardown_tree(directory):
             log.warning("stale job directory %s: %s", directory, problem)
-    os.mkdir(directory, 0o755)
+    if not make_job_dir(directory, plan.user.uid):
+        log.warning("%s has no POSIX ACLs: shifter in jobs builds private roots", run_dir)
     prepared = prepare(plan, os.path.join(directory, ROOT_DIR))
     pinned: str | None = os.path.join(directory, USERNS_FILE)
     try:
@@ -230,20 +325,4 @@ def teardown_job(run_dir: str, node: str, job_id: str) -> list[str]:
     _require_root("tearing down a job's root")
     directory = job_dir(run_dir, node, job_id)
     state = read_state(directory)
-    devices = state.loop_devices if state else []
-    problems = userns.release(os.path.join(directory, USERNS_FILE))
-    problems += teardown(os.path.join(directory, ROOT_DIR), devices)
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        path = os.path.join(directory, name)
-        if name.startswith("state.json") and not os.path.isdir(path):
-            os.unlink(path)
-    problem = _rmdir(directory)
-    if problem:
-        problems.append(problem)
-    return problems
-
-
-def find_job_root(run_dir: str, node: str, job_id: str) -> str | None:
-    """The prepared root of a job on this node, if a trusted state file says there is one."""
-    state = read_state(job_dir(run_dir, node, job_id))
-    return state.root if state else None
+    return teardown_tree(directory, state.loop_devices if state else [])
