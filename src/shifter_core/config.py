@@ -426,8 +426,12 @@ class SlurmConfig:
         metadata=_doc("node-local image cache; %n is the node's name", check=_absolute),
     )
     node_cache_size: str = field(
-        default="0",
-        metadata=_doc("cap of the node cache (e.g. 50G); 0: no cap", check=_size),
+        default="50G",
+        metadata=_doc(
+            "cap of the node cache; unused images are evicted least recently used first, "
+            "also when the disk lacks space for a copy; 0: no cap but the disk's free space",
+            check=_size,
+        ),
     )
     batch_step: bool = field(
         default=False,

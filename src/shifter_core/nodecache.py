@@ -13,12 +13,19 @@ directory (one per node; nodes sharing a host need one each)::
 A copy is verified against the sha256 the store recorded at publish time while it is
 written, so a truncated or corrupted source never becomes a cache entry. Entries held by a
 running job are never evicted; others go least recently used first when the cache is over
-its size cap.
+its size cap (``slurm.node_cache_size``, 50G by default) or when its file system has not
+enough free space for the copy (whatever the cap).
+
+A full disk (ENOSPC), an exhausted quota (EDQUOT) or no file descriptors left (EMFILE,
+ENFILE) while staging is the job's error, not the node's: :class:`NodeCacheError` with the
+reason and a hint, the partial copy and the job's hold removed. Other errors of the cache
+directory (EACCES, EROFS, EIO) are left as ``OSError``: a fault of the node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,10 +42,41 @@ from .store import check_image_id
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+RESERVE = 64 << 20  # free bytes left on the cache's file system after a copy (at most 5%)
+
+# What a job can exhaust on a node; the job fails, the node is fine.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: (
+        "no space left on the node's disk",
+        "the image is larger than the node's free space; ask your site to enlarge the "
+        "node cache or to mount images from the store (slurm.stage_images: false)",
+    ),
+    errno.EDQUOT: (
+        "the disk quota is exhausted",
+        "ask your site to raise the quota of the node cache's file system",
+    ),
+    errno.EMFILE: (
+        "too many open files in the process",
+        "retry; if it persists, ask your site to raise slurmd's open file limit",
+    ),
+    errno.ENFILE: (
+        "too many open files on the node",
+        "retry later; if it persists, ask your site to raise fs.file-max",
+    ),
+}
 
 
 class NodeCacheError(ShifterError):
     """An image could not be staged into the node cache."""
+
+
+def storage_error(err: OSError, what: str) -> ShifterError | None:
+    """The job error for ``err`` met while doing ``what`` (e.g. "staging image X into
+    /var/cache/shifter"), or None when ``err`` is not something a job exhausts."""
+    reason = STORAGE_ERRNOS.get(err.errno or 0)
+    if reason is None:
+        return None
+    return NodeCacheError(f"{what}: {reason[0]} ({err.strerror})", hint=reason[1])
 
 
 class NodeCache:
@@ -70,11 +108,16 @@ class NodeCache:
             return {"copies": 0, "hits": 0, "evictions": 0}
 
     def _count(self, key: str) -> None:
+        """Count an event; best effort (a full disk must not fail a job for statistics)."""
         stats = self.stats()
         stats[key] = stats.get(key, 0) + 1
         partial = self.directory / f".stats.{os.getpid()}.partial"
-        partial.write_text(json.dumps(stats))
-        partial.replace(self.directory / "stats.json")
+        try:
+            partial.write_text(json.dumps(stats))
+            partial.replace(self.directory / "stats.json")
+        except OSError as err:
+            log.warning("cannot update %s/stats.json: %s", self.directory, err.strerror)
+            partial.unlink(missing_ok=True)
 
     # -- holds --------------------------------------------------------------------------
 
@@ -109,22 +152,57 @@ class NodeCache:
         """A verified local copy of ``source`` for ``holder``; copied only if not cached.
 
         Concurrent calls for the same image (two jobs starting on one node) copy it once:
-        the second waits for the lock and finds the entry.
+        the second waits for the lock and finds the entry. A full disk, an exhausted quota
+        or no file descriptors left is a :class:`NodeCacheError` (see the module); so is
+        an image larger than the file system can hold after evicting every unheld entry,
+        found before anything is copied.
         """
         target = self.path(image_id)
-        with self._locked():
-            self.hold(image_id, holder)
-            if target.exists():
-                os.utime(target)  # recently used
-                self._count("hits")
-                log.info("node cache hit for image %s", image_id)
-                return target
-            size = source.stat().st_size
-            self._evict(needed=size, keep=image_id)
-            self._copy(source, target, sha256)
-            self._count("copies")
-            log.info("staged image %s into the node cache (%d bytes)", image_id, size)
+        try:
+            with self._locked():
+                self.hold(image_id, holder)
+                try:
+                    return self._stage_locked(image_id, source, sha256, target)
+                except BaseException:
+                    self._unhold(image_id, holder)
+                    raise
+        except OSError as err:
+            error = storage_error(err, f"cannot stage image {image_id[:12]} into {self.directory}")
+            if error is None:
+                raise
+            log.error("%s", error)
+            raise error from None
+
+    def _stage_locked(self, image_id: str, source: Path, sha256: str, target: Path) -> Path:
+        if target.exists():
+            os.utime(target)  # recently used
+            self._count("hits")
+            log.info("node cache hit for image %s", image_id)
+            return target
+        size = source.stat().st_size
+        self._evict(needed=size, keep=image_id)
+        free = self._free_bytes()
+        if size > free:
+            raise NodeCacheError(
+                f"cannot stage image {image_id[:12]} into {self.directory}: not enough space "
+                f"({size} bytes needed, {free} free after evicting every unused image)",
+                hint=STORAGE_ERRNOS[errno.ENOSPC][1],
+            )
+        self._copy(source, target, sha256)
+        self._count("copies")
+        log.info("staged image %s into the node cache (%d bytes)", image_id, size)
         return target
+
+    def _unhold(self, image_id: str, holder: str) -> None:
+        with contextlib.suppress(OSError):
+            (self._hold_dir(image_id) / holder).unlink()
+            self._hold_dir(image_id).rmdir()
+
+    def _free_bytes(self) -> int:
+        """Bytes a copy may use on the cache's file system, a reserve kept free."""
+        fs = os.statvfs(self.directory)
+        reserve = min(RESERVE, fs.f_blocks * fs.f_frsize // 20)
+        return max(0, fs.f_bavail * fs.f_frsize - reserve)
 
     def _copy(self, source: Path, target: Path, sha256: str) -> None:
         partial = self.directory / f".{target.stem}.{os.getpid()}.partial"
@@ -154,29 +232,33 @@ class NodeCache:
         log.debug("copied %s in %.2f s", source, time.monotonic() - started)
 
     def _evict(self, needed: int, keep: str) -> None:
-        """Remove unheld entries, least recently used first, until ``needed`` bytes fit."""
-        if not self.max_bytes:
-            return
-        entries = sorted(
-            (p for p in self.directory.glob("*.squashfs") if p.stem != keep),
-            key=lambda p: p.stat().st_mtime,
-        )
-        used = sum(p.stat().st_size for p in entries)
-        for entry in entries:
-            if used + needed <= self.max_bytes:
+        """Remove unheld entries, least recently used first, until ``needed`` bytes fit
+        under the cap and in the file system's free space."""
+        entries = []
+        for path in self.directory.glob("*.squashfs"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stem != keep:
+                    entries.append((path.stat(), path))
+        entries.sort(key=lambda e: e[0].st_mtime)
+        used = sum(st.st_size for st, _ in entries)
+        cap = self.max_bytes or None
+        free = self._free_bytes()
+        for st, entry in entries:
+            if (cap is None or used + needed <= cap) and needed <= free:
                 return
             if self.holders(entry.stem):
                 continue
-            used -= entry.stat().st_size
             entry.unlink(missing_ok=True)
+            used -= st.st_size
+            free = self._free_bytes()
             self._count("evictions")
             log.info("evicted image %s from the node cache", entry.stem)
-        if used + needed > self.max_bytes:
+        if cap is not None and used + needed > cap:
             log.warning(
                 "node cache over its cap (%d + %d > %d bytes): every entry is in use",
                 used,
                 needed,
-                self.max_bytes,
+                cap,
             )
 
     def sweep(self) -> int:

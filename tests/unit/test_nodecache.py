@@ -91,3 +91,163 @@ def test_a_private_image_stays_private_in_the_node_cache(tmp_path):
     cache = NodeCache(tmp_path / "cache")
     assert cache.stage(ID_A, private, digest, "job1").stat().st_mode & 0o777 == 0o600
     assert cache.stage(ID_B, public, public_digest, "job1").stat().st_mode & 0o777 == 0o644
+
+
+# -- a full disk, a quota, no file descriptors left: the job fails, the node does not -------
+
+import errno  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+from shifter_core.config import SlurmConfig  # noqa: E402
+from shifter_core.errors import ShifterError  # noqa: E402
+from shifter_core.options import parse_size  # noqa: E402
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs: a real file system that runs out of space."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _left_in(directory: Path) -> list[str]:
+    """What staging left in a cache directory besides its lock and statistics."""
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.name not in (".lock", "stats.json") and not p.is_dir()
+    )
+
+
+@needs_root
+def test_an_image_larger_than_the_disk_fails_the_job_and_leaves_nothing(tmp_path, small_fs):
+    source, digest = make_image(tmp_path, "img", 3 << 20)
+    cache = NodeCache(small_fs / "cache", max_bytes=parse_size(SlurmConfig().node_cache_size))
+    with pytest.raises(NodeCacheError, match="space") as info:
+        cache.stage(ID_A, source, digest, "job1")
+    assert isinstance(info.value, ShifterError) and info.value.hint
+    assert ID_A[:12] in str(info.value)
+    assert _left_in(small_fs / "cache") == []
+    assert cache.holders(ID_A) == []
+
+
+@needs_root
+def test_enospc_while_copying_is_a_job_error(tmp_path, small_fs, monkeypatch):
+    # The disk looks big enough (another writer fills it while the copy runs): the copy
+    # itself meets ENOSPC on the real tmpfs.
+    monkeypatch.setattr(NodeCache, "_free_bytes", lambda self: 1 << 40)
+    source, digest = make_image(tmp_path, "img", 3 << 20)
+    cache = NodeCache(small_fs / "cache")
+    with pytest.raises(NodeCacheError, match="no space left") as info:
+        cache.stage(ID_A, source, digest, "job1")
+    assert "ENOSPC" not in info.value.message or info.value.hint
+    assert _left_in(small_fs / "cache") == []
+    assert os.statvfs(small_fs).f_bfree * os.statvfs(small_fs).f_frsize > 1 << 20
+
+
+def test_edquot_is_a_job_error(tmp_path, monkeypatch):
+    source, digest = make_image(tmp_path, "img", 100_000)
+    cache = NodeCache(tmp_path / "cache")
+
+    def over_quota(fd):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr("shifter_core.nodecache.os.fsync", over_quota)
+    with pytest.raises(NodeCacheError, match="quota"):
+        cache.stage(ID_A, source, digest, "job1")
+    assert _left_in(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("free_fds", [0, 1, 2, 8])
+def test_emfile_is_a_job_error(tmp_path, free_fds):
+    """Staging needs 3 descriptors (lock, copy, source): with fewer, every point where one
+    runs out is a NodeCacheError; with enough, the copy is made."""
+    source, digest = make_image(tmp_path, "img", 100_000)
+    script = textwrap.dedent(
+        f"""
+        import os, resource, sys
+        from pathlib import Path
+        from shifter_core.nodecache import NodeCache, NodeCacheError
+        cache = NodeCache({str(tmp_path / "cache")!r})
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        for fd in held[: {free_fds}]:
+            os.close(fd)
+        try:
+            cache.stage({ID_A!r}, Path({str(source)!r}), {digest!r}, "job1")
+        except NodeCacheError as err:
+            print("ERROR", err)
+            sys.exit(3)
+        print("STAGED")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "Traceback" not in run.stderr, run.stderr
+    if free_fds >= 3:
+        assert run.stdout == "STAGED\n"
+        return
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "too many open files" in run.stdout
+    assert _left_in(tmp_path / "cache") == []
+
+
+def test_the_default_cap_is_a_size():
+    assert parse_size(SlurmConfig().node_cache_size) == 50 << 30
+
+
+@needs_root
+def test_a_full_disk_evicts_least_recently_used_entries_first(tmp_path, small_fs):
+    # A cap far above the disk (the default, 50G): the disk's free space decides.
+    cache = NodeCache(small_fs / "cache", max_bytes=50 << 30)
+    images = [make_image(tmp_path, name, 600_000) for name in "abc"]
+    for image_id, (source, digest), job in zip(
+        (ID_A, ID_B, ID_C), images, ("j1", "j2", "j3"), strict=True
+    ):
+        cache.stage(image_id, source, digest, job)
+        cache.release(job)
+    past = time.time() - 100
+    os.utime(cache.path(ID_B), (past, past))  # B used longest ago, then A, then C
+    os.utime(cache.path(ID_A), (past + 10, past + 10))
+    d, dd = make_image(tmp_path, "d", 600_000)
+    cache.stage("d" * 64, d, dd, "j4")
+    assert not cache.path(ID_B).exists()
+    assert cache.path(ID_A).exists() and cache.path(ID_C).exists()
+    e, de = make_image(tmp_path, "e", 600_000)
+    cache.stage("e" * 64, e, de, "j5")
+    assert not cache.path(ID_A).exists() and cache.path(ID_C).exists()
+    assert cache.stats()["evictions"] == 2
+
+
+def test_eviction_order_under_a_cap(tmp_path):
+    cache = NodeCache(tmp_path / "cache", max_bytes=350_000)
+    ids = [c * 64 for c in "abcdef"]
+    for i, image_id in enumerate(ids[:3]):
+        source, digest = make_image(tmp_path, image_id[:1], 100_000)
+        cache.stage(image_id, source, digest, f"j{i}")
+        cache.release(f"j{i}")
+        stamp = time.time() - 100 + i
+        os.utime(cache.path(image_id), (stamp, stamp))
+    cache.stage(ids[0], Path("/nonexistent"), "", "j9")  # a hit makes A the most recent
+    cache.release("j9")
+    evicted = []
+    for image_id in ids[3:]:
+        before = {i for i in ids if cache.path(i).exists()}
+        source, digest = make_image(tmp_path, image_id[:1], 100_000)
+        cache.stage(image_id, source, digest, "jx")
+        cache.release("jx")
+        evicted += sorted(before - {i for i in ids if cache.path(i).exists()})
+    assert [e[0] for e in evicted] == ["b", "c", "a"]
