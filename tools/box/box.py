@@ -9,12 +9,18 @@ Run as root with the checkout's venv (made by ``tools/box/setup.sh``)::
     .venv/bin/python tools/box/box.py restart-gateway   # only the image gateway
 
 State lives in ``<checkout>/.box/``: ``etc/`` (generated slurm.conf, plugstack.conf,
-cgroup.conf, shifter.yaml, registry.yml), ``spool/``, ``log/``, ``run/`` (pid files),
-``registry/`` (registry storage), ``images/`` (the Shifter image store), ``gateway/`` (the
-image gateway's database and layer cache) and ``cache/``. The gateway runs as the system user
+cgroup.conf, shifter.yaml, registry.yml, registry-push.yml and the push credentials),
+``spool/``, ``log/``, ``run/`` (pid files), ``registry/`` (registry storage), ``images/``
+(the Shifter image store), ``gateway/`` (the image gateway's database and layer cache) and
+``cache/``. The gateway runs as the system user
 ``shifter``, which owns ``images/`` and ``gateway/`` and nothing else; its log is
 ``log/gateway.log``.
 The templates are in ``slurm_conf/box/``. ``up`` writes ``<checkout>/box.env`` to source.
+
+The registry is the box's docker.io mirror, and a mirror is trusted (it serves tags): users
+only pull from it. It serves ``registry/`` read-only on 127.0.0.1:5000, to anyone; the box
+writes (seeds) it through a second registry process on the same storage, on 127.0.0.1:5001,
+which takes only authenticated requests (htpasswd; the credentials are root's, in ``etc/``).
 
 Every daemon is found again through its pid file, checked against ``/proc/PID/comm`` so a
 reused pid is never signalled. munged is stopped by ``down`` only if the box started it.
@@ -23,12 +29,14 @@ reused pid is never signalled. munged is stopped by ``down`` only if the box sta
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import grp
 import json
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -38,7 +46,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +63,9 @@ NODES = ("n1", "n2", "n3")
 # checkout, which may live under /tmp: every container shows the host's /tmp, and job roots
 # mounted below it would show up there too.
 RUN_DIR = Path("/run/shifter-box")
-REGISTRY_ADDR = "127.0.0.1:5000"
+REGISTRY_ADDR = "127.0.0.1:5000"  # the docker.io mirror: read-only, pulls by anyone
+REGISTRY_PUSH_ADDR = "127.0.0.1:5001"  # the same storage: pushes with the box's credentials
+REGISTRY_PUSH_USER = "box-seed"
 USERS = ("alice", "bob")
 GROUP = "science"
 SERVICE_USER = "shifter"  # the image gateway's system user: owns the store and gateway/
@@ -140,6 +150,20 @@ class BoxPaths:
     @property
     def registry_yml(self) -> Path:
         return self.etc / "registry.yml"
+
+    @property
+    def registry_push_yml(self) -> Path:
+        return self.etc / "registry-push.yml"
+
+    @property
+    def registry_htpasswd(self) -> Path:
+        """The push registry's users (bcrypt), root's only."""
+        return self.etc / "registry-push.htpasswd"
+
+    @property
+    def registry_authfile(self) -> Path:
+        """The push credentials as a containers-auth.json (``skopeo --dest-authfile``)."""
+        return self.etc / "registry-push-auth.json"
 
     @property
     def policy_json(self) -> Path:
@@ -289,6 +313,15 @@ def registry_daemon(paths: BoxPaths = PATHS) -> Daemon:
     return Daemon("registry", "docker-registry", paths.run / "registry.pid")
 
 
+def registry_push_daemon(paths: BoxPaths = PATHS) -> Daemon:
+    return Daemon(
+        "registry-push",
+        "docker-registry",
+        paths.run / "registry-push.pid",
+        (str(paths.registry_push_yml),),
+    )
+
+
 def gateway_daemon(paths: BoxPaths = PATHS) -> Daemon:
     return Daemon(
         "gateway",
@@ -397,6 +430,7 @@ def rendered_configs(paths: BoxPaths, *, plugin: bool) -> dict[str, str]:
         "cgroup.conf": render("cgroup.conf.in"),
         "shifter.yaml": render("shifter.yaml.in", **values),
         "registry.yml": render("registry.yml.in", **values),
+        "registry-push.yml": render("registry-push.yml.in", **values),
         "policy.json": json.dumps({"default": [{"type": "insecureAcceptAnything"}]}) + "\n",
     }
 
@@ -708,27 +742,119 @@ def http_get(
         return err.code, err.headers, err.read()
 
 
+def push_credentials(paths: BoxPaths = PATHS) -> tuple[str, str]:
+    """(user, password) that may push to the box registry (REGISTRY_PUSH_ADDR); root only."""
+    auth = json.loads(paths.registry_authfile.read_text())["auths"][REGISTRY_PUSH_ADDR]["auth"]
+    user, _, password = base64.b64decode(auth).decode().partition(":")
+    return user, password
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write a root-only file (mode 0600 from its creation) atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def ensure_push_credentials(paths: BoxPaths) -> bool:
+    """The push registry's password (made once, random) in the htpasswd file and in a
+    containers-auth.json for skopeo, both root-only; True when they were (re)made."""
+    try:
+        push_credentials(paths)
+        if paths.registry_htpasswd.stat().st_size > 0:
+            return False
+    except (OSError, ValueError, KeyError):
+        pass
+    password = secrets.token_urlsafe(24)
+    try:
+        proc = subprocess.run(
+            ["htpasswd", "-i", "-B", "-n", REGISTRY_PUSH_USER],
+            input=password + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise BoxError(
+            "htpasswd is not installed (apache2-utils): run tools/box/setup.sh"
+        ) from None
+    if proc.returncode != 0:
+        raise BoxError(f"htpasswd exited {proc.returncode}: {proc.stderr.strip()}")
+    token = base64.b64encode(f"{REGISTRY_PUSH_USER}:{password}".encode()).decode()
+    _write_secret(paths.registry_htpasswd, proc.stdout)
+    _write_secret(
+        paths.registry_authfile, json.dumps({"auths": {REGISTRY_PUSH_ADDR: {"auth": token}}})
+    )
+    log.info("made the push credentials of the box registry (%s)", paths.registry_authfile)
+    return True
+
+
 def registry_ok() -> bool:
+    """The read-only mirror answers."""
     try:
         return http_get(f"http://{REGISTRY_ADDR}/v2/")[0] == 200
     except OSError:
         return False
 
 
-def start_registry(paths: BoxPaths) -> None:
-    """Serve the box registry on 127.0.0.1:5000 (filesystem storage in ``registry/``)."""
-    daemon = registry_daemon(paths)
+def registry_push_ok(paths: BoxPaths = PATHS) -> bool:
+    """The push registry answers, and accepts the box's credentials."""
+    try:
+        user, password = push_credentials(paths)
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        url = f"http://{REGISTRY_PUSH_ADDR}/v2/"
+        return http_get(url, headers={"Authorization": f"Basic {basic}"})[0] == 200
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def start_registry(paths: BoxPaths, changed: Iterable[str] = ()) -> None:
+    """Serve the box registry: read-only on REGISTRY_ADDR, for pushes on REGISTRY_PUSH_ADDR
+    (both on ``registry/``); each restarted when its configuration changed."""
+    changed = set(changed)
+    new_credentials = ensure_push_credentials(paths)
+    _start_registry_daemon(
+        paths,
+        registry_daemon(paths),
+        paths.registry_yml,
+        REGISTRY_ADDR,
+        registry_ok,
+        restart="registry.yml" in changed,
+    )
+    _start_registry_daemon(
+        paths,
+        registry_push_daemon(paths),
+        paths.registry_push_yml,
+        REGISTRY_PUSH_ADDR,
+        lambda: registry_push_ok(paths),
+        restart="registry-push.yml" in changed or new_credentials,
+    )
+
+
+def _start_registry_daemon(
+    paths: BoxPaths,
+    daemon: Daemon,
+    config: Path,
+    addr: str,
+    ok: Callable[[], bool],
+    *,
+    restart: bool,
+) -> None:
     pid = daemon.pid()
-    if pid and registry_ok():
-        log.info("registry is running (pid %d)", pid)
+    if pid and not restart and ok():
+        log.info("%s is running (pid %d)", daemon.name, pid)
         return
     if pid:
         stop_pids({daemon.name: pid})
-    logfile = paths.log / "registry.log"
-    log.info("starting docker-registry on %s", REGISTRY_ADDR)
+    logfile = paths.log / f"{daemon.name}.log"
+    log.info("starting docker-registry on %s (%s)", addr, config.name)
     with logfile.open("ab") as sink:
         proc = subprocess.Popen(
-            ["docker-registry", "serve", str(paths.registry_yml)],
+            ["docker-registry", "serve", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=sink,
@@ -738,13 +864,13 @@ def start_registry(paths: BoxPaths) -> None:
         )
     daemon.pidfile.write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + 20
-    while not registry_ok():
+    while not ok():
         if proc.poll() is not None:
             raise BoxError(f"docker-registry exited {proc.returncode}\n{tail(logfile)}")
         if time.monotonic() > deadline:
-            raise BoxError(f"docker-registry does not answer GET /v2/\n{tail(logfile)}")
+            raise BoxError(f"docker-registry on {addr} does not answer GET /v2/\n{tail(logfile)}")
         time.sleep(0.1)
-    log.info("registry is up (pid %d)", proc.pid)
+    log.info("%s is up (pid %d)", daemon.name, proc.pid)
 
 
 def registry_digest(repo: str, tag: str) -> str | None:
@@ -825,7 +951,8 @@ def seed_image(paths: BoxPaths, builder: Path, name: str, repo: str) -> None:
         log.info("registry has %s:latest (%s): not pushed again", repo, remote)
         return
     digestfile = paths.cache / f"pushed-{name}.digest"
-    log.info("pushing %s to %s/%s:latest", layout, REGISTRY_ADDR, repo)
+    # The mirror is read-only: the box pushes through the authenticated endpoint.
+    log.info("pushing %s to %s/%s:latest", layout, REGISTRY_PUSH_ADDR, repo)
     run(
         [
             "skopeo",
@@ -834,10 +961,12 @@ def seed_image(paths: BoxPaths, builder: Path, name: str, repo: str) -> None:
             "copy",
             "--quiet",
             "--dest-tls-verify=false",
+            "--dest-authfile",
+            paths.registry_authfile,
             "--digestfile",
             digestfile,
             f"oci:{layout}:latest",
-            f"docker://{REGISTRY_ADDR}/{repo}:latest",
+            f"docker://{REGISTRY_PUSH_ADDR}/{repo}:latest",
         ],
         timeout=600,
     )
@@ -1027,7 +1156,7 @@ def up(paths: BoxPaths = PATHS, *, plugin: bool = True) -> None:
     ensure_fuse_for_users()
     start_munge(paths)
     start_slurm(paths, changed)
-    start_registry(paths)
+    start_registry(paths, changed)
     failed = seed_images(paths)
     start_gateway(paths, changed)
     wait_nodes_idle(paths)
@@ -1053,9 +1182,9 @@ def down(paths: BoxPaths = PATHS) -> None:
     stray = box_stepds(paths)
     stop_pids(stray)
     stopped += stray.values()
-    reg = registry_daemon(paths)
+    reg, push = registry_daemon(paths), registry_push_daemon(paths)
     gateway = gateway_daemon(paths)
-    for daemon in (gateway, slurmctld_daemon(paths), reg):
+    for daemon in (gateway, slurmctld_daemon(paths), reg, push):
         if pid := daemon.pid():
             stop_pids({daemon.name: pid})
             stopped.append(pid)
@@ -1064,7 +1193,7 @@ def down(paths: BoxPaths = PATHS) -> None:
         unmount_all(root)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     detach_loops(paths.root)
-    for d in (*slurm_daemons(paths), reg, gateway):
+    for d in (*slurm_daemons(paths), reg, push, gateway):
         d.pidfile.unlink(missing_ok=True)
     wait_reaped(stopped)
     left = leftovers(paths)
@@ -1080,7 +1209,12 @@ def leftovers(paths: BoxPaths) -> list[str]:
     """What of the box still runs or is mounted (empty when ``down`` did its job)."""
     left = [
         f"{d.name} (pid {pid})"
-        for d in (*slurm_daemons(paths), registry_daemon(paths), gateway_daemon(paths))
+        for d in (
+            *slurm_daemons(paths),
+            registry_daemon(paths),
+            registry_push_daemon(paths),
+            gateway_daemon(paths),
+        )
         if (pid := d.pid())
     ]
     left += [f"{name} (pid {pid})" for name, pid in box_stepds(paths).items()]
@@ -1127,10 +1261,13 @@ def is_up(paths: BoxPaths = PATHS) -> bool:
     daemons = [
         *slurm_daemons(paths),
         registry_daemon(paths),
+        registry_push_daemon(paths),
         munged_daemon(),
         gateway_daemon(paths),
     ]
-    if not all(d.pid() for d in daemons) or not registry_ok() or not configs_current(paths):
+    if not all(d.pid() for d in daemons) or not configs_current(paths):
+        return False
+    if not registry_ok() or not registry_push_ok(paths):
         return False
     if not gateway_ok():
         return False
@@ -1144,6 +1281,7 @@ def status(paths: BoxPaths = PATHS) -> int:
         munged_daemon(),
         *slurm_daemons(paths),
         registry_daemon(paths),
+        registry_push_daemon(paths),
         gateway_daemon(paths),
     ]
     ok = True

@@ -7,9 +7,11 @@ Usage::
 
 NAME is ``busybox``, ``mpi`` (MPICH) or ``openmpi`` (Open MPI, for ``srun --mpi=pmix``).
 DIR becomes an OCI image layout (``oci-layout``, ``index.json``, ``blobs/sha256/...``) whose
-only manifest is tagged ``latest``, ready for
-``skopeo copy oci:DIR:latest docker://127.0.0.1:5000/library/NAME:latest
---dest-tls-verify=false``.  The manifest digest is printed on stdout; progress goes to stderr.
+only manifest is tagged ``latest``, ready for ``skopeo copy --dest-tls-verify=false
+--dest-authfile .box/etc/registry-push-auth.json oci:DIR:latest
+docker://127.0.0.1:5001/library/NAME:latest`` (the box registry's authenticated push
+endpoint: its docker.io mirror on 127.0.0.1:5000 is read-only; ``box.py up`` pushes so).
+The manifest digest is printed on stdout; progress goes to stderr.
 
 Every build is keyed on its inputs (the script version, package versions, the sources) and
 kept in the cache directory (default ``<checkout>/.box/cache/images``); an unchanged rebuild
