@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -33,6 +34,7 @@ from isal import isal_zlib
 
 from shifter_core import munge
 from shifter_core.client import GatewayClient, GatewayError
+from shifter_core.gateway.transport import gateway_transport
 from tests.fixtures.registries import Layer, OCILayout, free_port, make_layer
 from tests.integration.slurm import run_as
 
@@ -157,8 +159,9 @@ class RunningGateway:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def client(self) -> GatewayClient:
-        return GatewayClient(self.url, timeout=60)
+    def client(self, ca_file: str | None = None) -> GatewayClient:
+        base, transport = gateway_transport(self.url, ca_file=ca_file)
+        return GatewayClient(base, timeout=60, transport=transport)
 
 
 @pytest.fixture
@@ -169,9 +172,9 @@ def gateway_env(box, tmp_path: Path) -> Iterator[tuple[HostileRegistry, Any]]:
     registry = HostileRegistry(OCILayout(root / "layout"))
     started: list[RunningGateway] = []
 
-    def start(**limits: Any) -> RunningGateway:
+    def start(**gateway: Any) -> RunningGateway:
         port = free_port()
-        settings = {
+        settings: dict[str, Any] = {
             "image_path": str(root / "images"),
             "gateway": {
                 "url": f"http://127.0.0.1:{port}",
@@ -181,7 +184,8 @@ def gateway_env(box, tmp_path: Path) -> Iterator[tuple[HostileRegistry, Any]]:
                 "layer_cache_size": "256M",
                 "workers": 2,
                 "admins": ["root"],
-                "limits": {"max_layer_unpacked": f"{UNPACK_LIMIT >> 20}M", **limits},
+                "limits": {"max_layer_unpacked": f"{UNPACK_LIMIT >> 20}M"},
+                **gateway,
             },
             "registries": {"insecure": [registry.host], "retries": 0},
         }
@@ -195,12 +199,20 @@ def gateway_env(box, tmp_path: Path) -> Iterator[tuple[HostileRegistry, Any]]:
             stderr=log.open("ab"),
             stdin=subprocess.DEVNULL,
         )
-        gw = RunningGateway(f"http://127.0.0.1:{port}", port, proc, root, log)
+        url = settings["gateway"]["url"]
+        if not settings["gateway"]["listen"].startswith("unix:"):
+            port = int(settings["gateway"]["listen"].rsplit(":", 1)[1])
+        gw = RunningGateway(url, port, proc, root, log)
         started.append(gw)
+        listen = settings["gateway"]["listen"]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                return gw
+            if listen.startswith("unix:"):
+                if Path(listen[5:]).is_socket():
+                    return gw
+            else:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                    return gw
             assert gw.alive(), log.read_text()[-3000:]
             time.sleep(0.1)
         raise AssertionError("the gateway did not start: " + log.read_text()[-3000:])
@@ -439,3 +451,51 @@ def test_hostile_redirects_and_private_images_through_the_gateway(gateway_env) -
     assert alice.stdout.startswith(f"FOUND {image_id}"), alice.stdout + alice.stderr
     with pytest.raises(GatewayError):
         client.lookup(missing)
+
+
+def test_the_gateway_listens_on_a_unix_socket_or_tls(
+    gateway_env, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    _registry, start = gateway_env
+    sockdir = Path(tempfile.mkdtemp(prefix="shifter-gw-"))  # alice must reach the socket
+    sockdir.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(sockdir, ignore_errors=True))
+    sock = sockdir / "gateway.sock"
+    gw = start(listen=f"unix:{sock}", url=f"unix:{sock}")
+    assert sock.stat().st_mode & 0o777 == 0o666  # munge authenticates every request
+    assert gw.client().ping()["uid"] == 0
+    script = (
+        "import sys\nfrom shifter_core.client import GatewayClient\n"
+        "from shifter_core.gateway.transport import gateway_transport\n"
+        "base, t = gateway_transport(sys.argv[1])\n"
+        "print(GatewayClient(base, transport=t).ping()['user'])\n"
+    )
+    env = {"PYTHONPATH": f"{CHECKOUT / 'src'}:{CHECKOUT}"}
+    alice = run_as([sys.executable, "-c", script, gw.url], "alice", **env)
+    assert alice.stdout.strip() == "alice", alice.stderr
+    gw.proc.terminate()
+    gw.proc.wait(15)
+    # TLS: a certificate for 127.0.0.1; clients verify it (here against its own CA file).
+    cert, key = tmp_path / "gw.crt", tmp_path / "gw.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    tls = start(
+        listen=f"127.0.0.1:{port}",
+        url=f"https://127.0.0.1:{port}",
+        tls_cert=str(cert),
+        tls_key=str(key),
+    )
+    assert tls.client(ca_file=str(cert)).ping()["uid"] == 0
+    with pytest.raises(GatewayError):  # an unverified certificate is refused
+        tls.client().ping()
+    plain = GatewayClient(f"http://127.0.0.1:{port}", timeout=5)
+    with pytest.raises(GatewayError):
+        plain.ping()
