@@ -922,6 +922,17 @@ class RegistryClient:
         for other in extra_scope.split():
             if other != scope:
                 params.append(("scope", other))
+        try:  # the realm is the registry's to choose, within the rules for redirects
+            check_redirect(
+                realm,
+                endpoint.url,
+                endpoint.registry,
+                endpoint.registry in (self.settings.insecure),
+            )
+        except RedirectRefused as err:
+            raise AuthenticationError(
+                str(err).replace("redirected to", "sent a token realm"), hint=err.hint
+            ) from None
         headers: dict[str, str] = {"Accept-Encoding": "identity"}
         if creds is not None:
             if not self._may_send_credentials(realm, endpoint):

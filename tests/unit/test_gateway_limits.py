@@ -416,3 +416,19 @@ def test_same_answer_for_hidden_and_missing_references(tmp_path: Path, strict) -
         assert str(hidden_job.value).replace(job["id"], "0" * 16) == str(missing_job.value)
     finally:
         gateway.stop()
+
+
+def test_a_token_realm_on_a_link_local_address_is_refused() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(
+            401,
+            headers={"WWW-Authenticate": 'Bearer realm="http://169.254.169.254/token"'},
+            json={"errors": [{"code": "UNAUTHORIZED"}]},
+        )
+
+    with _client(handler) as client, pytest.raises(RegistryError, match="token realm"):
+        client.resolve("reg.example/a/b:1")
+    assert all("169.254" not in url for url in seen)
