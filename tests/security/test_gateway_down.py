@@ -28,7 +28,7 @@ import pytest
 
 from shifter_core.store import Acl, set_image_access
 
-from ..integration.slurm import OTHER_USER, USER, run_as
+from ..integration.slurm import OTHER_USER, USER, jobs_named, run_as, unique_name
 
 GATEWAY_URL = "http://127.0.0.1:7080"
 WARNING = f"warning: the image gateway at {GATEWAY_URL} cannot be reached; using image"
@@ -160,15 +160,20 @@ def test_unknown_image_when_the_gateway_is_down(images, gateway_down):
 
 
 def test_srun_and_sbatch_use_the_store_when_the_gateway_is_down(images, gateway_down, tmp_path):
-    srun = run_as(["srun", "-N1", "--image=busybox", "sh", "-c", "echo $SHIFTER_IMAGE"])
+    name = unique_name("gwdown")
+    srun = run_as(["srun", "-J", name, "-N1", "--image=busybox", "sh", "-c", "echo $SHIFTER_IMAGE"])
     no_traceback(srun)
     assert srun.returncode == 0, srun.stderr
     assert srun.stdout.split() == [images.busybox]
     assert WARNING in srun.stderr
-    denied = run_as(["srun", "-N1", f"--image={images.private_name}", "true"])
+    (job,) = jobs_named(name)
+    assert wait_for_no_job_dirs(job) == []
+    name = unique_name("gwdown")
+    denied = run_as(["srun", "-J", name, "-N1", f"--image={images.private_name}", "true"])
     no_traceback(denied)
     assert denied.returncode != 0
     assert "is not in the image store, and the image gateway" in denied.stderr
+    assert jobs_named(name) == []  # refused at submission: no job at all
     out = Path("/tmp") / f"gwdown-{uuid.uuid4().hex[:8]}.out"
     try:
         batch = run_as(
