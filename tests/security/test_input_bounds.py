@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import io
@@ -97,16 +98,18 @@ def _layer(files: dict[str, str]) -> tuple[bytes, str]:
     return out.getvalue(), "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
 
 
-def build_hostile_layout(base: Path, dest: Path, uid: int) -> Path:
-    """The box's busybox layout plus a layer with a hostile /etc/passwd and /etc/group."""
+def build_layout(
+    base: Path, dest: Path, files: dict[str, str], config_changes: dict[str, object]
+) -> Path:
+    """The box's busybox layout plus a layer of ``files``, its config's ``config`` mapping
+    updated with ``config_changes``."""
     shutil.copytree(base, dest)
     index = json.loads((dest / "index.json").read_text())
     blobs = dest / "blobs" / "sha256"
     manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
     config = json.loads((blobs / manifest["config"]["digest"][7:]).read_text())
-    blob, diff_id = _layer(
-        {"etc/passwd": HOSTILE_PASSWD.replace("{uid}", str(uid)), "etc/group": HOSTILE_GROUP}
-    )
+    config["config"].update(config_changes)
+    blob, diff_id = _layer(files)
     manifest["layers"].append(
         {
             "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -134,44 +137,63 @@ def build_hostile_layout(base: Path, dest: Path, uid: int) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
-def hostile_image(box) -> Iterator[str]:
-    """The name alice pulls (through the box's docker.io mirror) of the hostile image."""
+def push_layout(box, layout: Path, repo: str) -> None:
+    """Push as the box seeds its mirror: through the authenticated endpoint, as root."""
+    subprocess.run(
+        [
+            "skopeo", "--policy", str(box.root / "etc" / "policy.json"), "copy", "--quiet",
+            "--dest-tls-verify=false", "--dest-authfile",
+            str(box.module.PATHS.registry_authfile),
+            f"oci:{layout}:latest", f"docker://{box.module.REGISTRY_PUSH_ADDR}/{repo}:latest",
+        ],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def delete_from_registry(box, repo: str) -> None:
+    digest = box.module.registry_digest(repo, "latest")
+    if digest:
+        user, password = box.module.push_credentials()
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        box.module.http_get(
+            f"http://{box.module.REGISTRY_PUSH_ADDR}/v2/{repo}/manifests/{digest}",
+            method="DELETE",
+            headers={"Authorization": f"Basic {basic}"},
+        )
+
+
+@contextlib.contextmanager
+def pushed_image(
+    box, prefix: str, files: dict[str, str], config_changes: dict[str, object]
+) -> Iterator[str]:
+    """An image in the box's docker.io mirror; yields the name users pull it by."""
     base = box.root / "cache" / "oci" / "busybox"
     if not (base / "index.json").exists():
         pytest.skip("the box has no busybox layout (tools/images/build.py)")
-    name = f"shifter-security-passwd-{uuid.uuid4().hex[:8]}"
-    repo = f"library/{name}"
-    push = box.module.REGISTRY_PUSH_ADDR
-    work = Path(tempfile.mkdtemp(prefix="shifter-passwd-", dir="/var/tmp"))
+    name = f"shifter-security-{prefix}-{uuid.uuid4().hex[:8]}"
+    work = Path(tempfile.mkdtemp(prefix="shifter-bounds-", dir="/var/tmp"))
     try:
-        layout = build_hostile_layout(base, work / "layout", pwd.getpwnam(USER).pw_uid)
-        subprocess.run(
-            [
-                "skopeo", "--policy", str(box.root / "etc" / "policy.json"), "copy", "--quiet",
-                "--dest-tls-verify=false", "--dest-authfile",
-                str(box.module.PATHS.registry_authfile),
-                f"oci:{layout}:latest", f"docker://{push}/{repo}:latest",
-            ],
-            check=True, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        push_layout(
+            box, build_layout(base, work / "layout", files, config_changes), f"library/{name}"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    pull = run_as(["shifterimg", "pull", name], timeout=600)
-    no_traceback(pull)
-    assert pull.returncode == 0, pull.stderr
     try:
         yield name
     finally:
-        digest = box.module.registry_digest(repo, "latest")
-        if digest:
-            user, password = box.module.push_credentials()
-            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
-            box.module.http_get(
-                f"http://{push}/v2/{repo}/manifests/{digest}",
-                method="DELETE",
-                headers={"Authorization": f"Basic {basic}"},
-            )
+        delete_from_registry(box, f"library/{name}")
+
+
+@pytest.fixture(scope="module")
+def hostile_image(box) -> Iterator[str]:
+    """The name alice pulls (through the box's docker.io mirror) of the hostile image."""
+    uid = pwd.getpwnam(USER).pw_uid
+    files = {"etc/passwd": HOSTILE_PASSWD.replace("{uid}", str(uid)), "etc/group": HOSTILE_GROUP}
+    with pushed_image(box, "passwd", files, {}) as name:
+        pull = run_as(["shifterimg", "pull", name], timeout=600)
+        no_traceback(pull)
+        assert pull.returncode == 0, pull.stderr
+        yield name
 
 
 SHOW = "cat /etc/passwd; echo ---; cat /etc/group; echo ---; id -un; id -u"
@@ -253,3 +275,32 @@ def test_hostile_image_references_are_refused(box, image, message):
         assert message in result.stderr, (argv[0], result.stderr)
         assert ours(result.stderr) and max(len(line) for line in ours(result.stderr)) < 1000
     assert_no_node_drained(box)
+
+
+@pytest.mark.parametrize(
+    "config_changes, message",
+    [
+        ({"Env": ["PATH=/bin", "EVIL=a\0b"]}, "contains a NUL character"),
+        ({"WorkingDir": "/data\x1b[2J"}, "contains control or invisible characters"),
+        ({"Cmd": ["x" * 200_000]}, "is longer than 131072 characters"),
+    ],
+)
+def test_a_pull_of_a_hostile_config_fails_with_a_clear_message(box, config_changes, message):
+    with pushed_image(box, "config", {"etc/hostile": "1\n"}, config_changes) as name:
+        pull = run_as(["shifterimg", "pull", name], timeout=600)
+        no_traceback(pull)
+        assert pull.returncode != 0, pull.stdout
+        assert message in pull.stderr, pull.stderr
+        assert not [line for line in pull.stderr.splitlines() if not line.isprintable()]
+        assert max(len(line) for line in pull.stderr.splitlines()) < 1000
+
+
+def test_a_relative_workdir_is_taken_from_the_root(box):
+    with pushed_image(
+        box, "workdir", {"app/run/marker": "here\n"}, {"WorkingDir": "app/run"}
+    ) as name:
+        pull = run_as(["shifterimg", "pull", name], timeout=600)
+        assert pull.returncode == 0, pull.stderr
+        result = run_as(["shifter", f"--image={name}", "--workdir", "cat", "marker"])
+        no_traceback(result)
+        assert result.returncode == 0 and result.stdout == "here\n", result.stderr
