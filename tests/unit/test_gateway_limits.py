@@ -432,3 +432,41 @@ def test_a_token_realm_on_a_link_local_address_is_refused() -> None:
     with _client(handler) as client, pytest.raises(RegistryError, match="token realm"):
         client.resolve("reg.example/a/b:1")
     assert all("169.254" not in url for url in seen)
+
+
+def test_a_private_image_is_not_given_away_by_a_copy_of_its_manifest(
+    tmp_path: Path, strict
+) -> None:
+    secret = make_layer({"secret/key": "alice's\n"})
+    private = strict.layout.add_image([secret])
+    strict.push("private/app", "1", private)
+    strict.own("private/app", private)
+    # Bob's repository serves the very same manifest (same image id), not the layers.
+    strict.push("pub/copy", "1", private)
+    strict.own("pub/copy", private, extra=[secret.digest])
+    gateway = gateway_for(tmp_path, strict)
+    try:
+        alice = Caller(**{**ALICE.__dict__, "secret": SECRET})
+        image_id = pull(gateway, alice, "private/app:1")["image_id"]
+        job = pull(gateway, BOB, "pub/copy:1")
+        assert job["state"] == "FAILED" and "missing" in job["message"], job
+        assert gateway.store.get(image_id).acl == Acl((ALICE.uid,), ())  # type: ignore[union-attr]
+        with pytest.raises(NotFound):
+            gateway.lookup(BOB, image_id)
+    finally:
+        gateway.stop()
+
+
+def test_an_import_is_bounded_too(tmp_path: Path, strict) -> None:
+    from tests.unit.test_gateway_service import IMPORTER, _docker_archive, _upload, wait
+
+    gateway = gateway_for(tmp_path, strict, import_users=["*"], limits={"max_tar_entries": 2})
+    try:
+        archive = tmp_path / "image.tar"
+        _docker_archive(archive)
+        job = gateway.submit_import(IMPORTER, "docker.io/library/x:1", *_upload(gateway, archive))
+        done = wait(gateway, IMPORTER, job["id"])
+        assert done["state"] == "FAILED" and "more than 2 tar entries" in done["message"], done
+        assert [p for p in gateway.store.path.iterdir() if p.name.startswith(".")] == []
+    finally:
+        gateway.stop()

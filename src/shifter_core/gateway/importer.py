@@ -27,6 +27,7 @@ from typing import IO, Any
 from ..convert import SquashfsOptions, layers_to_squashfs
 from ..errors import ShifterError
 from ..layercache import LayerCache
+from ..limits import UnpackBudget
 from ..registry import (
     INDEX_TYPES,
     ImageConfig,
@@ -72,13 +73,17 @@ def import_file(
     squashfs: SquashfsOptions | None = None,
     platform: Platform | None = None,
     on_converting: Callable[[], None] | None = None,
+    budget: UnpackBudget | None = None,
 ) -> ImageMetadata:
-    """Import the file at *path* (a partial file in the store: it is consumed) as *name*."""
+    """Import the file at *path* (a partial file in the store: it is consumed) as *name*.
+
+    *budget* bounds the archive's entries and what its layers decompress to, as for pulls.
+    """
     kind = detect_format(path)
     if kind == "squashfs":
         return _import_squashfs(path, name, file_sha256, store)
     with tarfile.open(path, "r:*") as tar:
-        return _import_tar(tar, name, store, cache, squashfs, platform, on_converting)
+        return _import_tar(tar, name, store, cache, squashfs, platform, on_converting, budget)
 
 
 def _import_squashfs(path: Path, name: str, file_sha256: str, store: ImageStore) -> ImageMetadata:
@@ -121,10 +126,12 @@ def _norm(name: str) -> str:
 class _Archive:
     """Members of a tar file by normalised name."""
 
-    def __init__(self, tar: tarfile.TarFile) -> None:
+    def __init__(self, tar: tarfile.TarFile, budget: UnpackBudget | None = None) -> None:
         self.tar = tar
         self.members: dict[str, tarfile.TarInfo] = {}
-        for member in tar.getmembers():
+        for member in tar:
+            if budget is not None:
+                budget.add_entry()
             if member.isfile():
                 self.members[_norm(member.name)] = member
 
@@ -185,8 +192,9 @@ def _import_tar(
     squashfs: SquashfsOptions | None,
     platform: Platform | None,
     on_converting: Callable[[], None] | None,
+    budget: UnpackBudget | None = None,
 ) -> ImageMetadata:
-    archive = _Archive(tar)
+    archive = _Archive(tar, budget)
     want = platform or Platform.host()
     if "manifest.json" in archive.members:
         image_id, config_bytes, layers = _docker_archive(archive, name, cache)
@@ -209,7 +217,11 @@ def _import_tar(
     partial = store.new_partial(image_id)
     try:
         paths = [p for _, p, _ in layers]
-        size = layers_to_squashfs(paths, partial, squashfs, spool_dir=cache.directory)
+        if budget is not None:
+            budget.reset()  # the archive's own entries are not the image's
+        size = layers_to_squashfs(
+            paths, partial, squashfs, spool_dir=cache.directory, budget=budget
+        )
         metadata = ImageMetadata.from_config(
             config,
             id=image_id,

@@ -41,7 +41,7 @@ from ..convert import SquashfsOptions
 from ..credentials import CredentialError, StaticCredentials, normalize_registry
 from ..errors import ShifterError
 from ..layercache import LayerCache
-from ..limits import Deadline, GatewayLimits
+from ..limits import Deadline, GatewayLimits, UnpackBudget
 from ..pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
 from ..reference import DockerReference
 from ..registry import (
@@ -710,6 +710,10 @@ class Gateway:
             cache=self.cache,
             squashfs=self.squashfs,
             on_converting=lambda: self._set_state(job, CONVERTING),
+            budget=UnpackBudget(
+                self.limits.pull,
+                Deadline(self.limits.pull.pull_timeout, f"the import of {job.reference}"),
+            ),
         )
         if meta.private:
             meta = self._merge_visibility(meta, None)
@@ -830,6 +834,8 @@ class Gateway:
                 "hits": stats.hits,
                 "waited": stats.waited,
                 "bytes_written": stats.bytes_written,
+                "bytes": self.cache.size(),
+                "max_bytes": self.cache.max_bytes,
             },
             "jobs": self.db.count_jobs(),
             "workers": self.config.gateway.workers,
