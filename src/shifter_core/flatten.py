@@ -435,6 +435,13 @@ class _LayerSource:
             raw.close()
             raise
         self.fd = self.reader.fileno() if decompressor is None else self.reader.fd  # type: ignore[union-attr]
+        if decompressor is None and budget is not None:  # a plain tar counts as it is
+            size = os.fstat(self.fd).st_size
+            try:
+                budget.add_bytes(index + 1, size, size)
+            except BaseException:
+                raw.close()
+                raise
 
     def wait_for(self, end: int) -> None:
         """Wait until the first ``end`` bytes of the uncompressed layer are there."""

@@ -470,3 +470,14 @@ def test_an_import_is_bounded_too(tmp_path: Path, strict) -> None:
         assert [p for p in gateway.store.path.iterdir() if p.name.startswith(".")] == []
     finally:
         gateway.stop()
+
+
+def test_uncompressed_layers_count_towards_the_image_bound(tmp_path: Path, strict) -> None:
+    layers = [many_entries_layer(40), many_entries_layer(41)]
+    strict.push("pub/plain", "1", strict.layout.add_image(layers))
+    gateway = gateway_for(tmp_path, strict, limits={"max_image_unpacked": "40k"})
+    try:
+        job = pull(gateway, ALICE, "pub/plain:1")
+        assert job["state"] == "FAILED" and "decompresses to more than 40 KiB" in job["message"]
+    finally:
+        gateway.stop()
