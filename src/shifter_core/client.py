@@ -155,6 +155,14 @@ class GatewayClient:
             data = response.json()
         except ValueError:
             data = None
+        if response.status_code in (502, 503, 504) and not isinstance(data, dict):
+            # A proxy in front of a gateway that is down: as good as no answer.
+            raise GatewayUnreachable(
+                f"cannot reach the image gateway at {self.url}: "
+                f"HTTP {response.status_code} from a proxy",
+                hint="is shifter-gateway running? (gateway.url in the site config)",
+                status=response.status_code,
+            )
         if response.status_code >= 400:
             message = data.get("error") if isinstance(data, dict) else None
             raise GatewayError(

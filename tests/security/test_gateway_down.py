@@ -157,6 +157,16 @@ def test_unknown_image_when_the_gateway_is_down(images, gateway_down):
     assert result.returncode == 125
     assert "is not in the image store, and the image gateway" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+    for argv in (["pull", "busybox"], ["images"], ["lookup", "busybox"]):
+        result = run_as(["shifterimg", *argv])
+        no_traceback(result)
+        assert result.returncode == 1
+        assert result.stderr.startswith(
+            f"shifterimg: cannot reach the image gateway at {GATEWAY_URL}: "
+        ), result.stderr
+        assert result.stderr.rstrip().endswith(
+            "is shifter-gateway running? (gateway.url in the site config)"
+        )
 
 
 def test_srun_and_sbatch_use_the_store_when_the_gateway_is_down(images, gateway_down, tmp_path):

@@ -239,3 +239,18 @@ def test_an_unexpected_exception_is_one_line_without_v(monkeypatch, capsys, verb
         assert "Traceback" in err and err.rstrip().endswith("internal error: KeyError: 'boom'")
     else:
         assert err == "shifterimg: internal error: KeyError: 'boom' (run with -v for details)\n"
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_a_proxy_without_its_gateway_counts_as_unreachable(status):
+    """A gateway behind a reverse proxy that is down: images in the store keep working."""
+    from shifter_core._httpx import httpx
+    from shifter_core.client import GatewayClient
+
+    def proxy(request):
+        return httpx.Response(status, text="<html>Bad Gateway</html>")
+
+    transport = httpx.MockTransport(proxy)
+    client = GatewayClient("http://gw.test", encoder=lambda p: "x", transport=transport)
+    with client, pytest.raises(GatewayUnreachable, match=f"HTTP {status} from a proxy"):
+        client.lookup("busybox")
