@@ -18,9 +18,15 @@ What it handles (each one a behaviour seen on real registries, see
   Credentials are never sent over plain http unless the registry is listed as insecure.
 - Blobs: streamed to a file and verified (sha256) while streaming; a corrupt blob raises
   :class:`DigestMismatch` and leaves nothing behind. Redirects to another host (blob storage)
-  are followed without the ``Authorization`` header. Connection errors and 5xx are retried with
-  exponential backoff (an interrupted download resumes with a ``Range`` request); 4xx are not.
-  HTTP 429 honours ``Retry-After`` a few times, then fails with "rate limited by R".
+  are followed without the ``Authorization`` header, only to http(s), never from https to
+  http unless the registry is insecure, never to a loopback or link-local address unless the
+  registry is on one (:func:`~shifter_core.limits.check_redirect`; token realms likewise).
+  Registry error texts are cut and escaped before they reach messages and logs.
+  Connection errors and 5xx are retried with exponential backoff (an interrupted download
+  resumes with a ``Range`` request); 4xx are not. HTTP 429 honours ``Retry-After`` a few
+  times, then fails with "rate limited by R".
+- Privacy: a cached layer that a pull with credentials fetched is reused for another pull only
+  after that pull's own request proves access (:meth:`RegistryClient.prove_access`).
 - Mirrors: a registry name (``docker.io``) can map to mirror base URLs tried before it.
 
 Docker Hub's API host is ``registry-1.docker.io``; ``docker.io`` is the registry's name.
@@ -591,7 +597,8 @@ class RegistrySettings:
       ``max_parallel`` (concurrent layer downloads), ``rate_limit_retries`` and
       ``max_retry_after`` (how often and how long a 429's ``Retry-After`` is honoured),
       ``ca_bundle`` (CA file for https; default: the system's), ``trust_env`` (use proxy
-      variables from the environment).
+      variables from the environment), ``limits`` (manifest size, layer count and sizes:
+      :class:`~shifter_core.limits.PullLimits`).
     """
 
     mirrors: Mapping[str, Sequence[str]] = field(default_factory=dict)

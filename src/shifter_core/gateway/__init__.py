@@ -14,8 +14,13 @@ Authentication
     travel in ``secret`` (munge encrypts payloads): ``{"registry": "docker.io",
     "username": "...", "password": "..."}``; they are kept in memory for one job only.
 
-Endpoints (JSON; errors are ``{"error": "<message for the user>"}`` with 400, 401, 403, 404
-or 503)
+Listening: ``gateway.listen`` is ``HOST:PORT`` (https with ``gateway.tls_cert`` and
+``tls_key``) or ``unix:/PATH`` (a socket of mode 0666); clients reach it through
+:func:`.transport.gateway_transport`. ``gateway.limits`` bounds bodies and pulls
+(:mod:`shifter_core.limits`).
+
+Endpoints (JSON; errors are ``{"error": "<message for the user>"}`` with 400, 401, 403, 404,
+413 or 503)
     ``GET  /api/v1/ping`` -> ``{"user", "uid", "gids", "admin", "may_import", "version"}``
     ``POST /api/v1/pull`` ``{"reference", "platform"?, "users"?: [name|uid], "groups"?:
     [name|gid]}`` -> ``{"job": JOB}``. Idempotent: an identical request (same reference,
@@ -28,9 +33,11 @@ or 503)
     "image_id", "private", "requester", "attempts", "created", "updated", "finished",
     "progress"?: {"layers": [{"digest", "done", "total"}], "done", "total", "rate"}}``.
     ``GET  /api/v1/lookup?reference=R[&platform=P]`` -> ``{"image": IMAGE}`` (R may be an id:
-    ``id:HEX`` or 12+ hex digits); 404 for what the caller may not see. IMAGE is the store's
-    metadata (``id, source, digest, platform, env, entrypoint, cmd, workdir, user, labels,
-    layers, size, created, acl``) plus ``reference, status, private, pulled``.
+    ``id:HEX`` or 12+ hex digits); 404 for what the caller may not see, the same answer as
+    for what does not exist (a private image never makes an id prefix ambiguous for others).
+    IMAGE is the store's metadata (``id, source, digest, platform, env, entrypoint, cmd,
+    workdir, user, labels, layers, size, created, acl``) plus ``reference, status, private,
+    pulled``.
     ``GET  /api/v1/images`` -> ``{"images": [{"status", "id", "reference", "platform",
     "pulled", "private", "size", "job"?}]}``: visible images, and pulls in progress.
     ``POST /api/v1/import?name=NAME`` body = the file (docker-archive tar, OCI layout tar or

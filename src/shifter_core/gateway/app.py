@@ -4,6 +4,11 @@ Every request must carry ``Authorization: Munge <credential>``; the credential's
 the request (method, path with query, sha256 of the body), so it cannot be used for any other
 request, and munged refuses it a second time. Anything else is answered ``401`` with a message
 saying what was wrong. Errors are ``{"error": message}`` with the status of the error.
+
+Bodies are read only after the credential was checked, and only up to
+``gateway.limits.max_request_body`` (imports: ``max_import_size``): a larger ``Content-Length``
+is refused (413) unread, a stream is cut off there. An error answered before the body was
+read closes the connection, so an unread body is never drained either.
 """
 
 from __future__ import annotations
