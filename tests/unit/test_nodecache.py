@@ -251,3 +251,19 @@ def test_eviction_order_under_a_cap(tmp_path):
         cache.release("jx")
         evicted += sorted(before - {i for i in ids if cache.path(i).exists()})
     assert [e[0] for e in evicted] == ["b", "c", "a"]
+
+
+def test_storage_error_tells_job_errors_from_node_faults():
+    from shifter_core.nodecache import storage_error
+
+    for code, words in [
+        (errno.ENOSPC, "no space left"),
+        (errno.EDQUOT, "quota"),
+        (errno.EMFILE, "too many open files"),
+        (errno.ENFILE, "too many open files"),
+    ]:
+        error = storage_error(OSError(code, os.strerror(code)), "cannot write /run/shifter/n1/7")
+        assert isinstance(error, NodeCacheError) and error.hint
+        assert str(error).startswith(f"cannot write /run/shifter/n1/7: {words}")
+    for code in (errno.EACCES, errno.EROFS, errno.EIO):
+        assert storage_error(OSError(code, os.strerror(code)), "x") is None
