@@ -125,6 +125,10 @@ def test_shifter_uses_the_store_when_the_gateway_is_down(images, gateway_down):
     assert len(warnings) == 1, result.stderr
     assert warnings[0].startswith(f"shifter: {WARNING} busybox ({images.busybox[:12]})")
     assert leftovers(marker) == []
+    for argv in (["shifter", "--image=busybox", "true"], ["srun", "--image=busybox", "true"]):
+        result = run_as(argv)  # the acceptance's words (the launcher may replay a recipe)
+        no_traceback(result)
+        assert result.returncode == 0, result.stderr
 
 
 def test_private_images_follow_their_acl_when_the_gateway_is_down(images, gateway_down):
