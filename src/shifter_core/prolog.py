@@ -118,7 +118,7 @@ def find_image(
         or not _matches(image, text, config.default_image_type)
     ):
         raise ShifterError(
-            f"image {text} is not in the image store or not shared with {user.name}",
+            f"image {text} is no longer in the image store (or not shared with {user.name})",
             hint="pull it again with shifterimg pull, then resubmit",
         )
     return image, store
