@@ -48,12 +48,11 @@ RESERVE = 64 << 20  # free bytes left on the cache's file system after a copy (a
 STORAGE_ERRNOS = {
     errno.ENOSPC: (
         "no space left on the node's disk",
-        "the image is larger than the node's free space; ask your site to enlarge the "
-        "node cache or to mount images from the store (slurm.stage_images: false)",
+        "the node's disk is full; retry on other nodes, or tell your site",
     ),
     errno.EDQUOT: (
         "the disk quota is exhausted",
-        "ask your site to raise the quota of the node cache's file system",
+        "ask your site to raise the quota of that file system",
     ),
     errno.EMFILE: (
         "too many open files in the process",
@@ -64,6 +63,10 @@ STORAGE_ERRNOS = {
         "retry later; if it persists, ask your site to raise fs.file-max",
     ),
 }
+CACHE_FULL_HINT = (
+    "the image is larger than the node cache's free space; ask your site to enlarge the "
+    "node cache or to mount images from the store (slurm.stage_images: false)"
+)
 
 
 class NodeCacheError(ShifterError):
@@ -170,6 +173,8 @@ class NodeCache:
             error = storage_error(err, f"cannot stage image {image_id[:12]} into {self.directory}")
             if error is None:
                 raise
+            if err.errno == errno.ENOSPC:
+                error.hint = CACHE_FULL_HINT
             log.error("%s", error)
             raise error from None
 
@@ -186,7 +191,7 @@ class NodeCache:
             raise NodeCacheError(
                 f"cannot stage image {image_id[:12]} into {self.directory}: not enough space "
                 f"({size} bytes needed, {free} free after evicting every unused image)",
-                hint=STORAGE_ERRNOS[errno.ENOSPC][1],
+                hint=CACHE_FULL_HINT,
             )
         self._copy(source, target, sha256)
         self._count("copies")

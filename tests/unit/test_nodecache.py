@@ -258,7 +258,7 @@ def test_storage_error_tells_job_errors_from_node_faults():
 
     for code, words in [
         (errno.ENOSPC, "no space left"),
-        (errno.EDQUOT, "quota"),
+        (errno.EDQUOT, "the disk quota"),
         (errno.EMFILE, "too many open files"),
         (errno.ENFILE, "too many open files"),
     ]:
