@@ -32,8 +32,11 @@ class NodeFault(ShifterError):
 
 
 def escape(text: object, limit: int = 512) -> str:
-    """``text`` made safe for a log line: control characters escaped, cut to ``limit``."""
+    """``text`` made safe for one log line: characters that are not printable (line breaks,
+    control and formatting characters) shown as ``\\xNN``/``\\uNNNN``, cut to ``limit``."""
     value = str(text)
     cut = len(value) > limit
-    value = value[:limit].encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    value = value[:limit]
+    if not value.isprintable():
+        value = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
     return value + "..." if cut else value
