@@ -766,7 +766,10 @@ class RegistryClient:
         exponential backoff, honours 429 ``Retry-After`` a few times; 4xx are returned."""
         attempt = 0
         limited = 0
+        deadline = getattr(_LOCAL, "deadline", None)
         while True:
+            if deadline is not None:
+                deadline.check()
             try:
                 response = self._follow(method, url, headers, registry)
             except httpx.TransportError as exc:
@@ -823,7 +826,10 @@ class RegistryClient:
     def _read_raw(response: httpx.Response, limit: int, what: str) -> bytes:
         chunks = []
         total = 0
+        deadline = getattr(_LOCAL, "deadline", None)
         for chunk in _iter_raw(response):
+            if deadline is not None:
+                deadline.check()
             total += len(chunk)
             if total > limit:
                 raise RegistryError(f"{what} is larger than {limit} bytes; refusing it")
@@ -1194,14 +1200,27 @@ class RegistryClient:
     # -- resolving ----------------------------------------------------------------------------
 
     def resolve(
-        self, reference: str | DockerReference, platform: str | Platform | None = None
+        self,
+        reference: str | DockerReference,
+        platform: str | Platform | None = None,
+        deadline: Deadline | None = None,
     ) -> ResolvedImage:
         """Resolve *reference* to one platform image: manifest, config, layer descriptors.
 
         *platform* defaults to this node's (:meth:`Platform.host`); given explicitly, a
         single-platform image for another platform is an error (otherwise only a warning).
         Mirrors are tried first; each failure there is logged and the next endpoint tried.
+        Past *deadline* (checked per request and per chunk read) it raises LimitExceeded.
         """
+        _LOCAL.deadline = deadline
+        try:
+            return self._resolve(reference, platform)
+        finally:
+            _LOCAL.deadline = None
+
+    def _resolve(
+        self, reference: str | DockerReference, platform: str | Platform | None
+    ) -> ResolvedImage:
         ref = _as_reference(reference)
         want = Platform.parse(platform) if isinstance(platform, str) else platform
         strict = want is not None
@@ -1572,6 +1591,9 @@ class RegistryClient:
             real = [e for e in errors if not isinstance(e, _Cancelled)]
             raise (real or errors)[0]
         return [futures[layer.digest].result() for layer in resolved.layers]
+
+
+_LOCAL = threading.local()  # .deadline: the Deadline of the resolve running in this thread
 
 
 class _HashSink(io.RawIOBase):

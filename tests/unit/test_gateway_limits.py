@@ -481,3 +481,25 @@ def test_uncompressed_layers_count_towards_the_image_bound(tmp_path: Path, stric
         assert job["state"] == "FAILED" and "decompresses to more than 40 KiB" in job["message"]
     finally:
         gateway.stop()
+
+
+def test_a_manifest_sent_drop_by_drop_is_stopped_by_the_pull_timeout(tmp_path: Path) -> None:
+    import time
+
+    def drip():
+        for _ in range(20):
+            time.sleep(0.05)
+            yield b" "
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=drip(), headers={"Content-Type": "application/json"})
+
+    registry = FakeRegistry(OCILayout(tmp_path / "layout"))
+    registry.handler = handler  # type: ignore[method-assign]
+    gateway = gateway_for(tmp_path, registry, limits={"pull_timeout": 0.5})
+    try:
+        # (httpx's MockTransport reads the whole stream first; a real socket is read by chunk)
+        job = pull(gateway, ALICE, "pub/drip:1")
+        assert job["state"] == "FAILED" and "took longer than 0.5 s" in job["message"], job
+    finally:
+        gateway.stop()

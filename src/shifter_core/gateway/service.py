@@ -491,7 +491,7 @@ class Gateway:
         deadline = Deadline(self.limits.pull.pull_timeout, f"the pull of {job.reference}")
         try:
             resolved = client.resolve(
-                job.reference, job.platform if job.platform_explicit else None
+                job.reference, job.platform if job.platform_explicit else None, deadline
             )
             progress.expect({d.digest: d.size for d in resolved.layers})
             with self._image_lock(resolved.id):
