@@ -6,12 +6,18 @@ Prolog (root, every allocated node, ``PrologFlags=Alloc``), for jobs submitted w
 (``RUN_DIR/NODE/JOB/root``, see :mod:`shifter_core.runtime.jobs`) and record the request it
 was built for (``step.marshal``), so job steps can enter it without building anything.
 
-A problem the user caused (an image removed or not shared with them, a bad volume) must not
-drain the node: the prolog then records the message in ``RUN_DIR/NODE/JOB/error`` and
-succeeds; every container step of the job fails with that message instead.
+The submission side runs as the user, who can replace it: the request is parsed again and
+the image's ACL checked for the job's uid and gids before anything is staged
+(:mod:`shifter_core.container`). Slurm drains a node whose prolog or epilog fails, so every
+error the job caused (a bad request, an image removed or not shared, a volume, the image's
+content, a bug) is recorded in ``RUN_DIR/NODE/JOB/error`` and the prolog succeeds; every
+container step of the job fails with that message, and the job's admin comment shows it.
+Only a :class:`~shifter_core.errors.NodeFault` (no loop device, no squashfs, a run directory
+root cannot write) fails the prolog.
 
-Epilog: unmount and remove everything of the job (its root, per-step roots), release its
-hold on the node cache; idempotent, also after a failed or partial prolog.
+Epilog: runs for every job (steps of a job without --image may have made roots of their
+own); unmounts and removes everything of the job from whatever state a crash left, releases
+its hold on the node cache, and never fails.
 """
 
 from __future__ import annotations
@@ -24,16 +30,15 @@ import traceback
 from collections.abc import Mapping
 
 from .config import Config
+from .container import checked_image, container_plan
 from .errors import NodeFault, ShifterError, escape
 from .jobdirs import valid_name
 from .nodecache import NodeCache
-from .options import parse_modules, parse_size, parse_volumes
-from .reference import ImageRequest
+from .options import parse_size
 from .runtime.jobs import job_dir
-from .runtime.plan import RunRequest, User, build_plan
+from .runtime.plan import User
 from .runtime.privileged import prepare_job, teardown_job
 from .steps import step_request, write_error, write_record
-from .store import ImageMetadata, ImageStore, check_image_id
 
 log = logging.getLogger(__name__)
 
@@ -82,48 +87,6 @@ def sweep(config: Config, node: str, current_job: str) -> None:
             epilog(config, node, job)
 
 
-def check_request(request: Mapping[str, str], default_type: str) -> None:
-    """Parse again, as root, what the submission side sent: the user may have replaced it."""
-    image_id, text = request["image_id"], request["image_request"]
-    try:
-        check_image_id(image_id)
-    except ShifterError:
-        raise ShifterError(f"the job carries no valid image id for {text!r}") from None
-    ImageRequest.parse(text, default_type)
-    if request["volume"]:
-        parse_volumes([request["volume"]])
-    if request["module"]:
-        parse_modules(request["module"])
-
-
-def _matches(image: ImageMetadata, text: str, default_type: str) -> bool:
-    """Whether the store's image is what the user's request names (not another one)."""
-    request = ImageRequest.parse(text, default_type)
-    if request.type == "id":
-        return image.id.startswith(request.tag)
-    return image.source == str(request.docker)
-
-
-def find_image(
-    config: Config, request: Mapping[str, str], user: User
-) -> tuple[ImageMetadata, ImageStore]:
-    """The image the job asked for, if ``user`` may use it: checked before anything is
-    staged or copied."""
-    store = ImageStore(config.image_path)
-    image = store.get(request["image_id"])
-    text = request["image_request"]
-    if (
-        image is None
-        or not image.visible_to(user.uid, user.groups)
-        or not _matches(image, text, config.default_image_type)
-    ):
-        raise ShifterError(
-            f"image {text} is no longer in the image store (or not shared with {user.name})",
-            hint="pull it again with shifterimg pull, then resubmit",
-        )
-    return image, store
-
-
 def prolog(config: Config, environ: Mapping[str, str]) -> str | None:
     """Prepare the container root of the job described by the prolog's environment; the
     job's error, if the job caused one (recorded for its steps, never a failed prolog).
@@ -138,9 +101,8 @@ def prolog(config: Config, environ: Mapping[str, str]) -> str | None:
     uid, gid = int(environ["SLURM_JOB_UID"]), int(environ["SLURM_JOB_GID"])
     try:
         request = step_request(environ, prefix="SPANK_")
-        check_request(request, config.default_image_type)
         user = User.from_uid(uid, gid)
-        image, store = find_image(config, request, user)
+        image, store = checked_image(config, request, user)
         image_file = str(store.image_file(image.id))
         if config.slurm.stage_images:
             image_file = str(
@@ -148,14 +110,7 @@ def prolog(config: Config, environ: Mapping[str, str]) -> str | None:
                     image.id, store.image_file(image.id), image.sha256, job
                 )
             )
-        run = RunRequest(
-            image=f"id:{image.id}",
-            volumes=(request["volume"],) if request["volume"] else (),
-            modules=request["module"] or None,
-        )
-        plan = build_plan(
-            run, config, image, image_file, user, image_request=request["image_request"]
-        )
+        plan = container_plan(config, request, image, image_file, user)
         prepared = prepare_job(plan, config.runtime.run_dir, node, job)
         write_record(
             directory, {**request, "root": prepared.root, "env": [list(kv) for kv in plan.env]}

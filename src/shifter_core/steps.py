@@ -153,34 +153,15 @@ def prepare_step_root(
 ) -> tuple[str, list[list[str]]]:
     """A root of the step's own (another image, volumes or modules than the job's)."""
     from .config import load
+    from .container import checked_image, container_plan
     from .jobdirs import make_job_dir
-    from .runtime.plan import RunRequest, User, build_plan
+    from .runtime.plan import User
     from .runtime.privileged import prepare
-    from .store import ImageStore
 
     config = load(config_path, privileged=True)
-    store = ImageStore(config.image_path)
-    image = store.get(request["image_id"]) if request["image_id"] else None
-    if image is None:
-        from .errors import ShifterError
-
-        raise ShifterError(
-            f"image {request['image_request']} is not in the image store",
-            hint="pull it with shifterimg pull",
-        )
-    run = RunRequest(
-        image=f"id:{image.id}",
-        volumes=(request["volume"],) if request["volume"] else (),
-        modules=request["module"] or None,
-    )
-    plan = build_plan(
-        run,
-        config,
-        image,
-        str(store.image_file(image.id)),
-        User.from_uid(uid, gid),
-        image_request=request["image_request"],
-    )
+    user = User.from_uid(uid, gid)
+    image, store = checked_image(config, request, user)
+    plan = container_plan(config, request, image, str(store.image_file(image.id)), user)
     step_dir = os.path.join(directory, STEPS_DIR, step)
     for attempt in range(3):  # another step's teardown may remove empty parents meanwhile
         try:

@@ -108,7 +108,7 @@ def test_an_unexpected_exception_is_the_jobs_error(site, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(prolog, "build_plan", broken)
+    monkeypatch.setattr(prolog, "container_plan", broken)
     problem = prolog.prolog(config, environ(ALICE, image=PUBLIC, imagerequest="busybox"))
     assert problem is not None and "internal error (RuntimeError)" in problem
     assert prolog.epilog(config, "n1", "77") == []

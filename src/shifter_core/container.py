@@ -1,0 +1,81 @@
+"""What a job or a step asks for, checked as root and turned into a plan: the one path the
+prolog's job roots and the steps' own roots share.
+
+The request (image id and name, volumes, modules) comes from the submission side, which
+runs as the user, who can replace it: every value is parsed again here, and the image must
+be the one the name names and be visible to the job's user, before anything is staged,
+copied or mounted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .config import Config
+from .errors import ShifterError
+from .options import parse_modules, parse_volumes
+from .reference import ImageRequest
+from .runtime.plan import Plan, RunRequest, User, build_plan
+from .store import ImageMetadata, ImageStore, check_image_id
+
+
+def check_request(request: Mapping[str, str], default_type: str) -> None:
+    """Parse again, as root, what the submission side sent: the user may have replaced it."""
+    image_id, text = request["image_id"], request["image_request"]
+    try:
+        check_image_id(image_id)
+    except ShifterError:
+        raise ShifterError(f"the job carries no valid image id for {text!r}") from None
+    ImageRequest.parse(text, default_type)
+    if request["volume"]:
+        parse_volumes([request["volume"]])
+    if request["module"]:
+        parse_modules(request["module"])
+
+
+def _matches(image: ImageMetadata, text: str, default_type: str) -> bool:
+    """Whether the store's image is what the user's request names (not another one)."""
+    request = ImageRequest.parse(text, default_type)
+    if request.type == "id":
+        return image.id.startswith(request.tag)
+    return image.source == str(request.docker)
+
+
+def find_image(
+    config: Config, request: Mapping[str, str], user: User
+) -> tuple[ImageMetadata, ImageStore]:
+    """The image the job asked for, if ``user`` may use it: checked before anything is
+    staged or copied."""
+    store = ImageStore(config.image_path)
+    image = store.get(request["image_id"])
+    text = request["image_request"]
+    if (
+        image is None
+        or not image.visible_to(user.uid, user.groups)
+        or not _matches(image, text, config.default_image_type)
+    ):
+        raise ShifterError(
+            f"image {text} is no longer in the image store (or not shared with {user.name})",
+            hint="pull it again with shifterimg pull, then resubmit",
+        )
+    return image, store
+
+
+def checked_image(
+    config: Config, request: Mapping[str, str], user: User
+) -> tuple[ImageMetadata, ImageStore]:
+    """The request parsed again and its image found, or the job's error."""
+    check_request(request, config.default_image_type)
+    return find_image(config, request, user)
+
+
+def container_plan(
+    config: Config, request: Mapping[str, str], image: ImageMetadata, image_file: str, user: User
+) -> Plan:
+    """The plan of the container a checked request asks for."""
+    run = RunRequest(
+        image=f"id:{image.id}",
+        volumes=(request["volume"],) if request["volume"] else (),
+        modules=request["module"] or None,
+    )
+    return build_plan(run, config, image, image_file, user, image_request=request["image_request"])
