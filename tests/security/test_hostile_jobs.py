@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +141,27 @@ def test_a_forged_job_environment_does_not_change_the_image(busybox):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == busybox
+
+
+def test_the_epilog_of_a_job_without_image_removes_a_killed_steps_root(busybox):
+    """A job without Shifter options whose container step's slurmstepd dies (no exit
+    callback runs): the job's epilog still removes the step's root."""
+    wait_for_idle_cluster(timeout=120)
+    result = run_as(
+        ["sbatch", "--parsable", "-N1", "-w", "n2", "-o", "/dev/null", "--wrap",
+         "srun --image=busybox sleep 67; sleep 67"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    root = f"/run/shifter-box/n2/{job}/steps/0/root"
+    deadline = time.monotonic() + 60
+    while root not in Path("/proc/self/mountinfo").read_text():
+        assert time.monotonic() < deadline, "the step never made its root"
+        time.sleep(0.2)
+    subprocess.run(["pkill", "-KILL", "-f", rf"slurmstepd: \[{job}\.0\]"], check=True)
+    subprocess.run(["scancel", job], env={"SLURM_CONF": str(SLURM_CONF)}, check=True)
+    # linuxproc loses the step's tasks with their slurmstepd: end them as a site's cgroup would
+    subprocess.run(["pkill", "-KILL", "-u", "alice", "-f", "sleep 67"], check=False)
+    wait_for_idle_cluster(timeout=120)
+    assert not {"drained", "draining", "down"} & node_states()
+    assert leftovers() == []
