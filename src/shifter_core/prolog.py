@@ -129,8 +129,8 @@ def prolog(config: Config, environ: Mapping[str, str]) -> str | None:
         node_cache(config, node).release(job)
         try:
             write_error(directory, message, uid)
-        except OSError as again:
-            raise NodeFault(f"cannot record the job's error in {directory}: {again}") from None
+        except OSError as again:  # full or out of descriptors: the steps fail on their own
+            log.error("prolog: job %s: cannot record its error: %s", job, again)
         return message
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,21 @@ def test_no_loop_device_is_a_fault_of_the_node(site, monkeypatch):
     monkeypatch.setattr(loop, "LOOP_CONTROL", str(base / "no-loop-control"))
     with pytest.raises(NodeFault, match="load the loop module"):
         privileged.mount_image_loop(str(base / "images" / f"{PUBLIC}.squashfs"), str(base), [])
+
+
+def test_a_full_run_directory_is_the_jobs_error(site):
+    """ENOSPC in the run directory fails the job with a message, not the prolog."""
+    config, base = site
+    run = base / "run"
+    run.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=3", "full", str(run)], check=True
+    )
+    try:
+        (run / "n1").mkdir()
+        (run / "filler").mkdir()
+        problem = prolog.prolog(config, environ(ALICE, image=PUBLIC, imagerequest="busybox"))
+        assert problem is not None and "No space left on device" in problem, problem
+        assert prolog.epilog(config, "n1", "77") == []
+    finally:
+        subprocess.run(["umount", str(run)], check=True)
