@@ -1262,7 +1262,7 @@ class RegistryClient:
                 available = available_platforms(entries)
                 raise PlatformNotFound(
                     f"image '{name}' has no variant for platform {want}; it offers: "
-                    f"{', '.join(available) or 'nothing runnable'}",
+                    f"{clean_text(', '.join(available) or 'nothing runnable')}",
                     hint="choose one of those platforms",
                     available=available,
                 )

@@ -503,3 +503,20 @@ def test_a_manifest_sent_drop_by_drop_is_stopped_by_the_pull_timeout(tmp_path: P
         assert job["state"] == "FAILED" and "took longer than 0.5 s" in job["message"], job
     finally:
         gateway.stop()
+
+
+def test_a_failed_pull_message_is_bounded_and_escaped(tmp_path: Path, strict) -> None:
+    layer = make_layer({"a": "1"})
+    desc = strict.layout.add_image([layer])
+    blob = strict.layout.path / "blobs/sha256" / desc["digest"].split(":")[1]
+    doc = json.loads(blob.read_bytes())
+    doc["layers"][0]["mediaType"] = "x\x1b[31m\n" * 20_000
+    strict.tags["pub/odd:1"] = strict.layout.add_blob(json.dumps(doc).encode())
+    gateway = gateway_for(tmp_path, strict)
+    try:
+        job = pull(gateway, ALICE, "pub/odd:1")
+        assert job["state"] == "FAILED" and "media type" in job["message"], job["message"][:200]
+        assert len(job["message"]) <= 2003 and "\x1b" not in job["message"]
+        assert "\n" not in job["message"]
+    finally:
+        gateway.stop()

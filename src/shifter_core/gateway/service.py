@@ -41,7 +41,7 @@ from ..convert import SquashfsOptions
 from ..credentials import CredentialError, StaticCredentials, normalize_registry
 from ..errors import ShifterError
 from ..layercache import LayerCache
-from ..limits import Deadline, GatewayLimits, UnpackBudget
+from ..limits import Deadline, GatewayLimits, UnpackBudget, clean_text
 from ..pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
 from ..reference import DockerReference
 from ..registry import (
@@ -64,6 +64,7 @@ REPULL_AFTER = 60.0  # seconds a READY pull is reused for an identical request
 MAX_ATTEMPTS = 3  # starts of one job (gateway restarts in between) before it is failed
 EXPIRE_INTERVAL = 3600.0  # seconds between automatic expiry runs (gateway.expire_days > 0)
 KEEP_JOBS_DAYS = 30  # finished jobs are forgotten after this many days
+MAX_MESSAGE = 2000  # characters of a failed job's message (kept, shown, logged)
 _ID_PREFIX_RE = re.compile(r"^(?:id:)?(?:sha256:)?([0-9a-f]{12,64})$")
 _DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7"}
 
@@ -454,7 +455,9 @@ class Gateway:
                 else:
                     self._run_pull(job)
             except ShifterError as err:
-                self._set_state(job, FAILED, str(err), finished=time.time())
+                # Registry and image content may have put anything in the text: bound it.
+                message = clean_text(str(err), MAX_MESSAGE)
+                self._set_state(job, FAILED, message, finished=time.time())
             except Exception as err:
                 log.exception("job %s failed unexpectedly", job.id)
                 self._set_state(
