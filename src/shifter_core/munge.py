@@ -34,6 +34,7 @@ const char * munge_strerror (munge_err_t e);
 munge_ctx_t munge_ctx_create (void);
 void munge_ctx_destroy (munge_ctx_t ctx);
 munge_err_t munge_ctx_set (munge_ctx_t ctx, int opt, ...);
+munge_err_t munge_ctx_get (munge_ctx_t ctx, int opt, ...);
 void free (void *ptr);
 """
 
@@ -48,6 +49,7 @@ EMUNGE_CRED_REPLAYED = 17
 MUNGE_OPT_TTL = 4
 MUNGE_OPT_SOCKET = 8
 MUNGE_OPT_UID_RESTRICTION = 9
+MUNGE_UID_ANY = 0xFFFFFFFF  # (uid_t) -1: no restriction
 
 
 class MungeError(ShifterError):
@@ -63,11 +65,13 @@ class MungeAuthError(MungeError):
 
 
 class Credential(NamedTuple):
-    """A decoded credential: who encoded it and what it carries (``uid, gid, payload``)."""
+    """A decoded credential: who encoded it and what it carries (``uid, gid, payload``),
+    and the only uid that may decode it (``uid_restriction``; None: anyone)."""
 
     uid: int
     gid: int
     payload: bytes
+    uid_restriction: int | None = None
 
 
 _lock = threading.Lock()
@@ -102,9 +106,15 @@ def _message(lib: Any, ffi: Any, code: int) -> str:
 
 
 def _context(
-    lib: Any, ffi: Any, ttl: int | None, socket: str | None, uid_restriction: int | None = None
+    lib: Any,
+    ffi: Any,
+    ttl: int | None,
+    socket: str | None,
+    uid_restriction: int | None = None,
+    *,
+    always: bool = False,
 ) -> Any:
-    if ttl is None and socket is None and uid_restriction is None:
+    if ttl is None and socket is None and uid_restriction is None and not always:
         return ffi.NULL
     ctx = lib.munge_ctx_create()
     if ctx == ffi.NULL:
@@ -161,6 +171,18 @@ def encode(
             libc.free(out[0])
 
 
+def _uid_restriction(lib: Any, ffi: Any, ctx: Any) -> int | None:
+    """The uid restriction of the credential just decoded with ``ctx`` (None: none)."""
+    out = ffi.new("uid_t *")
+    try:
+        code = lib.munge_ctx_get(ctx, MUNGE_OPT_UID_RESTRICTION, out)
+    except AttributeError:  # a _munge_cffi built before munge_ctx_get was declared
+        return None
+    if code != EMUNGE_SUCCESS or out[0] == MUNGE_UID_ANY:
+        return None
+    return int(out[0])
+
+
 def decode(credential: str, *, socket: str | None = None) -> Credential:
     """Verify a credential with munged; raise :class:`MungeAuthError` unless it is valid.
 
@@ -172,7 +194,7 @@ def decode(credential: str, *, socket: str | None = None) -> Credential:
         raw = credential.encode("ascii")
     except UnicodeEncodeError:
         raise MungeAuthError("invalid munge credential (not ASCII)") from None
-    ctx = _context(lib, ffi, None, socket)
+    ctx = _context(lib, ffi, None, socket, always=True)
     buf = ffi.new("void **")
     length = ffi.new("int *")
     uid = ffi.new("uid_t *")
@@ -184,7 +206,7 @@ def decode(credential: str, *, socket: str | None = None) -> Credential:
         if buf[0] != ffi.NULL:
             libc.free(buf[0])
     if code == EMUNGE_SUCCESS:
-        return Credential(int(uid[0]), int(gid[0]), data)
+        return Credential(int(uid[0]), int(gid[0]), data, _uid_restriction(lib, ffi, ctx))
     reason = _message(lib, ffi, code)
     if code == EMUNGE_SOCKET:
         raise MungeError(f"cannot verify the munge credential: {reason}", code=code)

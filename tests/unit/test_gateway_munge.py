@@ -43,8 +43,11 @@ def test_encode_decode_replay_and_garbage() -> None:
 
     credential = munge.encode(b"payload \x00 bytes")
     assert credential.startswith("MUNGE:")
-    uid, gid, payload = munge.decode(credential)
+    uid, gid, payload, restriction = munge.decode(credential)
     assert (uid, gid, payload) == (os.getuid(), os.getgid(), b"payload \x00 bytes")
+    assert restriction is None
+    restricted = munge.decode(munge.encode(b"x", uid_restriction=os.getuid()))
+    assert restricted.uid_restriction == os.getuid()  # what a gateway may insist on
     with pytest.raises(munge.MungeAuthError, match="replayed") as err:
         munge.decode(credential)
     assert err.value.code == munge.EMUNGE_CRED_REPLAYED
