@@ -143,3 +143,5 @@ def test_the_box_pushes_through_the_authenticated_endpoint(box, evil_layout):
                 headers={"Authorization": f"Basic {basic}"},
             )
             assert status == 202
+        # ... and the repository itself (the registry lists it in its catalog otherwise)
+        shutil.rmtree(box.root / "registry/docker/registry/v2/repositories" / repo, True)
