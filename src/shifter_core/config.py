@@ -71,7 +71,7 @@ def _listen_or_socket(value: str) -> str | None:
 @dataclass(frozen=True)
 class GatewayLimitsConfig:
     """What one request or one pull may cost the gateway (sizes: a number with k, M, G or T;
-    "0" or 0: no bound)."""
+    "0": no bound)."""
 
     max_request_body: str = field(
         default="1M",
