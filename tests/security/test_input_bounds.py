@@ -173,9 +173,11 @@ def pushed_image(
     name = f"shifter-security-{prefix}-{uuid.uuid4().hex[:8]}"
     work = Path(tempfile.mkdtemp(prefix="shifter-bounds-", dir="/var/tmp"))
     try:
-        push_layout(
-            box, build_layout(base, work / "layout", files, config_changes), f"library/{name}"
-        )
+        # Content of its own: the same content under another name is the same image (one id,
+        # one store record, whose source is the first name pulled).
+        files = {**files, "etc/shifter-test-name": name}
+        layout = build_layout(base, work / "layout", files, config_changes)
+        push_layout(box, layout, f"library/{name}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     try:
