@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,3 +307,45 @@ def test_a_relative_workdir_is_taken_from_the_root(box):
         result = run_as(["shifter", f"--image={name}", "--workdir", "cat", "marker"])
         no_traceback(result)
         assert result.returncode == 0 and result.stdout == "here\n", result.stderr
+
+
+@contextlib.contextmanager
+def small_node_cache(box, node: str) -> Iterator[Path]:
+    """The node's image cache replaced by an empty 2 MiB tmpfs for the duration."""
+    config = box.shifter_config.read_text()
+    line = next(x for x in config.splitlines() if x.strip().startswith("node_cache:"))
+    cache = Path(line.split(":", 1)[1].strip().replace("%n", node))
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(cache)], check=True
+    )
+    try:
+        yield cache
+    finally:
+        subprocess.run(["umount", "-l", str(cache)], check=True)
+
+
+def test_a_full_node_cache_fails_the_staging_not_the_node(box):
+    """ENOSPC in the node cache: the prolog records the job's error with the reason (the
+    job then fails with it, or runs from a root of its own, as the steps decide), the node
+    stays up and the cache holds no partial copy afterwards."""
+    pull = run_as(["shifterimg", "pull", "mpich-hello"], timeout=600)
+    assert pull.returncode == 0, pull.stderr  # 46 MB: far more than the cache can hold
+    node = box.nodes[-1]
+    log = box.log_dir / f"slurmd-{node}.log"
+    with small_node_cache(box, node) as cache:
+        srun = ["srun", "-w", node, "-N1", "-t", "5", "--image=mpich-hello"]
+        result = run_as([*srun, "sh", "-c", "echo job=$SLURM_JOB_ID"], timeout=300)
+        no_traceback(result)
+        if result.returncode == 0:
+            job = result.stdout.split("job=")[1].split()[0]
+            lines = [x for x in log.read_text().splitlines() if f"job {job} on {node}" in x]
+            assert any("not enough space" in x for x in lines), lines
+        else:
+            assert "not enough space" in result.stderr, result.stderr
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any((cache / "holds").glob("*/*")):
+            time.sleep(0.5)
+        left = sorted(p.name for p in cache.rglob("*") if p.is_file())
+        assert left in ([".lock"], [".lock", "stats.json"]), left
+        assert list((cache / "holds").glob("*/*")) == []
+    assert_no_node_drained(box)
