@@ -219,6 +219,17 @@ def test_forbidden_targets(spec, message):
     assert spec.split(":")[0] in str(info.value)  # the message names the spec
 
 
+def test_volume_errors_are_cut_to_a_sane_length():
+    long = "/" + "/".join(["d" * 250] * 16)  # 4017 bytes: a valid path
+    for spec, message in [
+        (f"{long}:/etc{long[:3000]}", "may not be /etc or below"),
+        (f"{long}:/data;/b:/data{long[:3000]}", "inside the target of volume"),
+    ]:
+        with pytest.raises(VolumeError, match=message) as info:
+            plan_for(RunRequest(image="b", volumes=(spec,)))
+        assert len(str(info.value)) < 600
+
+
 def test_site_exceptions_and_site_lists():
     plan = plan_for(RunRequest(image="b", volumes=("/a:/var/tmp/x",)))
     assert plan.volumes[0].target == "/var/tmp/x"

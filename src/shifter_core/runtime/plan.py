@@ -18,7 +18,7 @@ from collections import namedtuple
 from collections.abc import Iterable, Mapping
 
 from ..errors import OptionError
-from ..options import Volume, format_volumes, parse_size, parse_volumes
+from ..options import Volume, format_volumes, parse_size, parse_volumes, shown
 from ._log import get_logger
 from .errors import ContainerError, PrivilegeError, VolumeError
 from .modules import select_modules
@@ -368,7 +368,8 @@ def build_plan(
     for volume in volumes:
         if volume.target in site_targets:
             raise VolumeError(
-                f"volume {volume}: {volume.target} is a site file system in every container",
+                f"volume {named(volume)}: {named(volume.target)} is a site file system in every "
+                "container",
                 hint="choose another target",
             )
     modules = select_modules(request.modules, config.modules)
@@ -396,6 +397,12 @@ def build_plan(
         clearenv=request.clearenv,
         env_ops=tuple(env_ops),
     )
+
+
+def named(volume: Volume | str, limit: int = 160) -> str:
+    """A volume (or path) as error messages show it: whole when short, else cut."""
+    text = str(volume)
+    return text if len(text) <= limit else shown(text, limit)
 
 
 def is_below(path: str, prefix: str) -> bool:
@@ -426,17 +433,18 @@ def check_volume_specs(volumes: Iterable[Volume], runtime: RuntimeConfig) -> Non
         if prefix is not None:
             where = "the container's root" if prefix == "/" else f"{prefix} or below it"
             raise VolumeError(
-                f"volume {volume}: the target may not be {where}",
+                f"volume {named(volume)}: the target may not be {where}",
                 hint="choose another target, e.g. /data",
             )
         if volume.per_node_cache_bytes is not None and volume.per_node_cache_bytes > limit:
             raise VolumeError(
-                f"volume {volume}: perNodeCache size is larger than the site's limit "
+                f"volume {named(volume)}: perNodeCache size is larger than the site's limit "
                 f"{runtime.per_node_cache_max_size}"
             )
         for other in volumes:
             if other is not volume and is_below(volume.target, other.target):
                 raise VolumeError(
-                    f"volume {volume}: the target is inside the target of volume {other}",
+                    f"volume {named(volume)}: the target is inside the target of volume "
+                    f"{named(other)}",
                     hint="volume targets may not be nested",
                 )
