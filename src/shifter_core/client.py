@@ -69,13 +69,17 @@ class GatewayClient:
         self.url = url.rstrip("/")
         self._encoder = encoder
         self._gateway_user = SERVICE_USER if gateway_user is None else gateway_user
+        base = self.url
+        if transport is None:  # http, https (the system's CAs) or unix:/PATH
+            from .gateway.transport import gateway_transport
+
+            base, transport = gateway_transport(self.url)
         # The gateway is a site service: no proxy from the user's environment in between.
-        # Loading the CA bundle costs ~100 ms: only an https gateway needs it.
-        verify: ssl.SSLContext | bool = True
-        if not self.url.startswith("https:"):
-            verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # An https transport verifies with its own context; this one (no CA bundle loaded,
+        # which costs ~100 ms) is never used to verify anything.
+        verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self._http = httpx.Client(
-            base_url=self.url,
+            base_url=base,
             timeout=timeout,
             trust_env=False,
             transport=transport,

@@ -131,6 +131,13 @@ class GatewayConfig:
             check=_gateway_url,
         ),
     )
+    user: str = field(
+        default="shifter",
+        metadata=_doc(
+            "the user the gateway runs as: registry credentials are munge-encoded so that "
+            "only this user can decode them"
+        ),
+    )
     listen: str = field(
         default="127.0.0.1:7080",
         metadata=_doc(

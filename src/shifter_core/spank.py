@@ -97,11 +97,14 @@ def log(level: str, message: str) -> None:
 
 
 def _log_exception(what: str) -> None:
+    """One line for the user (srun's stderr shows errors); the traceback at debug level, in
+    slurmd's log with ``SlurmdDebug=debug`` (or ``srun -vv``)."""
+    import sys
     import traceback
 
-    log(ERROR, f"internal error {what}")
+    log(ERROR, f"internal error {what}: {sys.exc_info()[1]!r}")
     for line in traceback.format_exc().splitlines():
-        log(ERROR, line)
+        log(DEBUG, line)
 
 
 def bind(ffi: object, lib: object) -> None:
@@ -476,6 +479,7 @@ def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
             gid = spank.item_u32("S_JOB_GID")
             euid = os.geteuid()
             os.seteuid(0)
+            state.step_own_root = (directory, step)  # removed at exit, even if it fails
             try:
                 found = steps.prepare_step_root(
                     state.args.get("config"),
@@ -487,7 +491,6 @@ def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
                 )
             finally:
                 os.seteuid(euid)
-            state.step_own_root = (directory, step)
             log(INFO, f"step {job}.{step} on {node}: prepared a root of its own")
         state.step_root, state.step_env = found
         from . import syscalls  # noqa: F401 - once here, not in every forked task

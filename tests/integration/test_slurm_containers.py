@@ -22,6 +22,7 @@ import pytest
 
 from tests.fixtures.registries import OCILayout, make_layer, skopeo_copy
 
+from .conftest import load_box_module
 from .slurm import (
     BOX,
     SLURM_CONF,
@@ -291,7 +292,13 @@ def _private_test_image() -> str:
             }
         )
         layout.tag("latest", layout.add_image([layer]))
-        skopeo_copy(layout, "latest", f"127.0.0.1:5000/{name}:latest")
+        box = load_box_module()  # the mirror is read-only: push through its authenticated end
+        skopeo_copy(
+            layout,
+            "latest",
+            f"{box.REGISTRY_PUSH_ADDR}/{name}:latest",
+            creds=box.push_credentials(),
+        )
     finally:
         shutil.rmtree(layout.path, ignore_errors=True)
     return name.removeprefix("library/")

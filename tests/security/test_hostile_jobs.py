@@ -84,13 +84,16 @@ def step_root_in_plain_allocation(out_dir: Path, n: int) -> None:
     result = run_as(
         [
             "sbatch", "--wait", "-N1", "-o", str(output), "--wrap",
-            "srun --image=busybox --volume=/root:/d true; echo step-exit=$?",
+            "srun --image=busybox --volume=/root:/d true; echo step-exit=$?; "
+            "stat /run/shifter-box/$SLURMD_NODENAME/$SLURM_JOB_ID",
         ],
         timeout=120,
     )  # fmt: skip
     text = output.read_text()
     assert result.returncode == 0, result.stderr + text
     assert "the source /root cannot be used" in text and "step-exit=1" in text, text
+    # the failed step's directories went with the step, before the job's epilog
+    assert "No such file or directory" in text, text
 
 
 def prolog_fails_because_of_the_job(out_dir: Path, n: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import warnings
@@ -41,11 +42,14 @@ class FakeMunge:
         self.down = False
 
     @staticmethod
-    def encoder(uid: int, gid: int = 0):
+    def encoder(uid: int, gid: int = 0, restrict: bool = True):
         def encode(payload: bytes) -> str:
+            secret = b'"secret"' in payload
             doc = {
                 "uid": uid,
                 "gid": gid,
+                # as the real client does: a payload with a secret only the gateway decodes
+                "uid_restriction": os.getuid() if secret and restrict else None,
                 "payload": base64.b64encode(payload).decode(),
                 "nonce": next(_NONCE),  # munge credentials differ even for equal payloads
             }
@@ -62,7 +66,8 @@ class FakeMunge:
             raise munge.MungeAuthError("replayed munge credential: Replayed credential")
         self.seen.add(credential)
         doc = json.loads(base64.b64decode(credential[5:]))
-        return munge.Credential(doc["uid"], doc["gid"], base64.b64decode(doc["payload"]))
+        payload = base64.b64decode(doc["payload"])
+        return munge.Credential(doc["uid"], doc["gid"], payload, doc.get("uid_restriction"))
 
 
 @pytest.fixture
@@ -236,3 +241,23 @@ def test_a_status_request_waits_for_a_state_change(setup) -> None:
         client.job(job["id"], wait=31, state="READY")
     with pytest.raises(GatewayError, match="is not a number"):
         client.request("GET", f"/jobs/{job['id']}", params={"wait": "soon", "state": "READY"})
+
+
+def test_registry_secrets_need_a_credential_only_the_gateway_can_decode(setup) -> None:
+    """A credential with a secret that any uid could decode is refused (the client restricts
+    it to the gateway's uid; an old or hand-made client may not)."""
+    _gateway, _fake, test_client = setup
+    loose = GatewayClient(
+        "http://testserver",
+        encoder=FakeMunge.encoder(1001, restrict=False),
+        transport=test_client._transport,
+    )
+    with pytest.raises(GatewayError, match="only the image gateway's user can decode"):
+        loose.login("registry.test", "alice", "s3cret")
+    strict = GatewayClient(
+        "http://testserver", encoder=FakeMunge.encoder(1001), transport=test_client._transport
+    )
+    try:
+        strict.login("registry.test", "alice", "s3cret")
+    except GatewayError as err:  # the fake registry may refuse the login itself
+        assert "only the image gateway's user" not in str(err)

@@ -52,6 +52,10 @@ REGISTRY = "127.0.0.1:5000"
 DEFAULT_REF = f"{REGISTRY}/library/debian:{SUITE}"
 DEFAULT_OUT = build.CHECKOUT / ".box" / "cache" / "oci" / NAME
 BOX_POLICY = build.CHECKOUT / ".box" / "etc" / "policy.json"
+# The box's mirror (REGISTRY) is read-only: pushes go to its authenticated endpoint on the
+# same storage, with the credentials box.py made (root's).
+PUSH_REGISTRY = "127.0.0.1:5001"
+BOX_AUTHFILE = build.CHECKOUT / ".box" / "etc" / "registry-push-auth.json"
 PUSH_STAMP = build.CHECKOUT / ".box" / "cache" / f"pushed-{NAME}.json"
 
 #: Directories whose regular files are deleted (the directories themselves stay, as apt and
@@ -192,15 +196,12 @@ def push(layout: Path, digest: str, ref: str) -> str:
     argv = ["skopeo"]
     if BOX_POLICY.is_file():
         argv += ["--policy", str(BOX_POLICY)]
-    argv += [
-        "copy",
-        "--quiet",
-        "--dest-tls-verify=false",
-        "--digestfile",
-        str(digest_file),
-        f"oci:{layout}:latest",
-        f"docker://{ref}",
-    ]
+    dest = ref
+    argv += ["copy", "--quiet", "--dest-tls-verify=false"]
+    if ref.startswith(f"{REGISTRY}/") and BOX_AUTHFILE.is_file():
+        dest = PUSH_REGISTRY + ref.removeprefix(REGISTRY)
+        argv += ["--dest-authfile", str(BOX_AUTHFILE)]
+    argv += ["--digestfile", str(digest_file), f"oci:{layout}:latest", f"docker://{dest}"]
     LOG.info("pushing %s to %s", layout, ref)
     try:
         run(argv)

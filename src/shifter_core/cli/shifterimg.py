@@ -73,7 +73,7 @@ def _client(args: argparse.Namespace) -> Any:
     site = config.load().gateway
     # Secrets are restricted to the gateway's user of the site config (root-owned), never to
     # a user that some answer from the network names.
-    return GatewayClient(args.gateway or site.url, gateway_user=getattr(site, "user", None))
+    return GatewayClient(args.gateway or site.url, gateway_user=site.user)
 
 
 # -- progress ---------------------------------------------------------------------------------

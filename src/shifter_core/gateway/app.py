@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -86,6 +87,12 @@ async def authenticate(
     secret = payload.get("secret")
     if secret is not None and not isinstance(secret, dict):
         raise BadRequest("the secret in the munge payload must be an object")
+    if secret is not None and decoded.uid_restriction != os.getuid():
+        raise Unauthenticated(
+            "refused: registry credentials must travel in a munge credential that only the "
+            "image gateway's user can decode",
+            hint="send them with shifterimg, which restricts them to the gateway's uid",
+        )
     caller = await run_in_threadpool(gateway.caller, decoded.uid, decoded.gid, secret)
     return caller, str(payload["body_sha256"])
 
