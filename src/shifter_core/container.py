@@ -3,8 +3,7 @@ prolog's job roots and the steps' own roots share.
 
 The request (image id and name, volumes, modules) comes from the submission side, which
 runs as the user, who can replace it: every value is parsed again here, and the image must
-be the one the name names and be visible to the job's user, before anything is staged,
-copied or mounted.
+be visible to the job's uid and gids before anything is staged, copied or mounted.
 """
 
 from __future__ import annotations
@@ -33,14 +32,6 @@ def check_request(request: Mapping[str, str], default_type: str) -> None:
         parse_modules(request["module"])
 
 
-def _matches(image: ImageMetadata, text: str, default_type: str) -> bool:
-    """Whether the store's image is what the user's request names (not another one)."""
-    request = ImageRequest.parse(text, default_type)
-    if request.type == "id":
-        return image.id.startswith(request.tag)
-    return image.source == str(request.docker)
-
-
 def find_image(
     config: Config, request: Mapping[str, str], user: User
 ) -> tuple[ImageMetadata, ImageStore]:
@@ -49,11 +40,9 @@ def find_image(
     store = ImageStore(config.image_path)
     image = store.get(request["image_id"])
     text = request["image_request"]
-    if (
-        image is None
-        or not image.visible_to(user.uid, user.groups)
-        or not _matches(image, text, config.default_image_type)
-    ):
+    # Not compared with the name: the same content pulled under a second name keeps the
+    # first name's record, and the name grants nothing the id and the ACL do not.
+    if image is None or not image.visible_to(user.uid, user.groups):
         raise ShifterError(
             f"image {text} is no longer in the image store (or not shared with {user.name})",
             hint="pull it again with shifterimg pull, then resubmit",

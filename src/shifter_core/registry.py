@@ -57,6 +57,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from .errors import OptionError, ShifterError
+from .imagecontent import ImageContentError
 from .limits import Deadline, PullLimits, RedirectRefused, check_redirect, clean_text
 from .reference import DOCKER_HUB, DOCKER_HUB_ALIASES, DockerReference
 
@@ -362,12 +363,24 @@ class Descriptor:
             ) from None
 
 
-def _str_tuple(value: Any) -> tuple[str, ...] | None:
+def _str_tuple(value: Any, what: str = "list") -> tuple[str, ...] | None:
+    """A JSON string or list of strings as a tuple (None for null); else the image's error."""
     if value is None:
         return None
     if isinstance(value, str):
         return (value,)
-    return tuple(str(v) for v in value)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ImageContentError(f"the image config's {what} is not a list of strings")
+    return tuple(value)
+
+
+def _json_object(value: object, what: str) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object ({} for null or missing)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ImageContentError(f"the image's {what} is not a JSON object")
+    return value
 
 
 @dataclass(frozen=True)
@@ -388,20 +401,24 @@ class ImageConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ImageConfig:
-        """Parse an OCI/Docker image config (``config`` may be missing or null)."""
-        cfg = data.get("config") or {}
-        rootfs = data.get("rootfs") or {}
+        """Parse an OCI/Docker image config (``config`` may be missing or null); a config
+        whose parts have the wrong JSON types is an :class:`ImageContentError`."""
+        data = _json_object(data, "config JSON")
+        cfg = _json_object(data.get("config"), "'config'")
+        rootfs = _json_object(data.get("rootfs"), "'rootfs'")
+        if not isinstance(cfg.get("Labels") or {}, Mapping):
+            raise ImageContentError("the image config's 'Labels' is not a JSON object")
         return cls(
-            env=tuple(str(e) for e in cfg.get("Env") or ()),
-            entrypoint=_str_tuple(cfg.get("Entrypoint")),
-            cmd=_str_tuple(cfg.get("Cmd")),
+            env=_str_tuple(cfg.get("Env") or [], "'Env'") or (),
+            entrypoint=_str_tuple(cfg.get("Entrypoint"), "'Entrypoint'"),
+            cmd=_str_tuple(cfg.get("Cmd"), "'Cmd'"),
             workdir=str(cfg.get("WorkingDir") or ""),
             user=str(cfg.get("User") or ""),
             labels={str(k): str(v) for k, v in (cfg.get("Labels") or {}).items()},
             os=str(data.get("os") or ""),
             architecture=str(data.get("architecture") or ""),
             variant=data.get("variant") or None,
-            diff_ids=tuple(str(d) for d in rootfs.get("diff_ids") or ()),
+            diff_ids=_str_tuple(rootfs.get("diff_ids") or [], "'rootfs.diff_ids'") or (),
             raw=dict(data),
         )
 

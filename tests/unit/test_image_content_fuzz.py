@@ -341,3 +341,18 @@ def test_the_store_lists_around_a_broken_record(tmp_path):
     assert [m.id for m in store] == [good]
     with pytest.raises(ImageContentError):
         store.get(bad)
+
+
+_CONFIG_KEYS = ["Env", "Entrypoint", "Cmd", "WorkingDir", "User", "Labels"]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(st.sampled_from(_CONFIG_KEYS), _json) | _json,
+    st.dictionaries(st.sampled_from(["os", "architecture", "variant", "rootfs"]), _json),
+)
+def test_image_configs_of_any_shape(config, top):
+    """A registry's config JSON of any shape parses or is an ImageContentError (it used to
+    raise AttributeError, which failed the pull as 'failed unexpectedly')."""
+    with contextlib.suppress(ImageContentError):
+        ImageConfig.from_json({**top, "config": config})

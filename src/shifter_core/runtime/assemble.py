@@ -26,12 +26,13 @@ import stat
 from collections.abc import Callable
 
 from .. import syscalls
+from ..imagecontent import MAX_IDENTITY_TEXT
 from ..options import parse_volume
 from ._log import get_logger
 from .errors import ContainerError, ModuleError, VolumeError
 from .identity import group_file, passwd_file
 from .paths import fd_path, make_path, open_beneath, read_image_file, resolve_in_root, write_file
-from .plan import Plan, forbidden_target, is_below
+from .plan import Plan, forbidden_target, is_below, named
 from .sources import open_as_user
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
@@ -209,7 +210,7 @@ class RootBuilder:
                 )
                 specs.append(MountSpec("/tmp", "/tmp", "tree", fd))
         for volume in plan.site_volumes:
-            what = f"site volume {volume}"
+            what = f"site volume {named(volume)}"
             try:
                 fd = self._keep(_o_path(volume.source))
             except OSError as err:
@@ -228,13 +229,15 @@ class RootBuilder:
         for name, module in plan.modules:
             self._collect_module(name, module)
         user = [v for v in plan.volumes if v.per_node_cache_bytes is None]
-        fds = open_as_user(plan.user, [v.source for v in user], [f"volume {v}" for v in user])
+        fds = open_as_user(
+            plan.user, [v.source for v in user], [f"volume {named(v)}" for v in user]
+        )
         for volume, fd in zip(user, fds, strict=True):
             self._keep(fd)
             specs.append(
                 MountSpec(
                     volume.target,
-                    f"volume {volume}",
+                    f"volume {named(volume)}",
                     "bind",
                     fd,
                     stat.S_ISDIR(os.fstat(fd).st_mode),
@@ -247,13 +250,13 @@ class RootBuilder:
                 continue
             if not self.privileged:
                 raise VolumeError(
-                    f"volume {volume}: perNodeCache needs a root prepared by Slurm",
+                    f"volume {named(volume)}: perNodeCache needs a root prepared by Slurm",
                     hint="use it as --volume of sbatch/salloc/srun, not of shifter",
                 )
             specs.append(
                 MountSpec(
                     volume.target,
-                    f"volume {volume}",
+                    f"volume {named(volume)}",
                     "pernode",
                     user_volume=True,
                     size=volume.per_node_cache_bytes,
@@ -376,10 +379,14 @@ class RootBuilder:
                 shell = "/bin/sh"
         except VolumeError:
             shell = "/bin/sh"
+        # One byte over the bound, so that a larger file is refused, never cut mid-line.
+        limit = MAX_IDENTITY_TEXT + 1
         contents = {
-            "/etc/passwd": passwd_file(read_image_file(lower_fd, "/etc/passwd"), plan.user, shell),
+            "/etc/passwd": passwd_file(
+                read_image_file(lower_fd, "/etc/passwd", limit), plan.user, shell
+            ),
             "/etc/group": group_file(
-                read_image_file(lower_fd, "/etc/group"),
+                read_image_file(lower_fd, "/etc/group", limit),
                 plan.user,
                 # In a user namespace the user's other groups show as the overflow gid.
                 overflow=OVERFLOW_GID,
