@@ -156,9 +156,10 @@ def prepare_step_root(
     from .container import checked_image, container_plan
     from .jobdirs import make_job_dir
     from .runtime.plan import User
-    from .runtime.privileged import prepare
+    from .runtime.privileged import ensure_private_run_dir, prepare
 
     config = load(config_path, privileged=True)
+    ensure_private_run_dir(config.runtime.run_dir)
     user = User.from_uid(uid, gid)
     image, store = checked_image(config, request, user)
     plan = container_plan(config, request, image, str(store.image_file(image.id)), user)

@@ -289,7 +289,8 @@ def _private_test_image() -> str:
             {
                 "bin/busybox": Path("/bin/busybox").read_bytes(),
                 "etc/shifter-test-image": f"{name}\n",
-            }
+            },
+            executable={"bin/busybox"},
         )
         layout.tag("latest", layout.add_image([layer]))
         box = load_box_module()  # the mirror is read-only: push through its authenticated end
@@ -367,6 +368,17 @@ def test_thirty_jobs_leave_every_node_idle_and_nothing_behind(user_tmp):
     )
     wait_for_idle_cluster(timeout=240)
     assert len(submitted) == 30
+    # Its prolog recorded why (the job's admin comment); the srun in it is refused at once,
+    # since the image is in neither the store nor the gateway any more.
     failed = (user_tmp / f"{failing}.out").read_text()
-    assert "could not be set up" in failed and "no longer in the image store" in failed
+    assert "not found" in failed or "could not be set up" in failed, failed
+    (job,) = jobs_named(failing)
+    shown = subprocess.run(
+        ["scontrol", "show", "job", job],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"SLURM_CONF": str(SLURM_CONF)},
+    ).stdout
+    assert "no longer in the image store" in shown, shown
     assert leftovers() == []

@@ -85,7 +85,7 @@ def step_root_in_plain_allocation(out_dir: Path, n: int) -> None:
         [
             "sbatch", "--wait", "-N1", "-o", str(output), "--wrap",
             "srun --image=busybox --volume=/root:/d true; echo step-exit=$?; "
-            "stat /run/shifter-box/$SLURMD_NODENAME/$SLURM_JOB_ID",
+            "stat /run/shifter-box/$SLURMD_NODENAME/$SLURM_JOB_ID; true",
         ],
         timeout=120,
     )  # fmt: skip

@@ -54,6 +54,19 @@ def _wait_for_root(job: str, timeout: float = 60) -> Path:
     raise TimeoutError(f"no prepared root for job {job}")
 
 
+def _wait_for_task(timeout: float = 60) -> list[str]:
+    """The pids of the job's task (it starts after the prolog prepared the root)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = subprocess.run(
+            ["pgrep", "-u", "alice", "-f", "busybox sleep 60"], capture_output=True, text=True
+        ).stdout.split()
+        if pids:
+            return pids
+        time.sleep(0.2)
+    raise TimeoutError("the job's task never started")
+
+
 def test_bob_cannot_read_alices_private_image_or_volumes(alice_volume):
     name = _private_test_image()
     pulled = run_as(["shifterimg", "pull", "-u", "alice", name], timeout=300)
@@ -76,10 +89,7 @@ def test_bob_cannot_read_alices_private_image_or_volumes(alice_volume):
         mine = run_as(["cat", str(root / "data" / "secret")])
         assert mine.stdout == secret, mine.stderr
         # ... bob reaches nothing of it, by any path on the node
-        pids = subprocess.run(
-            ["pgrep", "-u", "alice", "-f", "busybox sleep 60"], capture_output=True, text=True
-        ).stdout.split()
-        assert pids
+        pids = _wait_for_task()
         paths = [
             RUN_DIR / "n1" / job,
             root / "etc" / "shifter-test-image",

@@ -280,8 +280,10 @@ def enter(plan: Plan, root_dir: str, *, run: bool = True) -> None:
 # ---- job directories -------------------------------------------------------------------------
 
 
-def _ensure_private_run_dir(run_dir: str) -> None:
-    """Make ``run_dir`` a private mount point, so mounts below it never propagate."""
+def ensure_private_run_dir(run_dir: str) -> None:
+    """Make ``run_dir`` a private mount point, so mounts below it never propagate (to other
+    mount namespaces, where they would keep images mounted after a teardown here). Called
+    before every root is built below it."""
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
     lock = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -301,7 +303,7 @@ def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoo
     """
     _require_root("preparing a job's root")
     directory = job_dir(run_dir, node, job_id)
-    _ensure_private_run_dir(run_dir)
+    ensure_private_run_dir(run_dir)
     if os.path.lexists(directory):
         for problem in teardown_tree(directory):
             log.warning("stale job directory %s: %s", directory, problem)
