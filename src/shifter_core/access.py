@@ -2,7 +2,7 @@
 
 Every path that decides it calls this function: the gateway (lookups, lists, job status,
 ambiguous id prefixes, pulls that widen an ACL), the store's records
-(:meth:`~shifter_core.store.ImageMetadata.visible_to`), the runtime's records
+(:meth:`~shifter_core.image.store.ImageMetadata.visible_to`), the runtime's records
 (:meth:`~shifter_core.runtime.images.ImageRecord.visible_to`) and the prolog.
 
 Imports nothing: ``shifter`` and the plugin call it on their start-up paths.

@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from .config import Config
 from .container import checked_image, container_plan
 from .errors import NodeFault, ShifterError, escape
+from .image.nodecache import NodeCache
 from .jobdirs import valid_name
-from .nodecache import NodeCache
 from .options import parse_size
 from .runtime.jobs import job_dir
 from .runtime.plan import User

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import pytest
 
-from shifter_core.flatten import flatten
+from shifter_core.image.flatten.twopass import flatten
 from tests.fixtures.edgecase_image import build_edgecase_image
 
 TOOLS = ("umoci", "tar2sqfs", "sqfs2tar", "unsquashfs", "tar", "mount", "umount")

@@ -38,7 +38,7 @@ import pytest
 
 from shifter_core import munge
 from shifter_core.client import GatewayClient
-from shifter_core.store import ACL_GROUP, ACL_USER, ACL_XATTR, decode_posix_acl
+from shifter_core.image.store import ACL_GROUP, ACL_USER, ACL_XATTR, decode_posix_acl
 from tests.fixtures.registries import (
     OCI_LAYER,
     Layer,

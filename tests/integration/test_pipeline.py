@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 
-from shifter_core.convert import SquashfsOptions
-from shifter_core.layercache import LayerCache
-from shifter_core.pipeline import READY, Progress, pull_image
-from shifter_core.registry import RegistryClient, RegistrySettings
-from shifter_core.store import ImageStore
+from shifter_core.image.convert import SquashfsOptions
+from shifter_core.image.layercache import LayerCache
+from shifter_core.image.pipeline import READY, Progress, pull_image
+from shifter_core.image.registry.client import RegistryClient, RegistrySettings
+from shifter_core.image.store import ImageStore
 
 pytestmark = pytest.mark.usefixtures("box")
 

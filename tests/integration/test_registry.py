@@ -25,9 +25,8 @@ import httpx
 import pytest
 import zstandard
 
-from shifter_core.credentials import CredentialStore, StaticCredentials
-from shifter_core.layercache import LayerCache
-from shifter_core.registry import (
+from shifter_core.image.layercache import LayerCache
+from shifter_core.image.registry.client import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MANIFEST_ACCEPT,
@@ -42,6 +41,7 @@ from shifter_core.registry import (
     RegistryError,
     RegistrySettings,
 )
+from shifter_core.image.registry.credentials import CredentialStore, StaticCredentials
 from tests.fixtures.registries import (
     Layer,
     OCILayout,
@@ -295,8 +295,8 @@ def test_corrupted_blob_is_detected_and_not_cached(images: Images, tmp_path: Pat
 
 CHILD = r"""
 import json, os, sys, threading, time
-from shifter_core.layercache import LayerCache
-from shifter_core.registry import RegistryClient, RegistrySettings
+from shifter_core.image.layercache import LayerCache
+from shifter_core.image.registry.client import RegistryClient, RegistrySettings
 
 ref, cache_dir, insecure, go_file, nthreads = json.loads(sys.argv[1])
 cache = LayerCache(cache_dir)

@@ -33,10 +33,10 @@ from pathlib import Path
 import pytest
 
 from shifter_core import config as config_module
-from shifter_core.layercache import LayerCache
-from shifter_core.pipeline import pull_image
-from shifter_core.registry import RegistryClient, RegistrySettings
-from shifter_core.store import ImageMetadata, ImageStore
+from shifter_core.image.layercache import LayerCache
+from shifter_core.image.pipeline import pull_image
+from shifter_core.image.registry.client import RegistryClient, RegistrySettings
+from shifter_core.image.store import ImageMetadata, ImageStore
 
 from .slurm import user_env
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from shifter_core.store import Acl, set_image_access
+from shifter_core.image.store import Acl, set_image_access
 
 from ..integration.slurm import OTHER_USER, USER, jobs_named, run_as, unique_name
 

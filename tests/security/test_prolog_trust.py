@@ -19,9 +19,7 @@ import pytest
 from shifter_core import prolog
 from shifter_core.config import load
 from shifter_core.errors import NodeFault
-from shifter_core.runtime import loop, privileged
-from shifter_core.steps import prolog_error
-from shifter_core.store import (
+from shifter_core.image.store import (
     ACL_GROUP,
     ACL_USER,
     ACL_XATTR,
@@ -30,6 +28,8 @@ from shifter_core.store import (
     ImageStore,
     decode_posix_acl,
 )
+from shifter_core.runtime import loop, privileged
+from shifter_core.steps import prolog_error
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the prolog runs as root")
 

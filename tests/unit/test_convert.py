@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shifter_core.convert import layers_to_squashfs
+from shifter_core.image.convert import layers_to_squashfs
 from tests.fixtures.edgecase_image import compress, dir_, reg, tar_bytes
 
 pytestmark = pytest.mark.skipif(
@@ -34,7 +34,7 @@ def cat(image: Path, path: str) -> bytes:
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd", "none"])
 def test_a_single_layer_converts_in_one_pass_or_two(tmp_path: Path, kind: str, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="shifter_core.convert")
+    caplog.set_level(logging.INFO, logger="shifter_core.image.convert")
     simple = tmp_path / "simple"
     simple.write_bytes(compress(tar_bytes([dir_("d"), reg("d/f", b"one\n")]), kind))
     twice = tmp_path / "twice"  # the same name twice: the later one wins, in two passes

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from shifter_core.errors import ShifterError
-from shifter_core.flatten import (
+from shifter_core.image.flatten.twopass import (
     FlattenError,
     FlattenPolicy,
     FlattenStats,
@@ -357,7 +357,7 @@ def test_names_are_normalised(tmp_path: Path) -> None:
 def test_escaping_members_are_dropped_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="shifter_core.flatten")
+    caplog.set_level(logging.WARNING, logger="shifter_core.image.flatten")
     result = run(
         tmp_path,
         [
@@ -658,7 +658,7 @@ def test_hardlink_chain_and_order(tmp_path: Path) -> None:
 
 
 def test_invalid_hardlinks_are_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="shifter_core.flatten")
+    caplog.set_level(logging.WARNING, logger="shifter_core.image.flatten")
     result = run(
         tmp_path,
         [

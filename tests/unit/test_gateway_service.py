@@ -27,8 +27,8 @@ from shifter_core.gateway import service as service_mod
 from shifter_core.gateway.db import Job
 from shifter_core.gateway.errors import BadRequest, Forbidden, NotFound
 from shifter_core.gateway.service import Caller, Gateway, platform_name
-from shifter_core.registry import Platform
-from shifter_core.store import ACL_XATTR, Acl, encode_posix_acl
+from shifter_core.image.registry.client import Platform
+from shifter_core.image.store import ACL_XATTR, Acl, encode_posix_acl
 from tests.fixtures.registries import OCILayout, make_layer
 
 pytestmark = pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="needs tar2sqfs")

@@ -17,16 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shifter_core.errors import ShifterError
-from shifter_core.imagecontent import (
+from shifter_core.image.content import (
     MAX_IDENTITY_TEXT,
     MAX_METADATA_TEXT,
     ImageContentError,
 )
-from shifter_core.registry import ImageConfig
+from shifter_core.image.registry.client import ImageConfig
+from shifter_core.image.store import ImageMetadata
 from shifter_core.runtime.identity import group_file, passwd_file
 from shifter_core.runtime.images import ImageRecord
 from shifter_core.runtime.plan import User
-from shifter_core.store import ImageMetadata
 
 IMAGE_ID = "a" * 64
 USER = User(
@@ -331,7 +331,7 @@ def test_a_pull_of_a_hostile_config_fails_cleanly(config, message):
 
 
 def test_the_store_lists_around_a_broken_record(tmp_path):
-    from shifter_core.store import ImageStore
+    from shifter_core.image.store import ImageStore
 
     good, bad = "1" * 64, "2" * 64
     for image_id, text in ((good, _record(id=good)), (bad, _record(id=bad, env={"A": 1}))):

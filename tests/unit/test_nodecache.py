@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shifter_core.nodecache import NodeCache, NodeCacheError
+from shifter_core.image.nodecache import NodeCache, NodeCacheError
 
 ID_A, ID_B, ID_C = ("a" * 64), ("b" * 64), ("c" * 64)
 
@@ -161,7 +161,7 @@ def test_edquot_is_a_job_error(tmp_path, monkeypatch):
     def over_quota(fd):
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
 
-    monkeypatch.setattr("shifter_core.nodecache.os.fsync", over_quota)
+    monkeypatch.setattr("shifter_core.image.nodecache.os.fsync", over_quota)
     with pytest.raises(NodeCacheError, match="quota"):
         cache.stage(ID_A, source, digest, "job1")
     assert _left_in(tmp_path / "cache") == []
@@ -176,7 +176,7 @@ def test_emfile_is_a_job_error(tmp_path, free_fds):
         f"""
         import os, resource, sys
         from pathlib import Path
-        from shifter_core.nodecache import NodeCache, NodeCacheError
+        from shifter_core.image.nodecache import NodeCache, NodeCacheError
         cache = NodeCache({str(tmp_path / "cache")!r})
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         held = []
@@ -254,7 +254,7 @@ def test_eviction_order_under_a_cap(tmp_path):
 
 
 def test_storage_error_tells_job_errors_from_node_faults():
-    from shifter_core.nodecache import storage_error
+    from shifter_core.image.nodecache import storage_error
 
     for code, words in [
         (errno.ENOSPC, "no space left"),

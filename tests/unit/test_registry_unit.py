@@ -24,15 +24,9 @@ from typing import Any
 import httpx
 import pytest
 
-from shifter_core.credentials import (
-    CredentialError,
-    CredentialStore,
-    StaticCredentials,
-    normalize_registry,
-)
 from shifter_core.errors import OptionError
-from shifter_core.layercache import LayerCache
-from shifter_core.registry import (
+from shifter_core.image.layercache import LayerCache
+from shifter_core.image.registry.client import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
@@ -54,6 +48,12 @@ from shifter_core.registry import (
     parse_challenges,
     parse_retry_after,
     select_platform,
+)
+from shifter_core.image.registry.credentials import (
+    CredentialError,
+    CredentialStore,
+    StaticCredentials,
+    normalize_registry,
 )
 
 HOST = "reg.example"
@@ -448,7 +448,7 @@ def test_platform_parse_rejects(text: str) -> None:
     ],
 )
 def test_host_platform(machine: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import shifter_core.registry as registry
+    import shifter_core.image.registry.client as registry
 
     monkeypatch.setattr(registry._platform, "machine", lambda: machine)
     assert str(Platform.host()) == expected

@@ -6,6 +6,7 @@ import pytest
 
 from shifter_core import config
 from shifter_core.errors import OptionError
+from shifter_core.image.store import ImageMetadata
 from shifter_core.runtime.errors import ModuleError, PrivilegeError, VolumeError
 from shifter_core.runtime.modules import select_modules
 from shifter_core.runtime.plan import (
@@ -15,7 +16,6 @@ from shifter_core.runtime.plan import (
     build_plan,
     request_from_env,
 )
-from shifter_core.store import ImageMetadata
 
 IMAGE_ID = "ab" * 32
 USER = User(1001, 1002, (1002, 1001), "alice", "/home/alice", "/bin/bash", "", ((1002, "alice"),))

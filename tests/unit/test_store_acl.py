@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shifter_core import store as store_mod
-from shifter_core.store import (
+from shifter_core.image import store as store_mod
+from shifter_core.image.store import (
     ACL_XATTR,
     Acl,
     ImageMetadata,
@@ -129,7 +129,7 @@ def test_without_acl_support_private_files_stay_0600_with_one_warning(
 
     monkeypatch.setattr(store_mod.os, "setxattr", unsupported)
     monkeypatch.setattr(store_mod, "_acl_unsupported_warned", False)
-    caplog.set_level(logging.WARNING, logger="shifter_core.store")
+    caplog.set_level(logging.WARNING, logger="shifter_core.image.store")
     for name in ("a", "b"):
         path = tmp_path / name
         path.write_bytes(b"x")

@@ -5,7 +5,7 @@ Runs as root on an up box (``make bench-pull``).  First makes sure the box regis
 reproducible debootstrap minbase image, one gzip layer of ~48 MB, 120 MB unpacked), then times,
 interleaved round by round (the order rotates every round) and with ``sync`` before every run:
 
-- ``ours``: ``shifter_core.pipeline.pull_image("docker.io/library/debian:bookworm")`` through
+- ``ours``: ``shifter_core.image.pipeline.pull_image("docker.io/library/debian:bookworm")`` through
   the box registry as a docker.io mirror, with a FRESH layer cache and image store each run
   (zstd level 3, the default).  Stages come from the pipeline's own progress reports:
   resolve (manifest and config), download (layer into the cache, verified, fsynced) and
@@ -52,12 +52,12 @@ from typing import Any
 from isal import igzip
 
 from shifter_core.config import Config, parse
-from shifter_core.convert import SquashfsOptions, tar_to_squashfs
-from shifter_core.flatten import flatten
-from shifter_core.layercache import LayerCache
-from shifter_core.pipeline import CONVERTING, PULLING, READY, Progress, pull_image
-from shifter_core.registry import RegistryClient, RegistrySettings
-from shifter_core.store import ImageStore
+from shifter_core.image.convert import SquashfsOptions, tar_to_squashfs
+from shifter_core.image.flatten.twopass import flatten
+from shifter_core.image.layercache import LayerCache
+from shifter_core.image.pipeline import CONVERTING, PULLING, READY, Progress, pull_image
+from shifter_core.image.registry.client import RegistryClient, RegistrySettings
+from shifter_core.image.store import ImageStore
 
 ROOT = Path(__file__).resolve().parents[2]
 BOX = ROOT / ".box"

@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from shifter_core import config as config_module  # noqa: E402
-from shifter_core.layercache import LayerCache  # noqa: E402
-from shifter_core.pipeline import pull_image  # noqa: E402
-from shifter_core.registry import RegistryClient, RegistrySettings  # noqa: E402
+from shifter_core.image.layercache import LayerCache  # noqa: E402
+from shifter_core.image.pipeline import pull_image  # noqa: E402
+from shifter_core.image.registry.client import RegistryClient, RegistrySettings  # noqa: E402
+from shifter_core.image.store import ImageStore  # noqa: E402
 from shifter_core.runtime import RunRequest, User, build_plan, resolve_image  # noqa: E402
 from shifter_core.runtime.privileged import prepare_job, teardown_job  # noqa: E402
-from shifter_core.store import ImageStore  # noqa: E402
 
 USER = "alice"
 REGISTRY = "127.0.0.1:5000"

@@ -196,7 +196,7 @@ def _wait(client: Any, job: dict[str, Any], title: str) -> dict[str, Any]:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from ..credentials import CredentialStore
+    from ..image.registry.credentials import CredentialStore
     from ..reference import DockerReference
 
     reference = (
@@ -260,7 +260,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 def cmd_login(args: argparse.Namespace) -> int:
     from ..client import GatewayUnreachable
-    from ..credentials import CredentialStore, normalize_registry
+    from ..image.registry.credentials import CredentialStore, normalize_registry
 
     registry = normalize_registry(args.registry)
     username = args.username

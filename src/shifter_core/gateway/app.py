@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from .. import __version__, munge
 from ..errors import ShifterError
-from ..limits import clean_text, human
+from ..image.limits import clean_text, human
 from .changes import wait_for
 from .errors import BadRequest, GatewayError, TooLarge, Unauthenticated, Unavailable
 from .service import Caller, Gateway

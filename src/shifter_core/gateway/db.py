@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..pipeline import CONVERTING, PENDING, PULLING
-from ..store import Acl
+from ..image.pipeline import CONVERTING, PENDING, PULLING
+from ..image.store import Acl
 
 ACTIVE_STATES = (PENDING, PULLING, CONVERTING)
 SCHEMA_VERSION = 1

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from ..convert import SquashfsOptions, layers_to_squashfs
 from ..errors import ShifterError
-from ..layercache import LayerCache
-from ..limits import UnpackBudget
-from ..registry import (
+from ..image.convert import SquashfsOptions, layers_to_squashfs
+from ..image.layercache import LayerCache
+from ..image.limits import UnpackBudget
+from ..image.registry.client import (
     INDEX_TYPES,
     ImageConfig,
     Platform,
@@ -36,7 +36,7 @@ from ..registry import (
     select_platform,
     split_digest,
 )
-from ..store import ImageMetadata, ImageStore
+from ..image.store import ImageMetadata, ImageStore
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 
 import httpx
 
-from ..registry import (
+from ..image.registry.client import (
     AuthenticationError,
     RegistrySettings,
     RegistryUnavailable,

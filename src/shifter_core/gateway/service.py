@@ -37,21 +37,21 @@ from typing import Any
 import httpx
 
 from ..config import Config
-from ..convert import SquashfsOptions
-from ..credentials import CredentialError, StaticCredentials, normalize_registry
 from ..errors import ShifterError
-from ..layercache import LayerCache
-from ..limits import Deadline, GatewayLimits, UnpackBudget, clean_text
-from ..pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
-from ..reference import DockerReference
-from ..registry import (
+from ..image.convert import SquashfsOptions
+from ..image.layercache import LayerCache
+from ..image.limits import Deadline, GatewayLimits, UnpackBudget, clean_text
+from ..image.pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
+from ..image.registry.client import (
     Platform,
     RegistryClient,
     RegistrySettings,
     RegistryUnavailable,
     ResolvedImage,
 )
-from ..store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore, set_image_access
+from ..image.registry.credentials import CredentialError, StaticCredentials, normalize_registry
+from ..image.store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore, set_image_access
+from ..reference import DockerReference
 from . import login
 from .changes import StateChanges
 from .db import ACTIVE_STATES, Database, Job, acl_to_json

@@ -26,7 +26,7 @@ import stat
 from collections.abc import Callable
 
 from .. import syscalls
-from ..imagecontent import MAX_IDENTITY_TEXT
+from ..image.content import MAX_IDENTITY_TEXT
 from ..options import parse_volume
 from ._log import get_logger
 from .errors import ContainerError, ModuleError, VolumeError

@@ -2,13 +2,13 @@
 
 Entries of the image that clash with the user (same name or id) or with the user's groups
 are dropped; malformed lines are dropped (see
-:func:`shifter_core.imagecontent.identity_lines`: the image's files are hostile input).
+:func:`shifter_core.image.content.identity_lines`: the image's files are hostile input).
 Pure functions of text; a file over the size bound is an ``ImageContentError``.
 """
 
 from __future__ import annotations
 
-from ..imagecontent import identity_lines
+from ..image.content import identity_lines
 from .plan import User
 
 

@@ -6,9 +6,9 @@ gateway cannot be reached, images whose recorded source matches are found in the
 with a warning.
 
 For ``id:`` the store's ``<id>.json`` is read here as an :class:`ImageRecord` instead of
-through :mod:`shifter_core.store`: this is every container's start-up path, and the store
+through :mod:`shifter_core.image.store`: this is every container's start-up path, and the store
 module's imports cost more than the lookup. The record has the attributes the runtime uses
-of :class:`~shifter_core.store.ImageMetadata` (which the other paths return).
+of :class:`~shifter_core.image.store.ImageMetadata` (which the other paths return).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import re
 from collections import namedtuple
 
-from ..imagecontent import parse_record
+from ..image.content import parse_record
 from ..reference import ImageRequest
 from ._log import get_logger
 from .errors import ImageError
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ..config import Config
-    from ..store import ImageMetadata
+    from ..image.store import ImageMetadata
 
 log = get_logger(__name__)
 
@@ -167,7 +167,7 @@ def _from_gateway(config: Config, text: str) -> ImageMetadata | None:
         hook, _log.on_first_use = _log.on_first_use, None
         hook()
     from ..client import GatewayClient, GatewayError, GatewayUnreachable
-    from ..store import ImageMetadata
+    from ..image.store import ImageMetadata
 
     try:
         with GatewayClient(config.gateway.url) as client:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ..config import Config, EnvChanges, ModuleConfig, RuntimeConfig
-    from ..store import ImageMetadata
+    from ..image.store import ImageMetadata
 
 log = get_logger(__name__)
 

@@ -28,8 +28,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import ShifterError
-from .reference import DOCKER_HUB, DOCKER_HUB_ALIASES
+from ...errors import ShifterError
+from ...reference import DOCKER_HUB, DOCKER_HUB_ALIASES
 
 log = logging.getLogger(__name__)
 

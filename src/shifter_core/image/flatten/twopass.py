@@ -86,8 +86,8 @@ from typing import BinaryIO
 import zstandard
 from isal import igzip, isal_zlib
 
-from shifter_core.errors import ShifterError
-from shifter_core.limits import UnpackBudget
+from ...errors import ShifterError
+from ..limits import UnpackBudget
 
 LOG = logging.getLogger(__name__)
 

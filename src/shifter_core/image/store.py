@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ShifterError
-from .imagecontent import MAX_METADATA_TEXT, ImageContentError, check_config, parse_record
+from ..errors import ShifterError
+from .content import MAX_METADATA_TEXT, ImageContentError, check_config, parse_record
 
 if TYPE_CHECKING:  # registry pulls in httpx, which readers of the store do not need
-    from .registry import ImageConfig
+    from .registry.client import ImageConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ImageMetadata:
         """The record of an image built from ``config`` (created now).
 
         ``layers`` are (digest, size, media type) of the image's layers, in order. The
-        config's run-time fields are checked as :mod:`shifter_core.imagecontent` says: a
+        config's run-time fields are checked as :mod:`shifter_core.image.content` says: a
         hostile config fails the pull with an :class:`ImageContentError`.
         """
         checked = check_config(

@@ -16,7 +16,7 @@ each hit renews) after every download until it fits, skipping blobs that a runni
 :meth:`~LayerCache.pinned`. Privacy: a blob downloaded with registry credentials carries a
 marker (``<dir>/private/<algo>-<hex>``, naming the registry) written before the blob is
 published; the registry client reuses such a blob for another pull only after that pull's own
-request proved access (:meth:`shifter_core.registry.RegistryClient.prove_access`).
+request proved access (:meth:`shifter_core.image.registry.client.RegistryClient.prove_access`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .registry import DigestMismatch, split_digest
+from .registry.client import DigestMismatch, split_digest
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import ShifterError
+from ..errors import ShifterError
 from .limits import UnpackBudget
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,12 @@ def layers_to_squashfs(
     """Flatten image layers (lowest first) into a squashfs file; return its size.
 
     A single layer is written while it is read when it allows that (no name twice, nothing
-    before its directory: :func:`~shifter_core.flatten.flatten_one_pass`), so decompressing
+    before its directory: :func:`~.flatten.twopass.flatten_one_pass`), so decompressing
     it overlaps compressing the squashfs; anything else, or a single layer that turns out not
-    to allow it, goes through the two passes of :func:`~shifter_core.flatten.flatten`.
+    to allow it, goes through the two passes of :func:`~.flatten.twopass.flatten`.
     *budget* bounds what the layers may decompress to (a bomb fails with ``LimitExceeded``).
     """
-    from .flatten import OnePassImpossible, flatten, flatten_one_pass
+    from .flatten.twopass import OnePassImpossible, flatten, flatten_one_pass
 
     if len(layers) == 1:
         try:

@@ -20,7 +20,7 @@ What it handles (each one a behaviour seen on real registries, see
   :class:`DigestMismatch` and leaves nothing behind. Redirects to another host (blob storage)
   are followed without the ``Authorization`` header, only to http(s), never from https to
   http unless the registry is insecure, never to a loopback or link-local address unless the
-  registry is on one (:func:`~shifter_core.limits.check_redirect`; token realms likewise).
+  registry is on one (:func:`~shifter_core.image.limits.check_redirect`; token realms likewise).
   Registry error texts are cut and escaped before they reach messages and logs.
   Connection errors and 5xx are retried with exponential backoff (an interrupted download
   resumes with a ``Range`` request); 4xx are not. HTTP 429 honours ``Retry-After`` a few
@@ -56,14 +56,14 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from .errors import OptionError, ShifterError
-from .imagecontent import ImageContentError
-from .limits import Deadline, PullLimits, RedirectRefused, check_redirect, clean_text
-from .reference import DOCKER_HUB, DOCKER_HUB_ALIASES, DockerReference
+from ...errors import OptionError, ShifterError
+from ...reference import DOCKER_HUB, DOCKER_HUB_ALIASES, DockerReference
+from ..content import ImageContentError
+from ..limits import Deadline, PullLimits, RedirectRefused, check_redirect, clean_text
 
 if TYPE_CHECKING:
+    from ..layercache import LayerCache
     from .credentials import CredentialSource
-    from .layercache import LayerCache
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +615,7 @@ class RegistrySettings:
       ``max_retry_after`` (how often and how long a 429's ``Retry-After`` is honoured),
       ``ca_bundle`` (CA file for https; default: the system's), ``trust_env`` (use proxy
       variables from the environment), ``limits`` (manifest size, layer count and sizes:
-      :class:`~shifter_core.limits.PullLimits`).
+      :class:`~shifter_core.image.limits.PullLimits`).
     """
 
     mirrors: Mapping[str, Sequence[str]] = field(default_factory=dict)
@@ -739,7 +739,7 @@ class RegistryClient:
     ) -> httpx.Response:
         """Send, following redirects; drop ``Authorization`` once the origin changes.
 
-        Redirects go only where :func:`~shifter_core.limits.check_redirect` allows: http(s),
+        Redirects go only where :func:`~shifter_core.image.limits.check_redirect` allows: http(s),
         https unless the registry is insecure, no loopback or link-local address unless the
         registry is on one.
         """

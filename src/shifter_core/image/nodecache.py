@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ShifterError
+from ..errors import ShifterError
 from .store import check_image_id
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ShifterError
+from ..errors import ShifterError
 
 GiB = 1 << 30
 MAX_ERROR_TEXT = 300  # characters of a registry's error text passed on
@@ -261,7 +261,7 @@ class GatewayLimits:
     @classmethod
     def from_config(cls, gateway: Any) -> GatewayLimits:
         """From the ``gateway`` section of the site config (a GatewayConfig)."""
-        from .options import parse_size
+        from ..options import parse_size
 
         def size(text: str) -> int:
             return 0 if str(text).strip() == "0" else parse_size(str(text))

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import re
 
-from .errors import ShifterError
-from .options import PATH_MAX, shown
+from ..errors import ShifterError
+from ..options import PATH_MAX, shown
 
 MAX_METADATA_TEXT = 4 << 20  # bytes of an image's recorded JSON
 MAX_ARG_STRLEN = 128 * 1024  # the kernel's limit on one argument or environment string

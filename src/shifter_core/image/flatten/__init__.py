@@ -1,0 +1,1 @@
+"""Flatten image layers into one tar stream: :mod:`.twopass`."""
