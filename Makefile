@@ -15,13 +15,20 @@ plugin: $(PLUGIN)
 $(PLUGIN): spank/shifter_spank.c cffi_build/build_spank.py
 	$(PYTHON) cffi_build/build_spank.py --out $(PLUGIN)
 
-# The C front end of `shifter` (replays the Python runtime's recipes; see launcher/).
+# The C front end of `shifter` (executes the Python runtime's recipes; see launcher/), also
+# put in place as the venv's `shifter` when that exists. Both are replaced atomically (built
+# or copied aside, then renamed): a running test never sees a half-written binary.
 launcher: $(LAUNCHER)
+	@if [ -x $(PYTHON) ] && ! cmp -s $(LAUNCHER) $(VENV)/bin/shifter; then \
+	    cp $(LAUNCHER) $(VENV)/bin/.shifter.partial && \
+	    mv -f $(VENV)/bin/.shifter.partial $(VENV)/bin/shifter && \
+	    echo "installed $(VENV)/bin/shifter"; fi
 
 $(LAUNCHER): launcher/shifter_launch.c
 	mkdir -p $(dir $@)
-	$(CC) -O2 -Wall -Wextra -Werror -static -DSHIFTER_PYTHON='"$(PYTHON)"' -o $@ $< \
+	$(CC) -O2 -Wall -Wextra -Werror -static -DSHIFTER_PYTHON='"$(PYTHON)"' -o $@.partial $< \
 	    $(LAUNCHER_LIBS)
+	mv -f $@.partial $@
 
 # Debian packages, the venv (Debian's python3) with shifter_core, and the plugin.
 setup:

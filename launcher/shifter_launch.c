@@ -1,21 +1,33 @@
 /*
- * shifter: the fast front end of the unprivileged runtime.
+ * shifter: the fast front end of the unprivileged runtime.  Python decides, this executes.
  *
- * Python decides everything (src/shifter_core/runtime/launch.py): after it has built a
- * container for a request, it leaves a *recipe* in the user's launch cache: the container's
- * generated files and mount points (a directory, "upper"), the list of mounts in order, the
- * environment changes and the files the result depends on.  When the same request comes
- * again (same options, user, groups and configuration, and none of those files changed),
- * this program replays the recipe without starting Python: it mounts the image, served by
- * a process of its own with libsquashfuse (what squashfuse_ll runs), stacks "upper" over it as a read-only overlay, makes the same mounts,
- * pivots into the root, drops every capability and execs the command.  Anything it does not
- * recognise (an unknown option, no recipe, a changed file, a Slurm job, an error before the
- * namespaces exist) hands the whole command line to the Python implementation, unchanged.
+ * After the Python runtime (src/shifter_core/runtime/) has built a container for a request,
+ * it leaves a *recipe* in the user's launch cache (runtime/launch.py): the operations that
+ * build the same container again, written out explicitly (runtime/recipe.py): every mount
+ * with its source, target, type, flags and data, every detached bind with its attributes,
+ * the directories, files and links to make, the user namespace, pivot or chroot, the
+ * privileges to drop, the working directory and the environment.  When the same request
+ * comes again (same options, user, groups and configuration, and none of the files it
+ * depends on changed), this program executes those operations without starting Python.
+ * It decides nothing itself: no flag, mode, path or mount kind comes from here.  What only
+ * it can do is how: the image server (libsquashfuse, what squashfuse_ll runs, in a process
+ * of its own), the namespaces, the mount system calls, pivot_root and the exec.
+ *
+ * A recipe is read whole and checked against its grammar (the same rules as
+ * shifter_core.runtime.recipe.parse) before anything is executed: one that is cut short, of
+ * another version, with an unknown operation, a wrong field count, a field too long or of
+ * the wrong form, or operations out of order, is refused as a whole.  Anything it does not
+ * recognise (an unknown option, no recipe or a refused one, a changed file, an error before
+ * the namespaces exist) hands the whole command line to the Python implementation,
+ * unchanged.
+ *
+ * SHIFTER_LAUNCH_DRY_RUN=FILE prints the operations of the recipe FILE in canonical text
+ * (as recipe.render), or why it is refused (exit 3), and executes nothing;
+ * SHIFTER_LAUNCH_DRY_RUN=1 does the same for the recipe a command line would replay.
  *
  * Nothing here is privileged: the process maps only its own uid and gid into a new user
- * namespace, exactly as the Python path does, so a recipe can do nothing its user could not.
- * Every mount is nosuid and nodev (except device nodes bound into /dev); the root is
- * read-only.
+ * namespace (or joins the one the prolog pinned for the job), exactly as the Python path
+ * does, so a recipe can do nothing its user could not.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -48,11 +60,21 @@
 #error "build with -DSHIFTER_PYTHON=\"/path/to/python\" (make launcher)"
 #endif
 
-#define RECIPE_MAGIC "shifter-launch-recipe-1"
+#define KEY_MAGIC "shifter-launch-recipe-2" /* the first line of a request's key */
+#define RECIPE_MAGIC "shifter-recipe"
+#define RECIPE_VERSION "2"
 #define SERVER_NAME "shifter-sqfs" /* the image server's name in ps */
 #define EXIT_FAILED 125
-#define MAX_MOUNTS 256
-#define MAX_FIELDS 4096
+#define EXIT_REFUSED 3 /* the dry run: the recipe would be left to Python */
+/* The bounds of a recipe (as shifter_core.runtime.recipe) */
+#define MAX_RECIPE_BYTES (1 << 22)
+#define MAX_OPS 4096
+#define MAX_ARGS 5
+#define MAX_STRING 131072
+#define MAX_PATH 4095
+#define MAX_WORD 255
+#define MAX_SLOTS 256
+#define MAX_DIGITS 18
 
 #ifndef OPEN_TREE_CLONE
 #define OPEN_TREE_CLONE 1
@@ -102,19 +124,25 @@ struct open_how_arg {
 #define RESOLVE_NO_SYMLINKS 0x04
 #define RESOLVE_BENEATH 0x08
 
+
 extern char **environ;
 static char **original_argv;
 /* The recipe being replayed: a replay that fails removes it (where the path still resolves),
  * so the next run goes through Python, which says what is wrong or writes a recipe that
  * works. */
 static char recipe_path[3300];
+static int dry_run; /* SHIFTER_LAUNCH_DRY_RUN: print, never execute */
 
 /* ---- falling back to Python ------------------------------------------------------------ */
 
 /* Hand the command line to the Python implementation (which explains any problem itself).
  * ``miss`` tells it to leave a recipe for next time. */
-static void fallback(const char *why, const char *key_hex)
+__attribute__((noreturn)) static void fallback(const char *why, const char *key_hex)
 {
+    if (dry_run) {
+        fprintf(stderr, "shifter: launcher: %s: would run the Python runtime\n", why);
+        _exit(EXIT_REFUSED);
+    }
     int argc = 0;
     while (original_argv[argc])
         argc++;
@@ -143,7 +171,7 @@ static void fallback(const char *why, const char *key_hex)
 
 /* A failure after the namespaces exist: nothing to fall back to (the caller's mounts are
  * untouched; ours go away with the process). */
-static void die(const char *fmt, ...)
+__attribute__((noreturn, format(printf, 1, 2))) static void die(const char *fmt, ...)
 {
     va_list ap;
     int saved = errno;
@@ -271,7 +299,7 @@ static void make_key(struct buf *key, int argc_options, char **options)
     if (count < 0)
         count = 0;
     qsort(groups, count, sizeof groups[0], compare_gids);
-    buf_field(key, RECIPE_MAGIC);
+    buf_field(key, KEY_MAGIC);
     snprintf(number, sizeof number, "uid=%u gid=%u", (unsigned)getuid(), (unsigned)getgid());
     buf_field(key, number);
     buf_add(key, "groups=", 7);
@@ -328,44 +356,302 @@ static int cache_dir(char *out, size_t size)
 
 /* ---- the recipe -------------------------------------------------------------------------- */
 
-/* A recipe is NUL-separated fields; see shifter_core.runtime.launch for the records. */
-struct recipe {
-    char *data;
-    char *fields[MAX_FIELDS];
-    int count, next;
+/* The operations, as shifter_core.runtime.recipe.OPERATIONS: the name, the signature (one
+ * letter a field: s string, p absolute path, P absolute path or "", e variable name, w word,
+ * n number, o octal mode, x slot, m mount flags, a mount attributes, c "recursive" or "",
+ * t "dir" or "file", r "", "r" or "rx") and the phase (operations come in non-decreasing
+ * phase; before phase 3 the launcher may still fall back to Python). */
+enum op_code {
+    OP_KEY, OP_DEPENDS, OP_EXPIRES, OP_REQUIRE, OP_SERVE, OP_USERNS, OP_CLONE, OP_FUSE,
+    OP_OVERLAY, OP_MOUNT, OP_ATTACH, OP_MKDIR, OP_MKFILE, OP_SYMLINK, OP_SETATTR, OP_PIVOT,
+    OP_CHROOT, OP_DROP, OP_CHDIR, OP_CHDIR_CALLER, OP_ENV_CLEAR, OP_ENV_SET, OP_ENV_UNSET,
+    OP_ENV_PREPEND, OP_ENV_APPEND, OP_EXEC, OP_COUNT
 };
 
-static int read_recipe(const char *path, struct recipe *r)
+static const struct {
+    const char *name, *signature;
+    int phase;
+} op_defs[OP_COUNT] = {
+    [OP_KEY] = {"key", "s", 0},
+    [OP_DEPENDS] = {"depends", "ps", 1},
+    [OP_EXPIRES] = {"expires", "n", 1},
+    [OP_REQUIRE] = {"require", "ptr", 1},
+    [OP_SERVE] = {"serve", "p", 2},
+    [OP_USERNS] = {"userns", "P", 3},
+    [OP_CLONE] = {"clone", "xpca", 4},
+    [OP_FUSE] = {"fuse", "pms", 4},
+    [OP_OVERLAY] = {"overlay", "pms", 4},
+    [OP_MOUNT] = {"mount", "spwms", 5},
+    [OP_ATTACH] = {"attach", "xp", 5},
+    [OP_MKDIR] = {"mkdir", "po", 5},
+    [OP_MKFILE] = {"mkfile", "po", 5},
+    [OP_SYMLINK] = {"symlink", "sp", 5},
+    [OP_SETATTR] = {"setattr", "pac", 5},
+    [OP_PIVOT] = {"pivot", "", 6},
+    [OP_CHROOT] = {"chroot", "p", 6},
+    [OP_DROP] = {"drop", "nn", 7},
+    [OP_CHDIR] = {"chdir", "p", 8},
+    [OP_CHDIR_CALLER] = {"chdir-caller", "p", 8},
+    [OP_ENV_CLEAR] = {"env-clear", "", 8},
+    [OP_ENV_SET] = {"env-set", "es", 8},
+    [OP_ENV_UNSET] = {"env-unset", "e", 8},
+    [OP_ENV_PREPEND] = {"env-prepend", "es", 8},
+    [OP_ENV_APPEND] = {"env-append", "es", 8},
+    [OP_EXEC] = {"exec", "", 9},
+};
+
+/* The names of the flags a recipe may give.  Which flags a mount gets is the recipe's. */
+struct flag_name {
+    const char *name;
+    unsigned long long bit;
+};
+static const struct flag_name mount_flag_names[] = {
+    {"ro", MS_RDONLY}, {"nosuid", MS_NOSUID}, {"nodev", MS_NODEV}, {"noexec", MS_NOEXEC}, {0}};
+static const struct flag_name mount_attr_names[] = {{"ro", MOUNT_ATTR_RDONLY},
+                                                    {"nosuid", MOUNT_ATTR_NOSUID},
+                                                    {"nodev", MOUNT_ATTR_NODEV},
+                                                    {"noexec", MOUNT_ATTR_NOEXEC},
+                                                    {0}};
+
+struct op {
+    int code;
+    const char *arg[MAX_ARGS];         /* every field's text */
+    unsigned long long num[MAX_ARGS]; /* numbers, modes, slots, flag sets, "recursive" */
+};
+
+struct recipe {
+    char *data;
+    size_t len;
+    int count;
+    struct op ops[MAX_OPS];
+};
+
+/* The recipe file (the user's own, regular, bounded); NULL or why not. */
+static const char *read_recipe(const char *path, struct recipe *r)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
-        return -1;
+        return "no recipe";
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != getuid() ||
-        st.st_size > (1 << 22)) {
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != getuid()) {
         close(fd);
-        return -1;
+        return "no recipe";
+    }
+    if (st.st_size > MAX_RECIPE_BYTES) {
+        close(fd);
+        return "recipe too large";
     }
     r->data = malloc(st.st_size + 1);
     ssize_t got = r->data ? read(fd, r->data, st.st_size) : -1;
     close(fd);
     if (got != st.st_size)
-        return -1;
+        return "no recipe";
     r->data[got] = 0;
-    r->count = r->next = 0;
-    for (char *p = r->data; p < r->data + got; p += strlen(p) + 1) {
-        if (r->count == MAX_FIELDS)
+    r->len = (size_t)got;
+    return NULL;
+}
+
+struct cursor {
+    char *next, *end;
+};
+
+/* The next NUL-terminated field (the data ends with a NUL, so strlen stays inside). */
+static const char *take(struct cursor *c, size_t *len)
+{
+    if (c->next >= c->end)
+        return NULL;
+    char *field = c->next;
+    *len = strlen(field);
+    c->next += *len + 1;
+    return field;
+}
+
+/* A decimal number below ``limit``: digits only, at most MAX_DIGITS of them. */
+static int number(const char *text, size_t len, unsigned long long limit,
+                  unsigned long long *out)
+{
+    if (len == 0 || len > MAX_DIGITS)
+        return -1;
+    unsigned long long value = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (text[i] < '0' || text[i] > '9')
             return -1;
-        r->fields[r->count++] = p;
+        value = value * 10 + (unsigned)(text[i] - '0');
     }
-    if (got == 0 || r->data[got - 1] != 0)
-        return -1; /* cut short */
+    if (value >= limit)
+        return -1;
+    *out = value;
     return 0;
 }
 
-static const char *field(struct recipe *r)
+/* A comma-separated set of flag names ("" for none). */
+static int flag_set(const char *text, const struct flag_name *names, unsigned long long *out)
 {
-    return r->next < r->count ? r->fields[r->next++] : NULL;
+    *out = 0;
+    if (!*text)
+        return 0;
+    for (const char *p = text;;) {
+        const char *comma = strchr(p, ',');
+        size_t len = comma ? (size_t)(comma - p) : strlen(p);
+        const struct flag_name *n = names;
+        while (n->name && (strlen(n->name) != len || memcmp(n->name, p, len) != 0))
+            n++;
+        if (!n->name)
+            return -1;
+        *out |= n->bit;
+        if (!comma)
+            return 0;
+        p = comma + 1;
+    }
+}
+
+/* One field of type ``kind``; NULL or why it is refused. */
+static const char *check_field(char kind, const char *text, size_t len, unsigned long long *num)
+{
+    switch (kind) {
+    case 's': case 'p': case 'P': case 'e': case 'w': case 't': case 'r':
+        if (len > MAX_STRING)
+            return "field too long";
+        if (kind == 'p' || (kind == 'P' && len)) {
+            if (text[0] != '/' || len > MAX_PATH)
+                return "bad path";
+        } else if (kind == 'e') {
+            if (!len || memchr(text, '=', len))
+                return "bad variable name";
+        } else if (kind == 'w') {
+            if (!len || len > MAX_WORD)
+                return "bad word";
+        } else if (kind == 't') {
+            if (strcmp(text, "dir") != 0 && strcmp(text, "file") != 0)
+                return "bad type";
+        } else if (kind == 'r') {
+            if (*text && strcmp(text, "r") != 0 && strcmp(text, "rx") != 0)
+                return "bad access";
+        }
+        return NULL;
+    case 'n':
+        return number(text, len, 1000000000000000000ULL, num) ? "bad number" : NULL;
+    case 'x':
+        return number(text, len, MAX_SLOTS, num) ? "bad slot" : NULL;
+    case 'o':
+        if (len == 0 || len > 5 || strspn(text, "01234567") != len)
+            return "bad mode";
+        *num = strtoull(text, NULL, 8);
+        return *num > 07777 ? "bad mode" : NULL;
+    case 'c':
+        if (*text && strcmp(text, "recursive") != 0)
+            return "bad clone flags";
+        *num = *text != 0;
+        return NULL;
+    case 'm':
+        return flag_set(text, mount_flag_names, num) ? "unknown flag" : NULL;
+    case 'a':
+        return flag_set(text, mount_attr_names, num) ? "unknown flag" : NULL;
+    }
+    return "bad signature";
+}
+
+/* The order of the operations (as recipe._Order): what must come before what. */
+struct order {
+    int phase, count;
+    int seen[OP_COUNT];
+    char slots[MAX_SLOTS]; /* 0 free, 1 cloned, 2 attached */
+};
+
+static const char *check_order(struct order *o, int index, const struct op *op)
+{
+    int code = op->code, phase = op_defs[code].phase;
+    int *seen = o->seen;
+    if ((index == 0) != (code == OP_KEY))
+        return "the recipe must start with its key";
+    if (phase < o->phase)
+        return "operations out of order";
+    if ((code == OP_USERNS || code == OP_SERVE || code == OP_FUSE || code == OP_OVERLAY ||
+         code == OP_DROP) && seen[code])
+        return "an operation repeated";
+    if (phase >= 4 && !seen[OP_USERNS])
+        return "no namespaces";
+    if (code == OP_FUSE && !seen[OP_SERVE])
+        return "nothing serves the image";
+    if (((phase == 5) || code == OP_PIVOT) && !seen[OP_OVERLAY])
+        return "no root";
+    if ((code == OP_PIVOT || code == OP_CHROOT) &&
+        (seen[OP_PIVOT] || seen[OP_CHROOT] || (code == OP_CHROOT && seen[OP_OVERLAY])))
+        return "the root is entered twice";
+    if (code == OP_DROP && !seen[OP_PIVOT] && !seen[OP_CHROOT])
+        return "no root entered";
+    if (phase >= 8 && !seen[OP_DROP])
+        return "privileges not dropped";
+    if ((code == OP_EXEC) != (index == o->count - 1))
+        return "the recipe must end with exec";
+    if (code == OP_CLONE) {
+        if (o->slots[op->num[0]])
+            return "a slot used twice";
+        o->slots[op->num[0]] = 1;
+    } else if (code == OP_ATTACH) {
+        if (o->slots[op->num[0]] != 1)
+            return "a slot not cloned";
+        o->slots[op->num[0]] = 2;
+    }
+    seen[code] = 1;
+    o->phase = phase;
+    return NULL;
+}
+
+/* Checks the whole recipe and fills r->ops; NULL, or why it is refused (then nothing of it
+ * may be executed). */
+static const char *parse_recipe(struct recipe *r)
+{
+    if (r->len == 0 || r->data[r->len - 1] != 0)
+        return "recipe cut short";
+    struct cursor c = {r->data, r->data + r->len};
+    size_t len;
+    unsigned long long count;
+    const char *f = take(&c, &len);
+    if (!f)
+        return "recipe cut short";
+    if (strcmp(f, RECIPE_MAGIC) != 0)
+        return "not a recipe";
+    if (!(f = take(&c, &len)))
+        return "recipe cut short";
+    if (strcmp(f, RECIPE_VERSION) != 0)
+        return "not a version " RECIPE_VERSION " recipe";
+    if (!(f = take(&c, &len)))
+        return "recipe cut short";
+    if (number(f, len, MAX_OPS + 1, &count) != 0 || count == 0)
+        return "bad operation count";
+    static struct order order;
+    memset(&order, 0, sizeof order);
+    order.count = r->count = (int)count;
+    for (int i = 0; i < r->count; i++) {
+        struct op *op = &r->ops[i];
+        if (!(f = take(&c, &len)))
+            return "recipe cut short";
+        for (op->code = 0; op->code < OP_COUNT; op->code++)
+            if (strcmp(op_defs[op->code].name, f) == 0)
+                break;
+        if (op->code == OP_COUNT)
+            return "unknown operation";
+        const char *signature = op_defs[op->code].signature;
+        unsigned long long fields;
+        if (!(f = take(&c, &len)))
+            return "recipe cut short";
+        if (number(f, len, 100, &fields) != 0)
+            return "bad field count";
+        if (fields != strlen(signature))
+            return "wrong field count";
+        for (int j = 0; signature[j]; j++) {
+            if (!(op->arg[j] = take(&c, &len)))
+                return "recipe cut short";
+            const char *why = check_field(signature[j], op->arg[j], len, &op->num[j]);
+            if (why)
+                return why;
+        }
+        const char *why = check_order(&order, i, op);
+        if (why)
+            return why;
+    }
+    return c.next == c.end ? NULL : "data after the last operation";
 }
 
 /* "dev:ino:size:mtime_ns" of a path (following symlinks), as Python's file_identity. */
@@ -381,101 +667,52 @@ static void identity(const char *path, char *out, size_t size)
              (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec);
 }
 
-struct mount_rec {
-    const char *kind;   /* proc sys dev tmpfs tree bind device */
-    const char *source; /* host path (bind, device, proc, sys) */
-    const char *target; /* resolved path in the container */
-    int inner, recursive, nodev, read_only, source_is_dir, check_access;
-    unsigned mode;
-    int fd; /* O_PATH source or open_tree clone, opened before anything is mounted */
-};
+/* ---- the dry run: the canonical text (as recipe.render) ---------------------------------- */
 
-struct plan {
-    const char *job_root; /* a root the prolog prepared for this job: entered, not built */
-    const char *userns;   /* the user namespace pinned for the job ("" if none) */
-    const char *image, *squashfuse;
-    struct mount_rec mounts[MAX_MOUNTS];
-    int nmounts;
-    int clearenv;
-    const char *workdir;
-    int workdir_explicit;
-    int env_first, env_count; /* consecutive records: "env", op, name, value */
-};
-
-static int parse_int(const char *text)
+static void print_text(const char *text)
 {
-    return text ? atoi(text) : 0;
+    if (!*text)
+        fputs("\"\"", stdout);
+    for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
+        if (*p > 0x20 && *p < 0x7f && *p != '"' && *p != '\\')
+            putchar(*p);
+        else
+            printf("\\x%02x", *p);
+    }
 }
 
-/* Reads the recipe after the key; returns 0 when it is complete and still valid. */
-static int load_plan(struct recipe *r, struct plan *p, const char **why)
+static void print_flags(unsigned long long set, const struct flag_name *names)
 {
-    const char *rec;
-    char now[128];
-    memset(p, 0, sizeof *p);
-    while ((rec = field(r))) {
-        if (strcmp(rec, "depends") == 0) {
-            const char *path = field(r), *then = field(r);
-            if (!path || !then)
-                return *why = "recipe cut short", -1;
-            identity(path, now, sizeof now);
-            if (strcmp(now, then) != 0)
-                return *why = "a file the recipe depends on changed", -1;
-        } else if (strcmp(rec, "expires") == 0) {
-            const char *when = field(r);
-            if (!when || (long long)time(NULL) >= atoll(when))
-                return *why = "the image name's resolution expired", -1;
-        } else if (strcmp(rec, "job-root") == 0) {
-            p->job_root = field(r);
-            p->userns = field(r);
-            if (!p->userns)
-                return *why = "recipe cut short", -1;
-        } else if (strcmp(rec, "image") == 0) {
-            p->image = field(r);
-        } else if (strcmp(rec, "squashfuse") == 0) {
-            p->squashfuse = field(r);
-        } else if (strcmp(rec, "mount") == 0) {
-            if (p->nmounts == MAX_MOUNTS)
-                return *why = "too many mounts", -1;
-            struct mount_rec *m = &p->mounts[p->nmounts++];
-            m->kind = field(r);
-            m->source = field(r);
-            m->target = field(r);
-            const char *flags = field(r), *mode = field(r);
-            if (!m->kind || !m->source || !m->target || !flags || !mode)
-                return *why = "recipe cut short", -1;
-            m->inner = strchr(flags, 'i') != NULL;
-            m->recursive = strchr(flags, 'r') != NULL;
-            m->nodev = strchr(flags, 'n') != NULL;
-            m->read_only = strchr(flags, 'o') != NULL;
-            m->source_is_dir = strchr(flags, 'd') != NULL;
-            m->check_access = strchr(flags, 'u') != NULL;
-            m->mode = (unsigned)strtoul(mode, NULL, 8);
-            m->fd = -1;
-        } else if (strcmp(rec, "clearenv") == 0) {
-            p->clearenv = parse_int(field(r));
-        } else if (strcmp(rec, "env") == 0) {
-            if (!p->env_count)
-                p->env_first = r->next - 1;
-            else if (r->next - 1 != p->env_first + 4 * p->env_count)
-                return *why = "env records are not consecutive", -1;
-            p->env_count++;
-            if (!field(r) || !field(r) || !field(r))
-                return *why = "recipe cut short", -1;
-        } else if (strcmp(rec, "workdir") == 0) {
-            p->workdir = field(r);
-            p->workdir_explicit = parse_int(field(r));
-        } else if (strcmp(rec, "end") == 0) {
-            if (!p->image && !p->job_root)
-                return *why = "recipe incomplete", -1;
-            return 0;
-        } else {
-            return *why = "unknown recipe record", -1;
+    if (!set)
+        fputs("\"\"", stdout);
+    for (int first = 1; names->name; names++) {
+        if (set & names->bit) {
+            printf("%s%s", first ? "" : ",", names->name);
+            first = 0;
         }
     }
-    return *why = "recipe cut short", -1;
 }
 
+static void print_recipe(const struct recipe *r)
+{
+    for (int i = 0; i < r->count; i++) {
+        const struct op *op = &r->ops[i];
+        const char *signature = op_defs[op->code].signature;
+        fputs(op_defs[op->code].name, stdout);
+        for (int j = 0; signature[j]; j++) {
+            putchar(' ');
+            switch (signature[j]) {
+            case 'n': case 'x': printf("%llu", op->num[j]); break;
+            case 'o': printf("%llo", op->num[j]); break;
+            case 'c': print_text(op->num[j] ? "recursive" : ""); break;
+            case 'm': print_flags(op->num[j], mount_flag_names); break;
+            case 'a': print_flags(op->num[j], mount_attr_names); break;
+            default: print_text(op->arg[j]);
+            }
+        }
+        putchar('\n');
+    }
+}
 /* ---- system calls ------------------------------------------------------------------------ */
 
 static int open_tree_(int dfd, const char *path, unsigned flags)
@@ -518,34 +755,6 @@ static void write_file(const char *path, const char *text)
         die("cannot write %s", path);
     close(fd);
 }
-
-/* mkdir -p below a directory fd (for mount points inside /dev), then the last component as
- * a directory or an empty file. */
-static void make_inner(int base_fd, const char *rel, int directory)
-{
-    char path[4096];
-    snprintf(path, sizeof path, "%s", rel);
-    char *p = path;
-    while (*p == '/')
-        p++;
-    for (char *slash = strchr(p, '/'); slash; slash = strchr(slash + 1, '/')) {
-        *slash = 0;
-        if (mkdirat(base_fd, p, 0755) != 0 && errno != EEXIST)
-            die("cannot make %s", p);
-        *slash = '/';
-    }
-    if (directory) {
-        if (mkdirat(base_fd, p, 0755) != 0 && errno != EEXIST)
-            die("cannot make %s", p);
-    } else {
-        int fd = openat(base_fd, p, O_CREAT | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0644);
-        if (fd < 0 && errno != EEXIST)
-            die("cannot make %s", p);
-        if (fd >= 0)
-            close(fd);
-    }
-}
-
 /* ---- the image server, started before the namespaces --------------------------------- */
 
 /* squashfuse's low-level operations (libsquashfuse_ll), as its squashfuse_ll program sets
@@ -683,71 +892,6 @@ static void enter_namespaces(void)
         die("cannot make the mounts private");
 }
 
-static int is_tmpfs(const struct mount_rec *m)
-{
-    return !strcmp(m->kind, "dev") || !strcmp(m->kind, "tmpfs");
-}
-
-/* A host source as a detached mount (open_tree clone) with its final flags, made while
- * squashfuse_ll starts; the root only has to exist when it is moved into place. */
-static void detach_source(struct mount_rec *m)
-{
-    int recursive = m->recursive && strcmp(m->kind, "device") != 0;
-    m->fd = open_tree_(AT_FDCWD, m->source,
-                       OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (recursive ? AT_RECURSIVE : 0));
-    if (m->fd < 0)
-        die("cannot take %s", m->source);
-    uint64_t attrs = MOUNT_ATTR_NOSUID | (m->nodev ? MOUNT_ATTR_NODEV : 0);
-    if (!strcmp(m->kind, "sys") || !strcmp(m->kind, "proc") || !strcmp(m->kind, "device"))
-        attrs |= MOUNT_ATTR_NOEXEC;
-    if (m->read_only || !strcmp(m->kind, "sys"))
-        attrs |= MOUNT_ATTR_RDONLY;
-    if (mount_setattr_(m->fd, "", AT_EMPTY_PATH | (m->recursive ? AT_RECURSIVE : 0), attrs) != 0)
-        die("cannot set the flags of %s", m->source);
-}
-
-static void mount_one(struct mount_rec *m, int root_fd)
-{
-    char target[64];
-    if (m->inner) {
-        const char *top = strncmp(m->target, "/dev/", 5) == 0 ? "/dev" : "/tmp";
-        int base = open_beneath(root_fd, top, O_PATH | O_DIRECTORY);
-        if (base < 0)
-            die("cannot open %s in the container", top);
-        int directory = m->source_is_dir && strcmp(m->kind, "device") != 0;
-        make_inner(base, m->target + strlen(top), directory);
-        close(base);
-    }
-    int target_fd = open_beneath(root_fd, m->target, O_PATH);
-    if (target_fd < 0)
-        die("cannot open the mount point %s", m->target);
-    if (is_tmpfs(m)) {
-        char data[32];
-        unsigned long flags = MS_NOSUID | (strcmp(m->kind, "dev") == 0 ? MS_NOEXEC : MS_NODEV);
-        snprintf(data, sizeof data, "mode=%o", m->mode);
-        fd_path(target_fd, target, sizeof target);
-        if (mount("tmpfs", target, "tmpfs", flags, data) != 0)
-            die("cannot mount a tmpfs at %s", m->target);
-        if (strcmp(m->kind, "dev") == 0) {
-            static const char *links[][2] = {{"fd", "/proc/self/fd"},
-                                             {"stdin", "/proc/self/fd/0"},
-                                             {"stdout", "/proc/self/fd/1"},
-                                             {"stderr", "/proc/self/fd/2"}};
-            int dev = open_beneath(root_fd, "/dev", O_PATH | O_DIRECTORY);
-            if (dev < 0)
-                die("cannot open /dev in the container");
-            for (size_t i = 0; i < 4; i++)
-                if (symlinkat(links[i][1], dev, links[i][0]) != 0)
-                    die("cannot make /dev/%s", links[i][0]);
-            close(dev);
-        }
-    } else if (move_mount_(m->fd, "", target_fd, "",
-                           MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) != 0) {
-        die("cannot attach %s at %s", m->source, m->target);
-    }
-    close(target_fd);
-}
-
 static void drop_privileges(void)
 {
     int last = 63;
@@ -773,55 +917,56 @@ static void drop_privileges(void)
         die("refusing to run as root");
 }
 
-/* ---- the environment --------------------------------------------------------------------- */
 
-static void apply_env(struct recipe *r, struct plan *p)
+/* ---- executing the recipe ---------------------------------------------------------------- */
+
+static int slots[MAX_SLOTS];          /* detached mounts (clone), until attached */
+static const char *slot_source[MAX_SLOTS];
+static int root_fd = -1;              /* the container's root (overlay), for paths in it */
+static int image_server = -1;         /* our end of the image server's socket (serve) */
+static char caller_cwd[4096];
+
+/* Opens the directory holding ``path`` beneath the root; ``name`` is its last component. */
+static int open_parent(const char *path, char *name, size_t size)
 {
-    if (p->clearenv)
-        clearenv();
-    r->next = p->env_first;
-    for (int i = 0; i < p->env_count; i++) {
-        r->next++; /* "env" */
-        const char *op = r->fields[r->next++], *name = r->fields[r->next++];
-        const char *value = r->fields[r->next++];
-        const char *old = getenv(name);
-        if (strcmp(op, "set") == 0) {
-            setenv(name, value, 1);
-        } else if (strcmp(op, "unset") == 0) {
-            unsetenv(name);
-        } else if (old && *old) { /* prepend, append: ':'-lists never get empty elements */
-            size_t len = strlen(old) + strlen(value) + 2;
-            char *joined = malloc(len);
-            if (!joined)
-                die("out of memory");
-            if (strcmp(op, "prepend") == 0)
-                snprintf(joined, len, "%s:%s", value, old);
-            else
-                snprintf(joined, len, "%s:%s", old, value);
-            setenv(name, joined, 1);
-            free(joined);
-        } else {
-            setenv(name, value, 1);
-        }
-    }
+    char parent[MAX_PATH + 1];
+    snprintf(parent, sizeof parent, "%s", path);
+    char *slash = strrchr(parent, '/');
+    snprintf(name, size, "%s", slash + 1);
+    *slash = 0;
+    if (!*name)
+        die("no name in %s", path);
+    int fd = open_beneath(root_fd, parent, O_PATH | O_DIRECTORY);
+    if (fd < 0)
+        die("cannot open the directory of %s in the container", path);
+    return fd;
 }
 
-/* The last steps, in the container: no capabilities, the working directory, the
- * environment, exec. */
-__attribute__((noreturn)) static void finish(struct recipe *recipe, struct plan *plan,
-                                             const char *caller_cwd, char **command)
+static void set_env(const char *name, const char *value)
 {
-    drop_privileges();
+    if (setenv(name, value, 1) != 0)
+        die("cannot set %s", name);
+}
 
-    /* The working directory: -w DIR must exist; by default the caller's, else /. */
-    const char *workdir = plan->workdir && *plan->workdir ? plan->workdir : caller_cwd;
-    if (chdir(workdir) != 0) {
-        if (plan->workdir_explicit)
-            die("cannot change to the working directory %s", workdir);
-        if (chdir("/") != 0)
-            die("cannot change to /");
+/* NAME=VALUE:old (prepend) or old:VALUE (append); VALUE alone for an unset or empty NAME. */
+static void join_env(const char *name, const char *value, int prepend)
+{
+    const char *old = getenv(name);
+    if (!old || !*old) {
+        set_env(name, value);
+        return;
     }
-    apply_env(recipe, plan);
+    size_t len = strlen(old) + strlen(value) + 2;
+    char *joined = malloc(len);
+    if (!joined)
+        die("out of memory");
+    snprintf(joined, len, "%s:%s", prepend ? value : old, prepend ? old : value);
+    set_env(name, joined);
+    free(joined);
+}
+
+__attribute__((noreturn)) static void run_command(char **command)
+{
     execvp(command[0], command);
     int saved = errno;
     if (saved == ENOENT) {
@@ -836,11 +981,206 @@ __attribute__((noreturn)) static void finish(struct recipe *recipe, struct plan 
     _exit(126);
 }
 
+/* One operation.  Before ``userns`` a failure goes back to Python; after it, it is fatal. */
+static void execute(const struct op *op, const char *key_hex, char **command)
+{
+    const char *const *a = op->arg;
+    const unsigned long long *n = op->num;
+    char name[MAX_PATH + 1], path[64];
+    struct stat st;
+    int fd;
+    switch (op->code) {
+    case OP_KEY: /* compared before anything is executed */
+        break;
+    case OP_DEPENDS: {
+        char now[128];
+        identity(a[0], now, sizeof now);
+        if (strcmp(now, a[1]) != 0)
+            fallback("a file the recipe depends on changed", key_hex);
+        break;
+    }
+    case OP_EXPIRES:
+        if ((unsigned long long)time(NULL) >= n[0])
+            fallback("the image name's resolution expired", key_hex);
+        break;
+    case OP_REQUIRE:
+        fd = open(a[0], O_PATH | O_CLOEXEC);
+        if (fd < 0)
+            fallback("a path the recipe needs is missing", key_hex);
+        if (fstat(fd, &st) != 0 || (S_ISDIR(st.st_mode) != 0) != (strcmp(a[1], "dir") == 0))
+            fallback("a path the recipe needs changed", key_hex);
+        close(fd);
+        if (*a[2] && access(a[0], R_OK | (a[2][1] ? X_OK : 0)) != 0)
+            fallback("a path the recipe needs is not accessible", key_hex);
+        break;
+    case OP_SERVE:
+        image_server = start_image_server(a[0]);
+        if (image_server < 0)
+            fallback("cannot start the image server", key_hex);
+        break;
+    case OP_USERNS: /* from here on there is no way back to Python */
+        if (!*a[0] || join_user_namespace(a[0]) != 0)
+            enter_namespaces();
+        break;
+    case OP_CLONE:
+        slots[n[0]] = open_tree_(AT_FDCWD, a[1],
+                                 OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (n[2] ? AT_RECURSIVE : 0));
+        slot_source[n[0]] = a[1];
+        if (slots[n[0]] < 0)
+            die("cannot take %s", a[1]);
+        if (n[3] && mount_setattr_(slots[n[0]], "", AT_EMPTY_PATH | (n[2] ? AT_RECURSIVE : 0),
+                                   n[3]) != 0)
+            die("cannot set the flags of %s", a[1]);
+        break;
+    case OP_FUSE: {
+        fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+        if (fd < 0)
+            die("cannot open /dev/fuse");
+        size_t size = strlen(a[2]) + 32;
+        char *data = malloc(size);
+        if (!data)
+            die("out of memory");
+        snprintf(data, size, "fd=%d,%s", fd, a[2]);
+        if (mount("squashfuse_ll", a[0], "fuse.squashfuse_ll", n[1], data) != 0)
+            die("cannot mount the image at %s", a[0]);
+        free(data);
+        send_fd(image_server, fd);
+        close(fd);
+        close(image_server);
+        break;
+    }
+    case OP_OVERLAY:
+        if (mount("overlay", a[0], "overlay", n[1], a[2]) != 0)
+            die("cannot mount the container's root (is the image readable?)");
+        root_fd = open(a[0], O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (root_fd < 0)
+            die("cannot open %s", a[0]);
+        break;
+    case OP_MOUNT:
+        fd = open_beneath(root_fd, a[1], O_PATH);
+        if (fd < 0)
+            die("cannot open the mount point %s", a[1]);
+        fd_path(fd, path, sizeof path);
+        if (mount(a[0], path, a[2], n[3], a[4]) != 0)
+            die("cannot mount %s at %s", a[2], a[1]);
+        close(fd);
+        break;
+    case OP_ATTACH:
+        fd = open_beneath(root_fd, a[1], O_PATH);
+        if (fd < 0)
+            die("cannot open the mount point %s", a[1]);
+        if (move_mount_(slots[n[0]], "", fd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
+            die("cannot attach %s at %s", slot_source[n[0]], a[1]);
+        close(fd);
+        close(slots[n[0]]);
+        slots[n[0]] = -1;
+        break;
+    case OP_MKDIR:
+        fd = open_parent(a[0], name, sizeof name);
+        if (mkdirat(fd, name, (mode_t)n[1]) == 0) {
+            if (fchmodat(fd, name, (mode_t)n[1], 0) != 0)
+                die("cannot set the mode of %s", a[0]);
+        } else if (errno != EEXIST) {
+            die("cannot make %s", a[0]);
+        }
+        close(fd);
+        break;
+    case OP_MKFILE: {
+        int dir = open_parent(a[0], name, sizeof name);
+        fd = openat(dir, name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW,
+                    (mode_t)n[1]);
+        if (fd >= 0) {
+            if (fchmod(fd, (mode_t)n[1]) != 0)
+                die("cannot set the mode of %s", a[0]);
+            close(fd);
+        } else if (errno != EEXIST) {
+            die("cannot make %s", a[0]);
+        }
+        close(dir);
+        break;
+    }
+    case OP_SYMLINK:
+        fd = open_parent(a[1], name, sizeof name);
+        if (symlinkat(a[0], fd, name) != 0)
+            die("cannot make %s", a[1]);
+        close(fd);
+        break;
+    case OP_SETATTR:
+        fd = open_beneath(root_fd, a[0], O_PATH);
+        if (fd < 0 || mount_setattr_(fd, "", AT_EMPTY_PATH | (n[2] ? AT_RECURSIVE : 0), n[1]))
+            die("cannot set the flags of %s", a[0]);
+        close(fd);
+        break;
+    case OP_PIVOT:
+        if (fchdir(root_fd) != 0 || syscall(SYS_pivot_root, ".", ".") != 0 ||
+            umount2(".", MNT_DETACH) != 0 || chdir("/") != 0)
+            die("cannot enter the container");
+        for (int i = 0; i < MAX_SLOTS; i++)
+            if (slots[i] >= 0)
+                close(slots[i]);
+        close(root_fd);
+        break;
+    case OP_CHROOT:
+        if (chroot(a[0]) != 0 || chdir("/") != 0)
+            die("cannot enter the root prepared for this job");
+        break;
+    case OP_DROP:
+        drop_privileges();
+        if (getuid() != n[0] || getgid() != n[1])
+            die("the container would run as %u:%u, not as %llu:%llu", (unsigned)getuid(),
+                (unsigned)getgid(), n[0], n[1]);
+        break;
+    case OP_CHDIR:
+        if (chdir(a[0]) != 0)
+            die("cannot change to the working directory %s", a[0]);
+        break;
+    case OP_CHDIR_CALLER:
+        if (chdir(caller_cwd) != 0 && chdir(a[0]) != 0)
+            die("cannot change to %s", a[0]);
+        break;
+    case OP_ENV_CLEAR:
+        clearenv();
+        break;
+    case OP_ENV_SET:
+        set_env(a[0], a[1]);
+        break;
+    case OP_ENV_UNSET:
+        unsetenv(a[0]);
+        break;
+    case OP_ENV_PREPEND:
+    case OP_ENV_APPEND:
+        join_env(a[0], a[1], op->code == OP_ENV_PREPEND);
+        break;
+    case OP_EXEC:
+        run_command(command);
+    }
+}
+
 /* ---- main -------------------------------------------------------------------------------- */
+
+static struct recipe recipe;
+
+/* SHIFTER_LAUNCH_DRY_RUN=FILE: the operations of FILE, or why it is refused. */
+static int dry_run_file(const char *path)
+{
+    const char *why = read_recipe(path, &recipe);
+    if (!why)
+        why = parse_recipe(&recipe);
+    if (why)
+        fallback(why, NULL);
+    print_recipe(&recipe);
+    return fflush(stdout) == 0 ? 0 : EXIT_FAILED;
+}
 
 int main(int argc, char **argv)
 {
     original_argv = argv;
+    const char *dry = getenv("SHIFTER_LAUNCH_DRY_RUN");
+    if (dry && *dry) {
+        dry_run = 1;
+        if (dry[0] == '/')
+            return dry_run_file(dry);
+    }
     if (getuid() == 0 || geteuid() == 0)
         fallback("run as root", NULL);
     if (getenv("SHIFTER_LAUNCH_DISABLE"))
@@ -849,7 +1189,6 @@ int main(int argc, char **argv)
     if (command < 0 || command >= argc)
         fallback("options the launcher does not replay", NULL);
 
-    static char caller_cwd[4096];
     if (!getcwd(caller_cwd, sizeof caller_cwd))
         strcpy(caller_cwd, "/");
 
@@ -857,118 +1196,28 @@ int main(int argc, char **argv)
     make_key(&key, command - 1, argv + 1);
     char key_hex[17];
     snprintf(key_hex, sizeof key_hex, "%016llx", (unsigned long long)fnv1a(key.data, key.len));
-    char cache[3072], dir[3200], path[3300];
+    char cache[3072], path[3300];
     if (cache_dir(cache, sizeof cache) != 0)
         fallback("no launch cache", key_hex);
-    snprintf(dir, sizeof dir, "%s/%s", cache, key_hex);
-    snprintf(path, sizeof path, "%s/recipe", dir);
-    struct recipe recipe;
-    if (read_recipe(path, &recipe) != 0)
-        fallback("no recipe", key_hex);
-    const char *stored = field(&recipe);
-    if (!stored || strcmp(stored, key.data) != 0)
-        fallback("another request's recipe", key_hex);
-    static struct plan plan;
-    const char *why = NULL;
-    if (load_plan(&recipe, &plan, &why) != 0)
+    snprintf(path, sizeof path, "%s/%s/recipe", cache, key_hex);
+    const char *why = read_recipe(path, &recipe);
+    if (why)
         fallback(why, key_hex);
+    if ((why = parse_recipe(&recipe))) {
+        static char refused[128];
+        snprintf(refused, sizeof refused, "recipe refused (%s)", why);
+        fallback(refused, key_hex);
+    }
+    if (strcmp(recipe.ops[0].arg[0], key.data) != 0)
+        fallback("another request's recipe", key_hex);
+    if (dry_run) {
+        print_recipe(&recipe);
+        return fflush(stdout) == 0 ? 0 : EXIT_FAILED;
+    }
     snprintf(recipe_path, sizeof recipe_path, "%s", path);
-
-    if (plan.job_root) {
-        struct stat st;
-        if (lstat(plan.job_root, &st) != 0 || !S_ISDIR(st.st_mode))
-            fallback("the job's prepared root is gone", key_hex);
-        /* From here on there is no way back to Python. */
-        if (join_user_namespace(plan.userns) != 0)
-            enter_namespaces();
-        if (chroot(plan.job_root) != 0 || chdir("/") != 0)
-            die("cannot enter the root prepared for this job");
-        finish(&recipe, &plan, caller_cwd, argv + command);
-    }
-
-    /* Check every host source now, while Python can still explain a problem. */
-    for (int i = 0; i < plan.nmounts; i++) {
-        struct mount_rec *m = &plan.mounts[i];
-        if (!strcmp(m->kind, "dev") || !strcmp(m->kind, "tmpfs") || !strcmp(m->kind, "tree"))
-            continue;
-        int fd = open(m->source, O_PATH | O_CLOEXEC);
-        if (fd < 0)
-            fallback("a source of a mount is missing", key_hex);
-        struct stat st;
-        if (fstat(fd, &st) != 0 || (S_ISDIR(st.st_mode) != 0) != (m->source_is_dir != 0))
-            fallback("a source of a mount changed", key_hex);
-        if (m->check_access) {
-            fd_path(fd, path, sizeof path);
-            if (access(path, R_OK | (m->source_is_dir ? X_OK : 0)) != 0)
-                fallback("a volume's source is not readable", key_hex);
-        }
-        close(fd);
-    }
-    char upper[3300], lower[3300], root[3300];
-    snprintf(upper, sizeof upper, "%s/upper", dir);
-    snprintf(lower, sizeof lower, "%s/lower", dir);
-    snprintf(root, sizeof root, "%s/root", dir);
-    if (access(plan.image, R_OK) != 0)
-        fallback("the image is not readable", key_hex);
-    struct stat st;
-    if (lstat(upper, &st) != 0 || !S_ISDIR(st.st_mode) || lstat(lower, &st) != 0 ||
-        !S_ISDIR(st.st_mode) || lstat(root, &st) != 0 || !S_ISDIR(st.st_mode))
-        fallback("the recipe's directories are incomplete", key_hex);
-    int daemon = start_image_server(plan.image);
-    if (daemon < 0)
-        fallback("cannot start the image server", key_hex);
-
-    /* From here on there is no way back to Python. */
-    enter_namespaces();
-    /* The clone of /tmp is taken before anything is mounted: it must not contain this
-     * container's own mounts. */
-    for (int i = 0; i < plan.nmounts; i++) {
-        struct mount_rec *m = &plan.mounts[i];
-        if (strcmp(m->kind, "tree") == 0) {
-            m->fd = open_tree_(AT_FDCWD, m->source,
-                               OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
-            if (m->fd < 0 || mount_setattr_(m->fd, "", AT_EMPTY_PATH | AT_RECURSIVE,
-                                            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV) != 0)
-                die("cannot take %s", m->source);
-        }
-    }
-    int fuse = open("/dev/fuse", O_RDWR | O_CLOEXEC);
-    if (fuse < 0)
-        die("cannot open /dev/fuse");
-    char options[256];
-    snprintf(options, sizeof options,
-             "fd=%d,rootmode=40000,user_id=%u,group_id=%u,default_permissions", fuse,
-             (unsigned)getuid(), (unsigned)getgid());
-    if (mount("squashfuse_ll", lower, "fuse.squashfuse_ll", MS_RDONLY | MS_NOSUID | MS_NODEV,
-              options) != 0)
-        die("cannot mount the image %s", plan.image);
-    send_fd(daemon, fuse);
-    close(fuse);
-    close(daemon);
-    for (int i = 0; i < plan.nmounts; i++) /* meanwhile squashfuse_ll starts */
-        if (!is_tmpfs(&plan.mounts[i]) && strcmp(plan.mounts[i].kind, "tree") != 0)
-            detach_source(&plan.mounts[i]);
-    char overlay[10000];
-    snprintf(overlay, sizeof overlay, "lowerdir=%s:%s", upper, lower);
-    if (mount("overlay", root, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, overlay) != 0)
-        die("cannot mount the container's root (is the image readable?)");
-    int root_fd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (root_fd < 0)
-        die("cannot open %s", root);
-    for (int i = 0; i < plan.nmounts; i++)
-        mount_one(&plan.mounts[i], root_fd);
-    int dev = open_beneath(root_fd, "/dev", O_PATH);
-    if (dev >= 0) {
-        if (mount_setattr_(dev, "", AT_EMPTY_PATH, MOUNT_ATTR_RDONLY) != 0)
-            die("cannot make /dev read-only");
-        close(dev);
-    }
-    if (fchdir(root_fd) != 0 || syscall(SYS_pivot_root, ".", ".") != 0 ||
-        umount2(".", MNT_DETACH) != 0 || chdir("/") != 0)
-        die("cannot enter the container");
-    for (int i = 0; i < plan.nmounts; i++)
-        if (plan.mounts[i].fd >= 0)
-            close(plan.mounts[i].fd);
-    close(root_fd);
-    finish(&recipe, &plan, caller_cwd, argv + command);
+    for (int i = 0; i < MAX_SLOTS; i++)
+        slots[i] = -1;
+    for (int i = 0; i < recipe.count; i++)
+        execute(&recipe.ops[i], key_hex, argv + command);
+    die("the recipe ends without exec"); /* parse_recipe refuses that */
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from shifter_core.runtime.recipe import Op, parse, render, serialise
 
 from .slurm import user_env
 from .test_runtime_support import (  # noqa: F401 - fixture 'rt'
@@ -186,11 +189,11 @@ def test_an_image_name_is_replayed_for_a_while(rt, box, fresh_cache) -> None:
     second, replayed = launched(rt, args, **env)
     assert replayed and second.stdout == first.stdout == "docker:busybox\n"
     recipe = next(fresh_cache.glob("*/recipe"))
-    fields = recipe.read_bytes().split(b"\0")
-    expires = fields.index(b"expires") + 1
-    assert 0 < int(fields[expires]) - time.time() <= 60  # the default
-    fields[expires] = b"1"
-    recipe.write_bytes(b"\0".join(fields))
+    ops = parse(recipe.read_bytes())
+    (expires,) = [i for i, op in enumerate(ops) if op.name == "expires"]
+    assert 0 < int(ops[expires].args[0]) - time.time() <= 60  # the default
+    ops[expires] = Op("expires", 1)
+    recipe.write_bytes(serialise(ops))
     third, replayed = launched(rt, args, **env)
     assert not replayed and "expired" in third.stderr and third.stdout == first.stdout
 
@@ -199,9 +202,10 @@ def test_a_replay_that_fails_leaves_the_next_run_to_python(rt, fresh_cache, alic
     args = [f"--image=id:{rt.busybox}", "--workdir=/tmp", "true"]
     assert launched(rt, args)[0].returncode == 0
     recipe = next(fresh_cache.glob("*/recipe"))
-    fields = recipe.read_bytes().split(b"\0")
-    fields[fields.index(b"workdir") + 1] = b"/no/such/dir"  # what Python decided is now wrong
-    recipe.write_bytes(b"\0".join(fields))
+    ops = parse(recipe.read_bytes())
+    # What Python decided is now wrong:
+    ops = [Op("chdir", "/no/such/dir") if op.name == "chdir" else op for op in ops]
+    recipe.write_bytes(serialise(ops))
     failed, replayed = launched(rt, args)
     assert replayed and failed.returncode == 125
     assert "cannot change to the working directory /no/such/dir" in failed.stderr
@@ -225,3 +229,45 @@ def test_files_below_tmp_are_seen_as_the_launcher_sees_them(rt, fresh_cache) -> 
         assert replayed, result.stderr
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_launcher_executes_the_recorded_operations(rt, fresh_cache, alice_dir) -> None:
+    """The launcher's dry run of the recipe a request would replay prints the operations
+    Python recorded (recipe.render), with the flags assemble gave each mount."""
+    args = [f"--image=id:{rt.busybox}", "-V", f"{alice_dir}:/data:ro", "-e", "A=b c", "true"]
+    assert not launched(rt, args)[1]
+    recipe = next(fresh_cache.glob("*/recipe"))
+    ops = parse(recipe.read_bytes())
+    dry = shifter_as(rt, args, SHIFTER_LAUNCH_DRY_RUN="1")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout == render(ops)
+    assert re.search(rf"^clone \d+ {alice_dir} recursive ro,nosuid,nodev$", dry.stdout, re.M)
+    assert "env-set A b\\x20c\n" in dry.stdout and dry.stdout.endswith("exec\n")
+    assert launched(rt, args)[1]  # the dry run executed nothing and removed nothing
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # cut short
+        lambda data: data.replace(b"shifter-recipe\0" + b"2\0", b"shifter-recipe\0" + b"1\0"),
+        lambda data: data.replace(b"pivot\0", b"reboot\0"),  # an unknown operation
+        lambda data: data.replace(b"exec\0" + b"0\0", b"exec\0" + b"1\0/bin/sh\0"),
+    ],
+    ids=["truncated", "version", "unknown-op", "field-count"],
+)
+def test_a_malformed_recipe_is_refused_whole(rt, fresh_cache, damage) -> None:
+    """A damaged recipe is refused before anything of it runs (no image server, no mount):
+    Python runs the request and writes a good recipe, which the next run replays."""
+    args = [f"--image=id:{rt.busybox}", "sh", "-c", "echo ran"]
+    assert not launched(rt, args)[1]
+    recipe = next(fresh_cache.glob("*/recipe"))
+    recipe.write_bytes(damage(recipe.read_bytes()))
+    result, replayed = launched(rt, args)
+    assert not replayed and "recipe refused" in result.stderr, result.stderr
+    assert result.returncode == 0 and result.stdout == "ran\n"
+    assert parse(recipe.read_bytes())  # Python wrote it again
+    result, replayed = launched(rt, args)
+    assert replayed and result.stdout == "ran\n"
+    assert not wait_for_no_processes("alice", "shifter-sqfs")
+    assert not host_mounts_with(str(fresh_cache))

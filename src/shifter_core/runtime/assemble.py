@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .. import syscalls
 from ..image.content import MAX_IDENTITY_TEXT
@@ -98,6 +98,58 @@ class BuildResult:
 
     def __init__(self) -> None:
         self.loop_devices: list[str] = []
+
+
+# ---- the decisions, in one place (the build below and the launcher's recipe use them) -------
+
+IMAGE_FLAGS = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV  # the image itself
+OVERLAY_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV  # the root (then read-only, see build)
+# After every mount: /dev read-only (not recursive: /dev/pts and /dev/shm stay writable).
+FINAL_ATTRS = (("/dev", syscalls.MOUNT_ATTR_RDONLY, False),)
+
+
+def fuse_options(uid: int, gid: int) -> str:
+    """The FUSE mount options of the image served as ``uid``, ``gid`` (``fd=N,`` first)."""
+    return f"rootmode=40000,user_id={uid},group_id={gid},default_permissions"
+
+
+def mount_order(specs: Iterable[MountSpec]) -> list[MountSpec]:
+    """The order of the mounts: parents before what is mounted inside them."""
+    return sorted(specs, key=lambda s: s.resolved.count("/"))
+
+
+def bind_recursive(spec: MountSpec) -> bool:
+    """A bind takes the mounts below its source (a device node has none)."""
+    return spec.recursive and spec.kind != "device"
+
+
+def mount_attrs(spec: MountSpec, privileged: bool) -> int | None:
+    """The mount attributes of a bound mount (None: mounted fresh, its flags are
+    :func:`tmpfs_options` or the mount's own): nosuid always, nodev unless the spec passes
+    devices, noexec for /proc, /sys and device nodes, read-only as asked and for /sys."""
+    kind = spec.kind
+    if kind not in ("bind", "tree", "sys", "device") and (kind != "proc" or privileged):
+        return None
+    attrs = _ATTR_SAFE if spec.nodev else syscalls.MOUNT_ATTR_NOSUID
+    if kind in ("sys", "proc", "device"):
+        attrs |= syscalls.MOUNT_ATTR_NOEXEC
+    if spec.read_only or kind == "sys":
+        attrs |= syscalls.MOUNT_ATTR_RDONLY
+    return attrs
+
+
+def tmpfs_options(spec: MountSpec) -> tuple[int, str]:
+    """The flags and data of a tmpfs: /dev is noexec, a private /tmp nodev; both nosuid."""
+    flags = syscalls.MS_NOSUID
+    flags |= syscalls.MS_NOEXEC if spec.target == "/dev" else syscalls.MS_NODEV
+    return flags, f"mode={spec.tmpfs_mode:o}"
+
+
+def inner_mount_point(spec: MountSpec) -> tuple[str, str]:
+    """For a mount inside a fresh tmpfs (``spec.inner``): that tmpfs (/dev or /tmp) and what
+    its mount point is ("dir" or "file")."""
+    top = "/dev" if is_below(spec.target, "/dev") else "/tmp"
+    return top, "dir" if spec.source_is_dir and spec.kind != "device" else "file"
 
 
 def _o_path(path: str, directory: bool = False) -> int:
@@ -333,7 +385,7 @@ class RootBuilder:
             if resolved.path == "/":
                 raise VolumeError(f"{spec.what}: cannot mount over the container's root")
         placed: list[MountSpec] = []
-        for spec in sorted(self.specs, key=lambda s: s.resolved.count("/")):
+        for spec in mount_order(self.specs):
             if spec.inner:
                 continue
             for other in placed:
@@ -475,16 +527,17 @@ class RootBuilder:
             "overlay",
             self.root,
             "overlay",
-            syscalls.MS_NOSUID | syscalls.MS_NODEV,
+            OVERLAY_FLAGS,
             f"lowerdir={lower},upperdir={upper},workdir={work}",
         )
         root_fd = self._keep(_o_path(self.root, True))
-        for spec in sorted(self.specs, key=lambda s: s.resolved.count("/")):
+        for spec in mount_order(self.specs):
             self._mount(spec, root_fd)
         for name, module in plan.modules:
             if module.root_hook:
                 self._root_hook(name, module.root_hook)
-        _set_attrs(root_fd, "/dev", syscalls.MOUNT_ATTR_RDONLY, recursive=False)
+        for path, attrs, recursive in FINAL_ATTRS:
+            _set_attrs(root_fd, path, attrs, recursive=recursive)
         if not plan.writable:
             syscalls.mount_setattr("", syscalls.MOUNT_ATTR_RDONLY, dirfd=root_fd)
         return self.result
@@ -508,9 +561,8 @@ class RootBuilder:
                 else:
                     self._bind(spec, target)
             elif spec.kind == "tmpfs":
-                flags = syscalls.MS_NOSUID  # /dev: noexec; a private /tmp: nodev
-                flags |= syscalls.MS_NOEXEC if spec.target == "/dev" else syscalls.MS_NODEV
-                syscalls.mount("tmpfs", target, "tmpfs", flags, f"mode={spec.tmpfs_mode:o}")
+                flags, data = tmpfs_options(spec)
+                syscalls.mount("tmpfs", target, "tmpfs", flags, data)
                 if spec.target == "/dev":
                     self._populate_dev(root_fd)
             elif spec.kind == "pernode":
@@ -525,30 +577,21 @@ class RootBuilder:
             os.close(target_fd)
         if spec.kind == "pernode":
             self._give_to_user(root_fd, spec.resolved)
-        if spec.kind in ("bind", "tree", "sys", "device") or (
-            spec.kind == "proc" and not self.privileged
-        ):
-            attrs = _ATTR_SAFE if spec.nodev else syscalls.MOUNT_ATTR_NOSUID
-            if spec.kind in ("sys", "proc", "device"):
-                attrs |= syscalls.MOUNT_ATTR_NOEXEC
-            if spec.read_only or spec.kind == "sys":
-                attrs |= syscalls.MOUNT_ATTR_RDONLY
+        attrs = mount_attrs(spec, self.privileged)
+        if attrs is not None:
             _set_attrs(root_fd, spec.resolved, attrs, recursive=spec.recursive)
         log.debug("mounted %s at %s", spec.what, spec.resolved)
 
     def _bind(self, spec: MountSpec, target: str) -> None:
         assert spec.source_fd is not None
-        flags = syscalls.MS_BIND | (
-            syscalls.MS_REC if spec.recursive and spec.kind != "device" else 0
-        )
+        flags = syscalls.MS_BIND | (syscalls.MS_REC if bind_recursive(spec) else 0)
         syscalls.mount(fd_path(spec.source_fd), target, None, flags)
 
     def _make_inner(self, root_fd: int, spec: MountSpec) -> None:
-        top = "/dev" if is_below(spec.target, "/dev") else "/tmp"
+        top, want = inner_mount_point(spec)
         base_fd = open_beneath(root_fd, top, directory=True)
         try:
             rel = spec.target[len(top) :]
-            want = "dir" if spec.source_is_dir and spec.kind != "device" else "file"
             make_path(base_fd, rel, want)
         finally:
             os.close(base_fd)

@@ -4,20 +4,22 @@ Starting Python costs more than a whole container start with Charliecloud, so ``
 a small C program.  For a request it has seen before it replays a *recipe* left here by this
 module; otherwise it runs the Python implementation with ``SHIFTER_LAUNCH_MISS`` set, and
 after the Python runtime has built the container for that request, :class:`Recorder` writes
-the recipe for next time.  The recipe is what the Python build decided, nothing more:
+the recipe for next time: what the Python build decided, as explicit operations
+(:mod:`.recipe`), which the launcher executes without deciding anything:
 
 - ``upper/``: the files the build generated (``/etc/passwd``, ``/etc/group``, host files)
-  and the mount points it made, a copy of the overlay's upper layer; the launcher stacks it
-  over the image as a read-only overlay (``lowerdir=upper:image``);
-- the mounts in the order the build made them, with their host sources as paths, and the
-  targets as the build resolved them inside the image;
+  and the mount points it made, a copy of the overlay's upper layer, which the recipe
+  stacks over the image as a read-only overlay (``lowerdir=upper:lower``);
+- the mounts in the order the build made them (:func:`.assemble.mount_order`), with their
+  host sources as paths, the targets as the build resolved them inside the image, and the
+  flags :mod:`.assemble` gives them;
 - the environment operations over the caller's environment (``Plan.env_ops``), and the
   working directory;
 - ``depends``: the files whose change invalidates the recipe (configuration, image,
   ``/etc/passwd``, ``/etc/group``, host files copied in), with their status.
 
-In a Slurm job whose prolog prepared the root, the recipe only says which root to enter
-and which user namespace to join (``job-root``); its key names the job and the node.
+In a Slurm job whose prolog prepared the root, the recipe enters that root (``chroot``) in
+the user namespace the prolog pinned; its key names the job and the node.
 
 Only requests whose container depends on nothing else get a recipe: an explicit command
 (the image given by name, the recipe expires after ``runtime.launcher_name_ttl`` seconds,
@@ -35,6 +37,14 @@ import stat
 import time
 
 from ._log import get_logger
+from .recipe import (
+    RecipeError,
+    command_ops,
+    job_root_ops,
+    private_root_ops,
+    request_ops,
+    serialise,
+)
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
 
@@ -42,13 +52,14 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from ..cli.shifter import Options
+    from ..jobroot import JobRecord
     from .assemble import RootBuilder
-    from .jobs import JobState
     from .plan import Plan
+    from .recipe import Op
 
 log = get_logger(__name__)
 
-MAGIC = "shifter-launch-recipe-1"
+MAGIC = "shifter-launch-recipe-2"  # the key's first line (recipe.VERSION is the format's)
 MAX_RECIPES = 64  # per user; the oldest go first
 HOST_DEPENDENCIES = ("/etc/passwd", "/etc/group", "/etc/hosts", "/etc/resolv.conf")
 _BAD_PATH_CHARS = (",", ":", "\\", "\n")
@@ -165,6 +176,7 @@ class Recorder:
         self.config_file = config_file
         self.by_id = by_id  # the image was given as id:, not by a name that may move
         self.cache_fd: int | None = None
+        self.cache_path = ""
         self.depends: list[tuple[str, str]] = []  # (path, file_identity) taken by open_cache
 
     @classmethod
@@ -186,6 +198,7 @@ class Recorder:
         if path is None:
             return
         self.cache_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.cache_path = path
         paths = (self.config_file, *depends, *HOST_DEPENDENCIES)
         self.depends = [(p, file_identity(p)) for p in paths]
 
@@ -199,88 +212,70 @@ class Recorder:
         if self.cache_fd is None:
             return
         try:
-            fields = self._fields(builder)
-            if fields is not None:
-                self._write(fields, f"{builder.staging}/rw/upper")
-        except OSError as err:
+            ops = self._private_ops(builder)
+            if ops is not None:
+                self._write(ops, f"{builder.staging}/rw/upper")
+        except (OSError, RecipeError) as err:
             log.debug("no launch recipe: %s", err)
         finally:
             self.close()
 
-    def record_job(self, state: JobState) -> None:
+    def record_job(self, state: JobRecord) -> None:
         """Write the recipe of entering the root the prolog prepared for this job."""
         self.open_cache(state.path)
         if self.cache_fd is None:
             return
         try:
-            fields = self._head()
-            fields += ["job-root", state.root, state.userns or ""]
-            self._write(self._tail(fields), None)
-        except OSError as err:
+            ops = [*self._head(), *job_root_ops(state.root, state.userns), *self._tail()]
+            self._write(ops, None)
+        except (OSError, RecipeError) as err:
             log.debug("no launch recipe: %s", err)
         finally:
             self.close()
 
-    def _head(self) -> list[str]:
-        plan = self.plan
-        fields = [self.key]
-        for path, identity in self.depends:
-            fields += ["depends", path, identity]
+    def _head(self) -> list[Op]:
+        expires = None
         if not self.by_id:  # what the name resolved to may change: only for a while
-            fields += ["expires", str(int(time.time()) + int(plan.runtime.launcher_name_ttl))]
-        return fields
+            expires = int(time.time()) + int(self.plan.runtime.launcher_name_ttl)
+        return request_ops(self.key, self.depends, expires)
 
-    def _tail(self, fields: list[str]) -> list[str]:
-        plan = self.plan
-        fields += ["clearenv", "1" if plan.clearenv else "0"]
-        for op, name, value in plan.env_ops:
-            fields += ["env", op, name, value]
-        workdir = plan.workdir if plan.workdir_explicit else ""
-        return [*fields, "workdir", workdir, "1" if plan.workdir_explicit else "0", "end"]
+    def _tail(self) -> list[Op]:
+        return command_ops(self.plan)
 
-    def _fields(self, builder: RootBuilder) -> list[str] | None:
+    def _private_ops(self, builder: RootBuilder) -> list[Op] | None:
         plan = self.plan
-        fields = self._head()
-        fields += ["image", plan.image_file, "squashfuse", plan.runtime.squashfuse]
-        for spec in sorted(builder.specs, key=lambda s: s.resolved.count("/")):
-            kind = spec.kind
-            if kind == "tmpfs":
-                kind = "dev" if spec.target == "/dev" else "tmpfs"
-            if kind == "pernode":
-                log.debug("no launch recipe: perNodeCache")
-                return None
-            if kind == "tree":
-                source = "/tmp"
+        if any(spec.kind == "pernode" for spec in builder.specs):
+            log.debug("no launch recipe: perNodeCache")
+            return None
+        sources: dict[int, str] = {}
+        for spec in builder.specs:
+            if spec.kind == "tree":
+                sources[id(spec)] = spec.target  # a copy of the host's tree at the target
             elif spec.source_fd is not None:
                 source = os.readlink(f"/proc/self/fd/{spec.source_fd}")
                 if source.endswith(" (deleted)") or not source.startswith("/"):
                     return None
-            else:
-                source = ""
-            flags = "".join(
-                letter
-                for letter, on in (
-                    ("i", spec.inner),
-                    ("r", spec.recursive),
-                    ("n", spec.nodev),
-                    ("o", spec.read_only),
-                    ("d", spec.source_is_dir),
-                    ("u", spec.user_volume),
-                )
-                if on
-            )
-            fields += ["mount", kind, source, spec.resolved, flags or "-", f"{spec.tmpfs_mode:o}"]
-        return self._tail(fields)
+                sources[id(spec)] = source
+        directory = f"{self.cache_path}/{key_hash(self.key)}"
+        ops = private_root_ops(
+            builder.specs,
+            lambda spec: sources[id(spec)],
+            image=plan.image_file,
+            directory=directory,
+            uid=plan.user.uid,
+            gid=plan.user.gid,
+            writable=plan.writable,
+        )
+        return [*self._head(), *ops, *self._tail()]
 
-    def _write(self, fields: list[str], upper: str | None) -> None:
+    def _write(self, ops: list[Op], upper: str | None) -> None:
         """The recipe directory: ``recipe``, and for a private root ``upper`` (a copy of the
         build's upper layer) and the mount points ``lower`` and ``root``."""
         import secrets
         import shutil
 
         assert self.cache_fd is not None
-        if any("\0" in f for f in fields):
-            return
+        data = serialise(ops)  # RecipeError if the launcher would refuse it
         cache = f"/proc/self/fd/{self.cache_fd}"
         name = key_hash(self.key)
         temporary = f".new-{secrets.token_hex(8)}"
@@ -299,7 +294,7 @@ class Recorder:
                 dir_fd=self.cache_fd,
             )
             with os.fdopen(fd, "wb") as fh:
-                fh.write(b"".join(f.encode("utf-8", "surrogateescape") + b"\0" for f in fields))
+                fh.write(data)
             _replace_dir(self.cache_fd, temporary, name)
         except BaseException:
             shutil.rmtree(f"{cache}/{temporary}", ignore_errors=True)
