@@ -4,7 +4,7 @@ Run with the interpreter the plugin must embed (the one with ``shifter_core`` in
 
     .venv/bin/python cffi_build/build_spank.py [--out build/shifter_spank.so]
 
-The C half is ``spank/shifter_spank.c``; every callback ends in :mod:`shifter_core.spank`.
+The C half is ``spank/shifter_spank.c``; every callback ends in :mod:`shifter_core.slurm`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import cffi
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The Python side the C trampolines call (implemented in shifter_core.spank).
+# The Python side the C trampolines call (implemented in shifter_core.slurm.dispatch).
 EMBEDDING_API = """
 int py_spank_start(int ac, char **av);
 int py_spank_hook(const char *hook, spank_t sp, int ac, char **av);
@@ -74,7 +74,7 @@ INIT_CODE = """
 from _shifter_spank import ffi, lib
 
 try:
-    import shifter_core.spank as _spank
+    import shifter_core.slurm.dispatch as _spank
 except BaseException:
     import traceback
     for _line in traceback.format_exc().splitlines():

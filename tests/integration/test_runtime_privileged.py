@@ -13,9 +13,18 @@ from pathlib import Path
 import pytest
 
 from shifter_core import config as config_module
-from shifter_core.runtime import RunRequest, User, build_plan, privileged, resolve_image, userns
+from shifter_core.jobroot import read_record
+from shifter_core.runtime import (
+    RunRequest,
+    User,
+    build_plan,
+    drop,
+    enter,
+    privileged,
+    resolve_image,
+    userns,
+)
 from shifter_core.runtime.errors import ModuleError
-from shifter_core.runtime.jobs import read_state
 
 from .test_runtime_support import (  # noqa: F401 - fixtures 'rt', 'tmp_submount'
     host_mounts_with,
@@ -44,7 +53,11 @@ def enter_and_run(plan, root: str) -> subprocess.CompletedProcess[str]:
         try:
             os.dup2(write_end, 1)
             os.dup2(write_end, 2)
-            privileged.enter(plan, root)
+            # as a slurmstepd task does: pivot in as root, then drop to the user and exec
+            enter.pivot_into(root)
+            drop.drop_privileges(plan.user)
+            drop.change_directory(plan.workdir, plan.workdir_explicit)
+            drop.exec_command(plan.argv, plan.environ())
         finally:
             os._exit(99)
     os.close(write_end)
@@ -68,11 +81,12 @@ def test_prepare_enter_teardown(rt):
     prepared = privileged.prepare_job(plan, cfg.runtime.run_dir, "n1", "1001")
     job = Path(cfg.runtime.run_dir) / "n1" / "1001"
     try:
-        state = read_state(str(job))
-        assert state is not None and state.root == prepared.root == str(job / "root")
-        assert state.mount_digest == plan.mount_digest() and state.uid == 1001
+        record = read_record(str(job))
+        assert record is not None and record.root == prepared.root == str(job / "root")
+        assert record.serves(plan.root_key()) and record.uid == 1001
+        assert not record.serves(plan._replace(writable=True).root_key())
         assert prepared.loop_devices and loop_devices_of(rt.testimg)
-        assert oct((job / "state.json").stat().st_mode & 0o777) == "0o644"
+        assert oct((job / "job.marshal").stat().st_mode & 0o777) == "0o644"
         result = enter_and_run(plan, prepared.root)
         assert result.returncode == 0, result.stdout
         lines = result.stdout.splitlines()
@@ -140,8 +154,8 @@ def test_fast_path_joins_the_user_namespace_pinned_for_the_job(rt):
     pinned = job / "userns"
     env = {"SLURM_JOB_ID": "1002", "SLURMD_NODENAME": "n1", "SHIFTER_IMAGE": rt.busybox}
     try:
-        state = read_state(str(job))
-        assert state is not None and state.userns == str(pinned)
+        record = read_record(str(job))
+        assert record is not None and record.userns == str(pinned)
         mounts = host_mounts_with(str(pinned))
         assert [line.split(" - ")[1].split()[0] for line in mounts] == ["nsfs"]
         assert pinned.stat().st_uid == 0
@@ -244,7 +258,7 @@ def test_failed_prepare_leaves_nothing(rt):
     # a stale job directory (a crashed prepare) does not stop the next prolog
     job = Path(cfg.runtime.run_dir) / "n2" / "77"
     (job / "root").mkdir(parents=True)
-    (job / "state.json").write_text("{}")
+    (job / "job.marshal").write_text("{}")
     _, plan = make_plan(rt, rt.busybox)
     prepared = privileged.prepare_job(plan, cfg.runtime.run_dir, "n2", "77")
     assert privileged.teardown_job(cfg.runtime.run_dir, "n2", "77") == []
@@ -255,6 +269,4 @@ def test_refusals(rt):
     _, plan = make_plan(rt, rt.busybox)
     root_user = plan._replace(user=User(0, 0, (0,), "root"))
     with pytest.raises(Exception, match="as root"):
-        privileged.enter(root_user, "/")
-    with pytest.raises(Exception, match="not a prepared root"):
-        privileged.enter(plan, str(rt.base))
+        drop.drop_privileges(root_user.user)

@@ -25,8 +25,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from shifter_core import config as config_module
-from shifter_core import prolog, steps, syscalls
+from shifter_core import syscalls
 from shifter_core.runtime import privileged
+from shifter_core.slurm import jobscript as prolog
+from shifter_core.slurm import stepd as steps
 from tests.integration.test_runtime_privileged import make_plan
 from tests.integration.test_runtime_support import (  # noqa: F401 - fixture 'rt'
     host_mounts_with,

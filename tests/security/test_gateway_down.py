@@ -250,23 +250,29 @@ def test_a_forged_image_id_is_not_trusted_when_the_gateway_is_down(images, gatew
     ],
 )
 def test_the_submission_check_names_sources_as_the_gateway_does(tmp_path, monkeypatch, text):
-    """The verified shortcut of spank.resolve_image accepts a job's recorded id for exactly
+    """The verified shortcut of slurm.submit.resolve_image accepts a job's recorded id for exactly
     the source DockerReference gives ``text`` (anything else would go to the gateway)."""
-    from shifter_core import spank
+    from shifter_core.config_cache import view
     from shifter_core.reference import ImageRequest
+    from shifter_core.slurm import submit as spank
 
     request = str(ImageRequest.parse(text, "docker"))
     image_id = "c" * 64
     record = {"id": image_id, "source": str(ImageRequest.parse(text, "docker").docker)}
     (tmp_path / f"{image_id}.json").write_text(json.dumps(record))
     (tmp_path / f"{image_id}.squashfs").write_bytes(b"")
-    monkeypatch.setattr(spank.state, "config", {"image_path": str(tmp_path)})
+    site = {
+        "image_path": str(tmp_path),
+        "default_image_type": "docker",
+        "runtime": {},
+        "gateway": {"url": "http://127.0.0.1:9"},  # nothing listens there
+    }
+    monkeypatch.setattr(spank.state, "config", view(site))
     monkeypatch.setenv("SHIFTER_IMAGE", image_id)
     monkeypatch.setenv("SHIFTER_IMAGEREQUEST", request)
     assert spank.resolve_image(request) == image_id
     for other in ("docker.io/library/other:latest", record["source"] + "x"):
         (tmp_path / f"{image_id}.json").write_text(json.dumps({**record, "source": other}))
-        monkeypatch.setattr(spank.state, "config", {"image_path": str(tmp_path), "gateway": {}})
         with pytest.raises(Exception) as err:  # to the gateway, which is not there
             spank.resolve_image(request)
         assert "image gateway" in str(err.value)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from shifter_core import prolog
 from shifter_core.config import load
 from shifter_core.errors import NodeFault
 from shifter_core.image.store import (
@@ -28,8 +27,9 @@ from shifter_core.image.store import (
     ImageStore,
     decode_posix_acl,
 )
+from shifter_core.jobroot import read_record
 from shifter_core.runtime import loop, privileged
-from shifter_core.steps import prolog_error
+from shifter_core.slurm import jobscript as prolog
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the prolog runs as root")
 
@@ -90,7 +90,8 @@ def test_hostile_requests_are_the_jobs_error_and_stage_nothing(site, uid, spank,
     problem = prolog.prolog(config, environ(uid, **spank))
     assert problem is not None and expected in problem, problem
     job_dir = base / "run" / "n1" / "77"
-    assert prolog_error(str(job_dir)) == problem
+    record = read_record(str(job_dir))
+    assert record is not None and record.error == problem and not record.root
     # root's, nothing for others; the ACL names the job's user alone (group bits: its mask)
     assert job_dir.stat().st_uid == 0 and stat.S_IMODE(job_dir.stat().st_mode) & 0o007 == 0
     named = [(tag, uid) for tag, _perm, uid in decode_posix_acl(os.getxattr(job_dir, ACL_XATTR))]

@@ -25,7 +25,14 @@ def test_loading_as_root_writes_a_cache_that_matches(conf):
     assert cache.stat().st_uid == 0
     assert cache.stat().st_mode & 0o777 == 0o644
     assert config_cache.read(str(conf))["image_path"] == "/cached"
-    assert config_cache.load_values(str(conf))["gateway"]["url"].startswith("http")
+    cached = config_cache.load(str(conf))
+    assert isinstance(cached, config_cache.Section)  # the view, not the parsed schema
+    assert cached.gateway.url.startswith("http") and cached.image_path == "/cached"
+    # every attribute of the typed configuration, with the same values
+    parsed = config.load(str(conf))
+    assert cached.runtime.run_dir == parsed.runtime.run_dir
+    assert cached.slurm.batch_step == parsed.slurm.batch_step
+    assert cached.gateway.limits.max_layers == parsed.gateway.limits.max_layers
 
 
 def test_an_edited_file_is_parsed_again_and_its_errors_reported(conf):
@@ -33,7 +40,7 @@ def test_an_edited_file_is_parsed_again_and_its_errors_reported(conf):
     conf.write_text("image_path: /cached\nimage_pth: /typo\n")
     assert config_cache.read(str(conf)) is None
     with pytest.raises(ConfigError, match="unknown key 'image_pth'"):
-        config_cache.load_values(str(conf))
+        config_cache.load(str(conf))
 
 
 def test_a_cache_not_owned_by_root_or_writable_by_others_is_ignored(conf):
@@ -52,4 +59,4 @@ def test_a_forged_cache_for_another_file_is_ignored(conf, tmp_path):
     other.write_text("image_path: /other\n")
     os.replace(conf.with_name(".shifter.yaml.cache"), tmp_path / ".other.yaml.cache")
     assert config_cache.read(str(other)) is None
-    assert config_cache.load_values(str(other))["image_path"] == "/other"
+    assert config_cache.load(str(other)).image_path == "/other"

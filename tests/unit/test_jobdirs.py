@@ -2,7 +2,7 @@
 
 import pytest
 
-from shifter_core.jobdirs import JobDirectoryError, job_dir
+from shifter_core.jobroot import JobDirectoryError, job_dir
 
 
 def test_job_directories_are_one_component_each():

@@ -1,18 +1,25 @@
-"""Prepared-root state files, mount table parsing and the shipped module examples."""
+"""Job directories and their record (the one matching rule), the mount table, the shipped
+module examples."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 from shifter_core import config
-from shifter_core.jobdirs import JobDirectoryError
+from shifter_core.jobroot import (
+    RECORD_FILE,
+    JobDirectoryError,
+    current_job,
+    job_dir,
+    read_record,
+    root_key,
+    write_record,
+)
+from shifter_core.mounts import mounts_under, read_mounts
 from shifter_core.runtime.errors import ContainerError
-from shifter_core.runtime.jobs import current_job, job_dir, read_state, write_state
-from shifter_core.runtime.mountinfo import mounts_under, read_mounts
 from shifter_core.runtime.userns import MAX_EXTENTS, id_map
 
 MODULES_DIR = Path(__file__).resolve().parents[2] / "slurm_conf" / "modules"
@@ -31,29 +38,40 @@ def test_current_job():
     assert current_job({"SLURMD_NODENAME": "../n", "SLURM_JOB_ID": "7"}) is None
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="state files are trusted only when root's")
-def test_state_files_are_trusted_only_when_roots(tmp_path):
+@pytest.mark.skipif(os.geteuid() != 0, reason="records are trusted only when root's")
+def test_records_are_trusted_only_when_roots(tmp_path):
     tmp_path.chmod(0o755)
-    data = {"version": 1, "root": "/r", "uid": 1001, "mount_digest": "d", "loop_devices": []}
-    path = write_state(str(tmp_path), data)
+    request = {"uid": 1001, "gid": 1002, "image_id": "a" * 64, "volume": "/a:/b", "module": ""}
+    path = write_record(str(tmp_path), root="/r", loop_devices=[], **request)
     assert oct(os.stat(path).st_mode & 0o777) == "0o644"
-    state = read_state(str(tmp_path))
-    assert state is not None and state.root == "/r" and state.uid == 1001
-    assert state.userns is None  # no namespace pinned (or a state written before there were)
-    write_state(str(tmp_path), {**data, "userns": "/r/../userns"})
-    state = read_state(str(tmp_path))
-    assert state is not None and state.userns == "/r/../userns"
+    record = read_record(str(tmp_path))
+    assert record is not None and record.root == "/r" and record.uid == 1001
+    assert record.userns is None and record.error == ""
+    # the one rule: uid, gid, image, canonical volumes and modules, --writable-tmpfs
+    assert record.serves(root_key(1001, 1002, "a" * 64, "/a:/b", ""))
+    for other in (
+        root_key(1003, 1002, "a" * 64, "/a:/b", ""),
+        root_key(1001, 1002, "b" * 64, "/a:/b", ""),
+        root_key(1001, 1002, "a" * 64, "", ""),
+        root_key(1001, 1002, "a" * 64, "/a:/b", "gpu"),
+        root_key(1001, 1002, "a" * 64, "/a:/b", "", writable=True),
+    ):
+        assert not record.serves(other)
+    # a record with the job's error serves nothing
+    write_record(str(tmp_path), error="the image is gone", **request)
+    failed = read_record(str(tmp_path))
+    assert failed is not None and failed.error == "the image is gone"
+    assert not failed.serves(root_key(1001, 1002, "a" * 64, "/a:/b", ""))
     os.chmod(path, 0o666)
-    assert read_state(str(tmp_path)) is None
+    assert read_record(str(tmp_path)) is None
     os.chmod(path, 0o644)
     os.chown(path, 1001, 0)
-    assert read_state(str(tmp_path)) is None
+    assert read_record(str(tmp_path)) is None
     os.chown(path, 0, 0)
-    Path(path).write_text(json.dumps({**data, "version": 99}))
-    assert read_state(str(tmp_path)) is None
-    Path(path).write_text("{not json")
-    assert read_state(str(tmp_path)) is None
-    assert read_state(str(tmp_path / "missing")) is None
+    Path(path).write_bytes(b"not marshal")
+    assert read_record(str(tmp_path)) is None
+    assert read_record(str(tmp_path / "missing")) is None
+    assert Path(path).name == RECORD_FILE
 
 
 def test_id_map_maps_each_id_to_itself_in_merged_ranges():

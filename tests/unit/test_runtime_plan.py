@@ -314,30 +314,30 @@ def test_request_from_job_environment():
     assert request_from_env({}).image is None
 
 
-def test_mount_key_ignores_environment_and_command():
+def test_root_key_ignores_environment_and_command():
     a = plan_for(RunRequest(image="b", command=("a",), env=("X=1",)))
     b = plan_for(RunRequest(image="b", command=("b",), workdir=""))
-    assert a.mount_digest() == b.mount_digest()
+    assert a.root_key() == b.root_key()
     c = plan_for(RunRequest(image="b", volumes=("/a:/data",)))
-    assert c.mount_digest() != a.mount_digest()
+    assert c.root_key() != a.root_key()
     d = plan_for(RunRequest(image="b", writable_tmpfs=True))
-    assert d.mount_digest() != a.mount_digest()
+    assert d.root_key() != a.root_key()
 
 
 def test_cached_configuration_gives_the_same_plan():
-    """shifter reads root's cached values; the prolog parses the file: same mount digest."""
-    from shifter_core.runtime import settings
+    """shifter reads root's cached values; the prolog parses the file: the same root."""
+    from shifter_core import config_cache
 
     text = (
         "runtime:\n  site_volumes: [/home:/home]\n  env: {set: {S: s}}\n"
         "modules:\n  gpu: {default: true, devices: [/dev/nvidia*], env: {prepend: {P: /x}}}\n"
     )
     parsed = config.parse(text, "t.yaml")
-    cached = settings.from_values(config.as_values(parsed))
+    cached = config_cache.view(config.as_values(parsed))
     request = RunRequest(image="b", volumes=("/a:/data",), command=("env",))
     plans = [
         build_plan(request, cfg, image(), "/f", USER, caller_env={}) for cfg in (parsed, cached)
     ]
-    assert plans[0].mount_digest() == plans[1].mount_digest()
+    assert plans[0].root_key() == plans[1].root_key()
     assert plans[0].environ() == plans[1].environ()
     assert plans[1].site_volumes[0].target == "/home"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import cffi
 
-from shifter_core import spank
+from shifter_core.slurm import api as spank
 
 
 class FakeSlurm:

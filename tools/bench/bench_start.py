@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from shifter_core import config as config_module  # noqa: E402
 from shifter_core.image.layercache import LayerCache  # noqa: E402
 from shifter_core.image.pipeline import pull_image  # noqa: E402
-from shifter_core.image.registry.client import RegistryClient, RegistrySettings  # noqa: E402
+from shifter_core.image.registry.client import RegistryClient  # noqa: E402
+from shifter_core.image.registry.settings import RegistrySettings  # noqa: E402
 from shifter_core.image.store import ImageStore  # noqa: E402
 from shifter_core.runtime import RunRequest, User, build_plan, resolve_image  # noqa: E402
 from shifter_core.runtime.privileged import prepare_job, teardown_job  # noqa: E402
@@ -201,7 +202,7 @@ def main() -> None:
             for problem in teardown_job(str(s["run_dir"]), "bench", "1"):
                 say(f"teardown: {problem}")
             shutil.rmtree(str(s["rootfs"]), ignore_errors=True)
-        from shifter_core.runtime.mountinfo import mounts_under
+        from shifter_core.mounts import mounts_under
         from shifter_core.syscalls import MNT_DETACH, umount2
 
         for entry in mounts_under(str(scratch)):

@@ -203,10 +203,10 @@ def _say(text: str) -> None:
 
 def run(options: Options) -> int:
     """Build the plan and exec the command (returns only on failure)."""
+    from ..config_cache import load as load_config
     from ..reference import ImageRequest
     from ..runtime import RunRequest, User, build_plan, request_from_env, resolve_image
     from ..runtime.plan import ENV_IMAGEREQUEST
-    from ..runtime.settings import load as load_config
     from ..runtime.unprivileged import run as run_unprivileged
 
     launch_miss = os.environ.pop(MISS_VARIABLE, None)  # never into the container's environment

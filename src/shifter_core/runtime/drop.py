@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from .. import syscalls
 from ._log import get_logger
+from .enter import drop_bounding_set, set_no_new_privs
 from .errors import CommandError, ContainerError, PrivilegeError
 from .plan import User
 
@@ -29,18 +30,6 @@ log = get_logger(__name__)
 FALLBACK_SHELL = "/bin/sh"
 
 
-def _last_cap() -> int:
-    # Bytes only: after pivot_root the host's Python library (codecs included) is gone.
-    try:
-        fd = os.open("/proc/sys/kernel/cap_last_cap", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return int(os.read(fd, 32))
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):
-        return 63
-
-
 def drop_privileges(user: User, *, in_user_namespace: bool = False) -> None:
     """Become ``user`` with no capabilities at all and ``no_new_privs`` set.
 
@@ -51,19 +40,14 @@ def drop_privileges(user: User, *, in_user_namespace: bool = False) -> None:
     """
     if user.uid == 0 or user.gid == 0:
         raise PrivilegeError("refusing to run a container as root (uid or gid 0)")
-    for cap in range(_last_cap() + 1):
-        try:
-            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
-        except syscalls.SyscallError as err:
-            if err.errno != errno.EINVAL:
-                raise
+    drop_bounding_set()
     if not in_user_namespace:
         os.setgroups(list(user.groups))
         os.setresgid(user.gid, user.gid, user.gid)
         os.setresuid(user.uid, user.uid, user.uid)
     syscalls.capset_clear()
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
-    syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+    set_no_new_privs()
     if os.getuid() == 0 or os.geteuid() == 0 or 0 in os.getresuid() or any(syscalls.capget()):
         raise PrivilegeError("could not drop privileges (still root or holding capabilities)")
 

@@ -51,27 +51,3 @@ def attach(path: str | int, *, read_only: bool = True, name: str | None = None) 
     finally:
         os.close(control)
         os.close(backing)
-
-
-def backing_file(device: str) -> str | None:
-    """The file behind ``/dev/loopN`` or None when it is detached."""
-    name = os.path.basename(device)
-    try:
-        with open(f"/sys/block/{name}/loop/backing_file", encoding="utf-8") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
-
-
-def wait_detached(device: str, expected: str | None, timeout: float = 5.0) -> bool:
-    """Wait until ``device`` no longer holds ``expected`` (any file when None)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        current = backing_file(device)
-        if current is None or (
-            expected is not None and current.removesuffix(" (deleted)") != expected
-        ):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)

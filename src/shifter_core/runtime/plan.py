@@ -12,13 +12,12 @@ the image's ``ENV``, ``--env-file``, ``--env``, modules (in load order), the sit
 
 from __future__ import annotations
 
-import json
 import os
 from collections import namedtuple
 from collections.abc import Iterable, Mapping
 
 from ..errors import OptionError
-from ..options import Volume, format_volumes, parse_size, parse_volumes, shown
+from ..options import Volume, format_volumes, parse_modules, parse_size, parse_volumes, shown
 from ._log import get_logger
 from .errors import ContainerError, PrivilegeError, VolumeError
 from .modules import select_modules
@@ -26,7 +25,6 @@ from .modules import select_modules
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
 
 if TYPE_CHECKING:
-    from typing import Any
 
     from ..config import Config, EnvChanges, ModuleConfig, RuntimeConfig
     from ..image.store import ImageMetadata
@@ -132,8 +130,8 @@ def request_from_env(environ: Mapping[str, str], base: RunRequest | None = None)
 _Plan = namedtuple(
     "_Plan",
     "image image_file image_request user volumes site_volumes modules env workdir "
-    "workdir_explicit argv runtime writable default_shell clearenv env_ops",
-    defaults=(False, False, False, ()),
+    "workdir_explicit argv runtime writable default_shell clearenv env_ops module_request",
+    defaults=(False, False, False, (), ""),
 )
 
 
@@ -161,47 +159,20 @@ class Plan(_Plan):
     def environ(self) -> dict[str, str]:
         return dict(self.env)
 
-    def mount_key(self) -> dict[str, Any]:
-        """What determines the mounted root (not env, workdir or command): a prepared root
-        can be entered for any plan with the same key."""
-        return {
-            "image_id": self.image.id,
-            "uid": self.user.uid,
-            "gid": self.user.gid,
-            "volumes": format_volumes(self.volumes),
-            "site_volumes": format_volumes(self.site_volumes),
-            "modules": [[name, module_fingerprint(module)] for name, module in self.modules],
-            "tmp": self.runtime.tmp,
-            "writable": self.writable,
-        }
+    def root_key(self) -> tuple[int, int, str, str, str, bool]:
+        """What determines the mounted root (not env, workdir or command): a root prepared
+        for the same key can be entered for this plan (:func:`shifter_core.jobroot.root_key`,
+        the one rule)."""
+        from ..jobroot import root_key
 
-    def mount_digest(self) -> str:
-        import hashlib
-
-        text = json.dumps(self.mount_key(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _plain(value: Any) -> Any:
-    """Configuration values (dataclasses or cached sections) as plain JSON data."""
-    if hasattr(value, "__dict__"):
-        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def module_fingerprint(module: Any) -> str:
-    """A digest of a module's definition (the same for parsed and cached configurations)."""
-    import hashlib
-
-    text = json.dumps(_plain(module), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ---- environment ---------------------------------------------------------------------------
+        return root_key(
+            self.user.uid,
+            self.user.gid,
+            self.image.id,
+            format_volumes(self.volumes),
+            self.module_request,
+            self.writable,
+        )
 
 
 def parse_env_assignment(
@@ -396,6 +367,7 @@ def build_plan(
         default_shell=request.entrypoint is None and not request.command,
         clearenv=request.clearenv,
         env_ops=tuple(env_ops),
+        module_request=",".join(parse_modules(request.modules)) if request.modules else "",
     )
 
 

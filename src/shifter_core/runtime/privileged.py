@@ -3,9 +3,7 @@
 - :func:`prepare` builds a root in a directory and leaves it mounted, in the caller's mount
   namespace: kernel loop mount of the squashfs (``LOOP_CONFIGURE``, read-only, autoclear),
   overlay with a tmpfs upper, everything from :mod:`.assemble`. Once per node per job.
-- :func:`enter` moves the calling process into a prepared root (private mount namespace,
-  ``pivot_root``, the host's mounts detached), then drops to the user and execs the command
-  (or returns, for a caller that execs itself).
+- Processes enter a prepared root with :func:`shifter_core.runtime.enter.pivot_into`.
 - :func:`teardown` unmounts everything below the root deepest first, waits for the loop
   devices to detach, removes the directories; idempotent, and safe after a partial prepare.
 
@@ -20,26 +18,22 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 from dataclasses import dataclass, field
 
 from .. import syscalls
 from ..errors import NodeFault
-from ..jobdirs import USERNS_FILE, make_job_dir
+from ..jobroot import ROOT_DIR, USERNS_FILE, job_dir, make_job_dir, remove, write_record
+from ..mounts import mounts_under, read_mounts, unmount_below, wait_detached_all
 from ..syscalls import SyscallError
 from . import loop, userns
 from ._log import get_logger
 from .assemble import RootBuilder
-from .drop import change_directory, drop_privileges, exec_command, run_hooks
 from .errors import ContainerError, ImageError, PrivilegeError
-from .jobs import ROOT_DIR, job_dir, read_state, state_data, write_state
-from .mountinfo import mounts_under, read_mounts
 from .plan import Plan
 
 log = get_logger(__name__)
 
 STAGING_SUFFIX = ".staging"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NO_LOOP_HINT = "load the loop module and check /dev/loop-control and max_loop"
 
 
@@ -137,40 +131,6 @@ def _rmdir(path: str) -> str | None:
     return None
 
 
-def _unmount_below(base: str, problems: list[str]) -> list[str]:
-    """Unmount everything at and below ``base``, deepest first (lazily when busy); the loop
-    devices that backed image mounts there."""
-    devices: list[str] = []
-    for _round in range(20):
-        mounts = mounts_under(base)
-        if not mounts:
-            return devices
-        for entry in mounts:
-            if entry.source.startswith("/dev/loop"):
-                devices.append(entry.source)
-            try:
-                syscalls.umount2(entry.target, syscalls.UMOUNT_NOFOLLOW)
-            except SyscallError as err:
-                if err.errno in (errno.EINVAL, errno.ENOENT):
-                    continue  # already gone with its parent
-                if err.errno != errno.EBUSY:
-                    problems.append(str(err))
-                    continue
-                log.warning("%s is busy: detaching it lazily", entry.target)
-                try:
-                    syscalls.umount2(entry.target, syscalls.MNT_DETACH | syscalls.UMOUNT_NOFOLLOW)
-                except SyscallError as again:
-                    problems.append(str(again))
-    problems.append(f"mounts remain below {base}")
-    return devices
-
-
-def _wait_detached(devices: list[str] | tuple[str, ...], problems: list[str]) -> None:
-    for device in dict.fromkeys(devices):
-        if not loop.wait_detached(device, None):
-            problems.append(f"{device} is still attached to {loop.backing_file(device)}")
-
-
 def teardown(root_dir: str, loop_devices: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Unmount everything at and below ``root_dir`` (and its staging directory), wait for the
     loop devices to detach, remove the directories. Returns the problems left (empty when
@@ -180,101 +140,14 @@ def teardown(root_dir: str, loop_devices: list[str] | tuple[str, ...] = ()) -> l
     problems: list[str] = []
     devices = list(loop_devices)
     for base in (root_dir, root_dir + STAGING_SUFFIX):
-        devices += _unmount_below(base, problems)
+        devices += unmount_below(base, problems)
     staging = root_dir + STAGING_SUFFIX
     for path in (os.path.join(staging, "lower"), os.path.join(staging, "rw"), staging, root_dir):
         problem = _rmdir(path)
         if problem:
             problems.append(problem)
-    _wait_detached(devices, problems)
+    wait_detached_all(devices, problems)
     return problems
-
-
-def teardown_tree(directory: str, loop_devices: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """Remove ``directory`` and everything in it, from whatever state a crash left: every
-    mount below it goes first (deepest first), then the files (:func:`remove_tree`: never
-    through a mount point or a link, so nothing mounted from elsewhere, such as a user's
-    volume or the host's /tmp, is ever deleted through it). Returns the problems left;
-    never raises."""
-    problems: list[str] = []
-    try:
-        directory = os.path.abspath(directory)
-        devices = list(loop_devices) + _unmount_below(directory, problems)
-        _wait_detached(devices, problems)
-        if mounts_under(directory):
-            problems.append(f"not removing {directory}: mounts remain below it")
-        elif os.path.lexists(directory):
-            remove_tree(directory, problems)
-    except Exception as err:  # a teardown reports, it never raises
-        problems.append(f"tearing down {directory}: {err}")
-    return problems
-
-
-def remove_tree(top: str, problems: list[str]) -> None:
-    """``rm -r top`` that stays on ``top``'s file system: it never follows a link, never
-    enters a mount point (by the mount table, and by device number in case the table was
-    read while it changed) and reports what it leaves in ``problems``."""
-    st = os.lstat(top)
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(top)
-        return
-    mounted = {m.target for m in read_mounts()}
-    if top in mounted:
-        problems.append(f"not removing {top}: something is mounted there")
-        return
-
-    def empty(dir_fd: int, path: str) -> None:
-        for entry in os.scandir(dir_fd):
-            full = os.path.join(path, entry.name)
-            try:
-                if not entry.is_dir(follow_symlinks=False):
-                    os.unlink(entry.name, dir_fd=dir_fd)
-                    continue
-                fd = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
-                try:
-                    if os.fstat(fd).st_dev != st.st_dev or full in mounted:
-                        problems.append(f"not removing {full}: something is mounted there")
-                        continue
-                    empty(fd, full)
-                finally:
-                    os.close(fd)
-                os.rmdir(entry.name, dir_fd=dir_fd)
-            except OSError as err:
-                problems.append(f"cannot remove {full}: {err.strerror}")
-
-    fd = os.open(top, _DIR_FLAGS)
-    try:
-        empty(fd, top)
-    finally:
-        os.close(fd)
-    try:
-        os.rmdir(top)
-    except OSError as err:
-        problems.append(f"cannot remove {top}: {err.strerror}")
-
-
-def enter(plan: Plan, root_dir: str, *, run: bool = True) -> None:
-    """Move this process into the prepared root at ``root_dir``; with ``run`` drop to the
-    user and exec the plan's command (never returns), else return still as root inside."""
-    _require_root("entering a prepared root")
-    if plan.user.uid == 0:
-        raise PrivilegeError("refusing to run a container as root")
-    root_dir = os.path.abspath(root_dir)
-    if not any(m.target == root_dir for m in read_mounts()):
-        raise ContainerError(f"{root_dir} is not a prepared root (nothing is mounted there)")
-    syscalls.unshare(syscalls.CLONE_NEWNS)
-    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-    os.chdir(root_dir)
-    syscalls.pivot_root(".", ".")
-    syscalls.umount2(".", syscalls.MNT_DETACH)
-    os.chdir("/")
-    if not run:
-        return None
-    drop_privileges(plan.user)
-    change_directory(plan.workdir, plan.workdir_explicit)
-    env = plan.environ()
-    run_hooks([(n, m.user_hook) for n, m in plan.modules if m.user_hook], env)
-    exec_command(plan.argv, env, shell_fallback=plan.default_shell)
 
 
 # ---- job directories -------------------------------------------------------------------------
@@ -297,15 +170,14 @@ def ensure_private_run_dir(run_dir: str) -> None:
 
 
 def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoot:
-    """Prepare the job's root at ``RUN_DIR/NODE/JOB/root`` and write its ``state.json``
-    (leftovers of an earlier attempt in that directory are torn down first). The job's
-    directory is reachable by the job's user alone (:func:`~shifter_core.jobdirs.make_job_dir`).
-    """
+    """Prepare the job's root at ``RUN_DIR/NODE/JOB/root`` and write the job's record
+    (:mod:`shifter_core.jobroot`; leftovers of an earlier attempt in that directory are torn
+    down first). The job's directory is reachable by the job's user alone."""
     _require_root("preparing a job's root")
     directory = job_dir(run_dir, node, job_id)
     ensure_private_run_dir(run_dir)
     if os.path.lexists(directory):
-        for problem in teardown_tree(directory):
+        for problem in remove(directory):
             log.warning("stale job directory %s: %s", directory, problem)
     if not make_job_dir(directory, plan.user.uid):
         log.warning("%s has no POSIX ACLs: shifter in jobs builds private roots", run_dir)
@@ -316,8 +188,22 @@ def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoo
     except ContainerError as err:
         log.warning("%s (shifter in the job will show only the user's primary group)", err)
         pinned = None
-    write_state(
-        directory, state_data(plan, job_id, node, prepared.root, prepared.loop_devices, pinned)
+    uid, gid, image_id, volume, module, writable = plan.root_key()
+    write_record(
+        directory,
+        job_id=job_id,
+        node=node,
+        uid=uid,
+        gid=gid,
+        image_id=image_id,
+        image_request=plan.image_request,
+        volume=volume,
+        module=module,
+        writable=writable,
+        root=prepared.root,
+        env=[list(kv) for kv in plan.env],
+        loop_devices=prepared.loop_devices,
+        userns=pinned or "",
     )
     return prepared
 
@@ -325,6 +211,4 @@ def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoo
 def teardown_job(run_dir: str, node: str, job_id: str) -> list[str]:
     """Tear the job's root down and remove its directory; the problems left (if any)."""
     _require_root("tearing down a job's root")
-    directory = job_dir(run_dir, node, job_id)
-    state = read_state(directory)
-    return teardown_tree(directory, state.loop_devices if state else [])
+    return remove(job_dir(run_dir, node, job_id))

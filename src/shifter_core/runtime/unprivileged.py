@@ -24,11 +24,11 @@ import errno
 import os
 
 from .. import syscalls
+from ..jobroot import JobRecord, current_job, job_dir, read_record
 from ..syscalls import SyscallError
 from ._log import get_logger
 from .drop import change_directory, drop_privileges, exec_command, run_hooks
 from .errors import ContainerError, ImageError, PrivilegeError
-from .jobs import JobState, current_job, job_dir, read_state
 from .plan import Plan
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
@@ -100,35 +100,26 @@ def _finish(plan: Plan) -> NoReturn:
     exec_command(plan.argv, env, shell_fallback=plan.default_shell)
 
 
-def prepared_root(plan: Plan, environ: dict[str, str] | os._Environ[str]) -> str | None:
-    """The root prepared for this job on this node if it matches ``plan`` (else None)."""
-    state = prepared_state(plan, environ)
-    return None if state is None else state.root
-
-
-def prepared_state(plan: Plan, environ: dict[str, str] | os._Environ[str]) -> JobState | None:
-    """The state of the root prepared for this job on this node if it matches ``plan``."""
+def prepared_state(plan: Plan, environ: dict[str, str] | os._Environ[str]) -> JobRecord | None:
+    """The record of the root prepared for this job on this node if it serves ``plan``."""
     job = current_job(environ)
     if job is None:
         return None
     node, job_id = job
-    state = read_state(job_dir(plan.runtime.run_dir, node, job_id))
-    if state is None:
+    record = read_record(job_dir(plan.runtime.run_dir, node, job_id))
+    if record is None:
         log.debug("no prepared root for job %s on %s", job_id, node)
         return None
-    if state.uid != plan.user.uid:
-        log.info("the prepared root of job %s belongs to uid %d", job_id, state.uid)
-        return None
-    if state.mount_digest != plan.mount_digest():
+    if not record.serves(plan.root_key()):
         log.info(
-            "the prepared root of job %s was made for another request (%s): building a private one",
+            "the prepared root of job %s was made for another request or user: building a "
+            "private one",
             job_id,
-            state.data.get("mount_key"),
         )
         return None
-    if not os.path.isdir(state.root):
+    if not os.path.isdir(record.root):
         return None
-    return state
+    return record
 
 
 def run(

@@ -3,12 +3,12 @@
 Prolog (root, every allocated node, ``PrologFlags=Alloc``), for jobs submitted with
 ``--image``: sweep what crashed jobs left on this node; stage the image into the node cache
 (or use it from the store); prepare the job's root with the runtime
-(``RUN_DIR/NODE/JOB/root``, see :mod:`shifter_core.runtime.jobs`) and record the request it
+(``RUN_DIR/NODE/JOB/root``, see :mod:`shifter_core.jobroot`) and record the request it
 was built for (``step.marshal``), so job steps can enter it without building anything.
 
 The submission side runs as the user, who can replace it: the request is parsed again and
 the image's ACL checked for the job's uid and gids before anything is staged
-(:mod:`shifter_core.container`). Slurm drains a node whose prolog or epilog fails, so every
+(:mod:`.container`). Slurm drains a node whose prolog or epilog fails, so every
 error the job caused (a bad request, an image removed or not shared, a volume, the image's
 content, a bug) is recorded in ``RUN_DIR/NODE/JOB/error`` and the prolog succeeds; every
 container step of the job fails with that message, and the job's admin comment shows it.
@@ -29,16 +29,18 @@ import subprocess
 import traceback
 from collections.abc import Mapping
 
-from .config import Config
+from ..config import Config
+from ..errors import NodeFault, ShifterError, escape
+from ..image.nodecache import NodeCache
+from ..jobroot import job_dir, make_job_dir, valid_name, write_record
+from ..options import parse_size
+from ..runtime.plan import User
+from ..runtime.privileged import prepare_job, teardown_job
+from . import api
+from .api import Spank
 from .container import checked_image, container_plan
-from .errors import NodeFault, ShifterError, escape
-from .image.nodecache import NodeCache
-from .jobdirs import valid_name
-from .options import parse_size
-from .runtime.jobs import job_dir
-from .runtime.plan import User
-from .runtime.privileged import prepare_job, teardown_job
-from .steps import step_request, write_error, write_record
+from .names import ENV_IMAGEREQUEST, PROLOG_PREFIX, request_from
+from .state import state
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ def prolog(config: Config, environ: Mapping[str, str]) -> str | None:
     directory = job_dir(config.runtime.run_dir, node, job)
     uid, gid = int(environ["SLURM_JOB_UID"]), int(environ["SLURM_JOB_GID"])
     try:
-        request = step_request(environ, prefix="SPANK_")
+        request = request_from(environ.get, PROLOG_PREFIX)
         user = User.from_uid(uid, gid)
         image, store = checked_image(config, request, user)
         image_file = str(store.image_file(image.id))
@@ -111,10 +113,7 @@ def prolog(config: Config, environ: Mapping[str, str]) -> str | None:
                 )
             )
         plan = container_plan(config, request, image, image_file, user)
-        prepared = prepare_job(plan, config.runtime.run_dir, node, job)
-        write_record(
-            directory, {**request, "root": prepared.root, "env": [list(kv) for kv in plan.env]}
-        )
+        prepare_job(plan, config.runtime.run_dir, node, job)
         log.info("prolog: job %s on %s: %s ready", job, node, escape(request["image_request"]))
         return None
     except NodeFault:
@@ -127,8 +126,11 @@ def prolog(config: Config, environ: Mapping[str, str]) -> str | None:
         for problem in teardown_job(config.runtime.run_dir, node, job):
             log.error("prolog: job %s on %s: %s", job, node, escape(problem))
         node_cache(config, node).release(job)
-        try:
-            write_error(directory, message, uid)
+        try:  # the job's record, with its error: its steps report it
+            make_job_dir(directory, uid)
+            write_record(
+                directory, job_id=job, node=node, uid=uid, gid=gid, error=escape(message, 2000)
+            )
         except OSError as again:  # full or out of descriptors: the steps fail on their own
             log.error("prolog: job %s: cannot record its error: %s", job, again)
         return message
@@ -160,3 +162,62 @@ def epilog(config: Config, node: str, job: str) -> list[str]:
     for problem in problems:
         log.error("epilog: job %s on %s: %s", job, node, escape(problem))
     return problems
+
+
+# ---- the SPANK hooks ---------------------------------------------------------------------
+
+
+def _job_script(what: str) -> None:
+    """The prolog or epilog. Slurm drains a node whose prolog or epilog fails, so only a
+    fault of the node may fail them (:class:`~shifter_core.errors.NodeFault`, or a
+    configuration root cannot read); the job's errors are recorded and shown to its user.
+    The epilog runs for every job (steps of jobs without --image may have made roots) and
+    never fails."""
+    shifter_job = os.environ.get(PROLOG_PREFIX + ENV_IMAGEREQUEST) is not None
+    if what == "prolog" and not shifter_job:
+        return
+    from ..config_cache import load
+
+    api.route_logging()
+    config = load(state.args.get("config"), privileged=True)
+    node, job = os.environ.get("SLURMD_NODENAME", ""), os.environ.get("SLURM_JOB_ID", "")
+    if what == "epilog":
+        if shifter_job or os.path.lexists(job_dir(config.runtime.run_dir, node, job)):
+            api.log(api.INFO, f"epilog: job {job} on node {node}")
+            epilog(config, node, job)
+        return
+    request = os.environ[PROLOG_PREFIX + ENV_IMAGEREQUEST]
+    api.log(api.INFO, f"prolog: job {job} on node {node}: image {request}")
+    problem = prolog(config, os.environ)
+    if problem is not None:
+        _tell_job(job, problem)
+
+
+def _tell_job(job: str, problem: str) -> None:
+    """Show the job's error where its user looks: the job's admin comment (``scontrol show
+    job``, ``sacct``); its container steps print it too."""
+    import subprocess
+
+    text = escape(f"shifter: {problem}", 900).replace('"', "'")
+    try:
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job}", f"AdminComment={text}"],
+            capture_output=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as err:
+        api.log(api.ERROR, f"cannot set the admin comment of job {job}: {err}")
+
+
+def hook_job_prolog(spank: Spank) -> None:
+    """The job's prolog (root, once per node; ``PrologFlags=Alloc``)."""
+    _job_script("prolog")
+
+
+def hook_job_epilog(spank: Spank) -> None:
+    """The job's epilog (root, once per node, every job): never fails."""
+    try:
+        _job_script("epilog")
+    except Exception as err:  # the epilog always succeeds: a failed one drains the node
+        api.log(api.ERROR, f"epilog: {err} (the node was not drained; fix and sweep)")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .config import Config
-from .errors import ShifterError
-from .image.store import ImageMetadata, ImageStore, check_image_id
-from .options import parse_modules, parse_volumes
-from .reference import ImageRequest
-from .runtime.plan import Plan, RunRequest, User, build_plan
+from ..config import Config
+from ..errors import ShifterError
+from ..image.store import ImageMetadata, ImageStore, check_image_id
+from ..options import parse_modules, parse_volumes
+from ..reference import ImageRequest
+from ..runtime.plan import Plan, RunRequest, User, build_plan
 
 
 def check_request(request: Mapping[str, str], default_type: str) -> None:

@@ -1,0 +1,197 @@
+"""slurmstepd (remote context, every step): the root a container step's tasks enter.
+
+The prolog prepared ``RUN_DIR/NODE/JOB/root`` once for the job and recorded what it serves
+(:mod:`shifter_core.jobroot`). A step whose request has the same key enters that root; each
+task, in its own mount namespace, pivots into it before slurmstepd drops to the user and
+execs the command, so tasks stay children of slurmstepd (signals, accounting and PMI keep
+working). A step with another image, volumes or modules gets a root of its own, prepared
+once per node for the step (:func:`prepare_step_root`) and removed when the step ends.
+
+The request comes from the job's environment, which the user's srun sent: it decides only
+which root to look for; a root of the step's own is built from a request checked again as
+root (:mod:`.container`). This module is imported by slurmstepd for every container step:
+the runtime proper is imported only for a step that needs its own root.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import ShifterError
+from .api import ERROR, INFO, Spank, log, log_exception
+from .names import (
+    ENV_CONTAINER_STEP,
+    ENV_IMAGE,
+    ENV_IMAGEREQUEST,
+    EXPORTED,
+    JOB_CONTROL_PREFIX,
+    OPT_IMAGE,
+    OPT_MODULE,
+    OPT_VOLUME,
+    SLURM_BATCH_SCRIPT,
+    request_from,
+)
+from .state import state
+
+TYPE_CHECKING = False  # typing costs start-up time on this path
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+
+def handle_remote_option(val: int, optarg: str) -> None:
+    """slurmstepd replays the job's options (twice, last value only).
+
+    Values are kept as given: the submission side checked them, and the step only passes
+    them on; code that acts on them as root parses them again.
+    """
+    if val == OPT_IMAGE:
+        state.image = optarg
+    elif val == OPT_VOLUME:
+        state.volumes = [optarg]
+    elif val == OPT_MODULE:
+        state.modules = optarg
+
+
+def hook_user_init(spank: Spank) -> None:
+    """A step starts on a node: its tasks see the request; a container step finds its root."""
+    if state.image is None:
+        return
+    for name in EXPORTED:
+        # The job-control copy survives sbatch --export=NONE; the task's own wins.
+        if spank.getenv(name) is None:
+            value = spank.getenv(JOB_CONTROL_PREFIX + name)
+            if value is not None:
+                spank.setenv(name, value)
+    job, step = spank.item_u32("S_JOB_ID"), spank.item_u32("S_JOB_STEPID")
+    node = _node_name()
+    container = spank.getenv(ENV_CONTAINER_STEP) == "1"
+    if step == SLURM_BATCH_SCRIPT:
+        container = state.site.slurm.batch_step
+    log(
+        INFO,
+        f"user_init: job {job} step {step} on node {node}: image "
+        f"{spank.getenv(ENV_IMAGEREQUEST) or state.image}"
+        + (" (tasks in the container)" if container else ""),
+    )
+    if container:
+        _find_step_root(spank, str(job), str(step), node)
+
+
+def _node_name() -> str:
+    """This node's name, as the prolog knew it: slurmstepd's own ``SLURMD_NODENAME``, which
+    slurmd sets (the job's environment and node lists come from the user's srun: an srun
+    in a batch script even passes on the batch node's ``SLURMD_NODENAME``)."""
+    return os.environ.get("SLURMD_NODENAME", "")
+
+
+def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
+    """Decide the root this step's tasks enter (errors are kept for the tasks to report:
+    an error in user_init would leave srun's exit code 0)."""
+    from .. import jobroot
+
+    request = request_from(spank.getenv)
+    request["image_request"] = request["image_request"] or state.image or ""
+    uid = int(spank.item_u32("S_JOB_UID") or 0)
+    gid = int(spank.item_u32("S_JOB_GID") or 0)
+    try:
+        directory = jobroot.job_dir(state.site.runtime.run_dir, node, job)
+        record = jobroot.read_record(directory)
+        key = jobroot.root_key(
+            uid, gid, request["image_id"], request["volume"], request["module"]
+        )
+        if record is not None and record.serves(key) and os.path.isdir(record.root):
+            found = (record.root, record.env)
+        elif (
+            record is not None
+            and record.error
+            and request["image_id"] == spank.getenv(JOB_CONTROL_PREFIX + ENV_IMAGE)
+        ):
+            raise ShifterError(f"the container of this job could not be set up: {record.error}")
+        else:
+            euid = os.geteuid()
+            os.seteuid(0)
+            state.step_own_root = (directory, step)  # removed at exit, even if it fails
+            try:
+                found = prepare_step_root(
+                    state.args.get("config"), directory, step, request, uid, gid
+                )
+            finally:
+                os.seteuid(euid)
+            log(INFO, f"step {job}.{step} on {node}: prepared a root of its own")
+        state.step_root, state.step_env = found
+        from ..runtime import enter  # noqa: F401 - once here, not in every forked task
+    except ShifterError as err:
+        state.step_error = str(err)
+    except Exception as err:  # reported by every task; the details go to slurmd's log
+        log_exception(f"preparing step {job}.{step}")
+        state.step_error = f"internal error: {err}"
+
+
+def hook_task_init_privileged(spank: Spank) -> None:
+    """In each task (root, just forked): enter the container before Slurm drops to the user."""
+    if state.step_error is not None:
+        raise ShifterError(state.step_error)
+    if state.step_root is None:
+        return
+    from ..runtime.enter import drop_bounding_set, pivot_into
+
+    pivot_into(state.step_root)
+    drop_bounding_set()
+    for name, value in state.step_env:
+        spank.setenv(name, value)
+
+
+def hook_task_init(spank: Spank) -> None:
+    """In each task, as the user, just before exec: nothing may gain privilege any more."""
+    if state.step_root is not None:
+        from ..runtime.enter import set_no_new_privs
+
+        set_no_new_privs()
+
+
+def hook_exit(spank: Spank) -> None:
+    """slurmstepd is done with the step: remove a root the step made for itself."""
+    if state.step_own_root is None or spank.context != "remote":
+        return
+    from ..jobroot import remove_step
+
+    directory, step = state.step_own_root
+    state.step_own_root = None
+    for problem in remove_step(directory, step):
+        log(ERROR, f"step {step}: {problem}")
+
+
+def prepare_step_root(
+    config_path: str | None,
+    directory: str,
+    step: str,
+    request: Mapping[str, str],
+    uid: int,
+    gid: int,
+) -> tuple[str, list[list[str]]]:
+    """A root of the step's own (another image, volumes or modules than the job's), with a
+    record in its directory (for its removal); (root, container environment)."""
+    from .. import jobroot
+    from ..config_cache import load
+    from ..runtime.plan import User
+    from ..runtime.privileged import ensure_private_run_dir, prepare
+    from .container import checked_image, container_plan
+
+    config = load(config_path, privileged=True)
+    ensure_private_run_dir(config.runtime.run_dir)
+    user = User.from_uid(uid, gid)
+    image, store = checked_image(config, request, user)
+    plan = container_plan(config, request, image, str(store.image_file(image.id)), user)
+    step_dir = jobroot.step_dir(directory, step)
+    for attempt in range(3):  # another step's teardown may remove empty parents meanwhile
+        try:
+            jobroot.make_job_dir(directory, uid)
+            os.makedirs(step_dir, mode=0o700, exist_ok=True)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    prepared = prepare(plan, os.path.join(step_dir, jobroot.ROOT_DIR))
+    env = [list(kv) for kv in plan.env]
+    jobroot.write_record(step_dir, root=prepared.root, loop_devices=prepared.loop_devices)
+    return prepared.root, env

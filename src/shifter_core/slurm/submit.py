@@ -1,0 +1,199 @@
+"""The submission side (``srun``, ``sbatch``, ``salloc``; runs as the user): check the
+user's option values, resolve the image, export the request to the job, its prolog and its
+steps (:mod:`.names`). A bad value fails the submission before any job exists.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import ShifterError
+from .api import ERROR, INFO, Spank, log
+from .names import (
+    ENV_CONTAINER_STEP,
+    ENV_IMAGE,
+    ENV_IMAGEREQUEST,
+    ENV_MODULE,
+    ENV_VOLUME,
+    INHERITED_OPTION,
+    JOB_CONTROL_PREFIX,
+    OPT_IMAGE,
+    OPT_MODULE,
+    OPT_VOLUME,
+)
+from .state import state
+
+
+def handle_option(val: int, optarg: str) -> None:
+    """srun, sbatch, salloc: parse and check the user's value."""
+
+    if val == OPT_IMAGE:
+        state.image_values.append(optarg)
+        if optarg == os.environ.get(INHERITED_OPTION + "image") and os.environ.get(
+            ENV_IMAGEREQUEST
+        ):
+            # The job's own --image, checked when the job was submitted.
+            state.image = os.environ[ENV_IMAGEREQUEST]
+            return
+        from ..reference import ImageRequest
+
+        state.image = str(ImageRequest.parse(optarg, state.site.default_image_type))
+    elif val == OPT_VOLUME:
+        from ..options import parse_volumes
+
+        parse_volumes([optarg])
+        if not state.volumes and _inherited_volumes(optarg):
+            # srun inside a job: Slurm replays the job's last --volume first; the job's
+            # submission exported all of them.
+            state.volumes = [_inherited_volumes(optarg) or optarg]
+            state.volumes_from_job = True
+        elif state.volumes_from_job:
+            # srun's own --volume replaces the job's, as srun options do.
+            state.volumes = [optarg]
+            state.volumes_from_job = False
+        else:
+            state.volumes.append(optarg)
+    elif val == OPT_MODULE:
+        from ..options import parse_modules
+
+        state.modules = ",".join(parse_modules(optarg))
+    else:
+        raise ShifterError(f"unknown option number {val}")
+
+
+def _inherited_volumes(optarg: str) -> str | None:
+    """Every volume of the enclosing job when ``optarg`` is the value Slurm replays from it."""
+    if os.environ.get(INHERITED_OPTION + "volume") != optarg:
+        return None
+    return os.environ.get(JOB_CONTROL_PREFIX + ENV_VOLUME) or os.environ.get(ENV_VOLUME)
+
+
+def _exports() -> dict[str, str]:
+    exports: dict[str, str] = {}
+    if state.image is not None:
+        exports[ENV_IMAGEREQUEST] = state.image
+    if state.volumes:
+        from ..options import format_volumes, parse_volumes
+
+        exports[ENV_VOLUME] = format_volumes(parse_volumes(state.volumes))
+    if state.modules is not None:
+        exports[ENV_MODULE] = state.modules
+    return exports
+
+
+def image_inherited() -> bool:
+    """True when srun's only --image is the one Slurm replays from the enclosing job."""
+    replayed = os.environ.get(INHERITED_OPTION + "image")
+    return replayed is not None and state.image_values == [replayed]
+
+
+def resolve_image(request: str) -> str:
+    """The image id of ``request``, as the gateway resolves it (applying the image's ACL).
+
+    No variable of the environment stands in for that lookup. A step of a job made with
+    the same ``--image`` reuses the job's ``SHIFTER_IMAGE`` only once the store's own
+    record of that id (root- or service-owned) confirms it: a complete image whose source
+    is ``request`` and whose ACL admits the caller. That check is kept free of imports
+    (every srun pays for it); anything it cannot confirm goes to the gateway. When the
+    gateway cannot be reached, the store answers (public images for all, private ones for
+    their ACL), with a warning to the user.
+    """
+    image_path = state.site.image_path
+    uid, gids = os.getuid(), {os.getgid(), *os.getgroups()}
+    claimed = os.environ.get(ENV_IMAGE, "")
+    if (
+        os.environ.get(ENV_IMAGEREQUEST) == request
+        and len(claimed) == 64
+        and all(c in "0123456789abcdef" for c in claimed)
+    ):
+        kind, _, text = request.partition(":")
+        if kind == "id":  # the claimed id must be the one asked for (12 digits or more)
+            prefix = text.removeprefix("sha256:")
+            wanted = None if len(prefix) >= 12 and claimed.startswith(prefix) else ""
+        else:  # Docker Hub's naming rules, as DockerReference applies them
+            first, slash, _ = text.partition("/")
+            if not slash:
+                wanted = f"docker.io/library/{text}"
+            elif "." in first or ":" in first or first == "localhost":
+                wanted = text
+            else:
+                wanted = f"docker.io/{text}"
+            last = wanted.rsplit("/", 1)[-1]
+            if ":" not in last and "@" not in last:
+                wanted += ":latest"
+        try:
+            with open(os.path.join(image_path, f"{claimed}.json"), encoding="utf-8") as fh:
+                raw = fh.read(1 << 20)
+            try:  # json's C parser alone: importing json compiles regexes (~15 ms a step)
+                from _json import make_scanner
+
+                class Context:
+                    strict, memo = True, {}
+                    object_hook = object_pairs_hook = parse_constant = None
+                    parse_float, parse_int = float, int
+
+                record = make_scanner(Context())(raw, 0)[0]
+            except ImportError:
+                import json
+
+                record = json.loads(raw)
+            acl = record.get("acl")
+            if (
+                kind in ("id", "docker")
+                and wanted != ""
+                and record.get("id") == claimed
+                and (wanted is None or record.get("source") == wanted)
+                and (
+                    acl is None
+                    or uid in acl.get("users", ())
+                    or any(g in acl.get("groups", ()) for g in gids)
+                )
+                and os.path.exists(os.path.join(image_path, f"{claimed}.squashfs"))
+            ):
+                return claimed
+        except (OSError, ValueError, AttributeError, TypeError, StopIteration):
+            pass  # not confirmed: ask the gateway
+    from ..client import GatewayClient, GatewayUnreachable
+
+    url = state.site.gateway.url
+    try:
+        with GatewayClient(url, timeout=30.0) as client:
+            return client.lookup(request).id
+    except GatewayUnreachable:
+        pass
+    from ..reference import ImageRequest
+    from ..runtime.images import _by_source
+
+    parsed = ImageRequest.parse(request, state.site.default_image_type)
+    found = _by_source(image_path, parsed, uid, gids)
+    if found is None:
+        raise ShifterError(
+            f"image {parsed.tag!r} is not in the image store, and the image gateway at {url} "
+            "cannot be reached",
+            hint="try again later, or tell your site's support that the gateway is down",
+        )
+    log(
+        ERROR,
+        f"warning: the image gateway at {url} cannot be reached; "
+        f"using image {parsed.tag} ({found.id[:12]}) from the image store",
+    )
+    return str(found.id)
+
+
+def hook_init_post_opt(spank: Spank) -> None:
+    """Submission side: resolve the image, export everything to the job and its prolog."""
+    if spank.context not in ("local", "allocator"):
+        return
+    if state.image is None and (state.volumes or state.modules is not None):
+        raise ShifterError("--volume and --module need --image", hint="add --image=NAME")
+    exports = _exports()
+    if state.image is not None:
+        exports[ENV_IMAGE] = resolve_image(state.image)
+        if spank.context == "local":
+            exports[ENV_CONTAINER_STEP] = "0" if image_inherited() else "1"
+    for name, value in exports.items():
+        os.environ[name] = value  # carried into the job's environment
+        spank.job_control_setenv(name, value)  # seen by the prolog as SPANK_<name>
+    log(INFO, f"{spank.context}: " + " ".join(f"{k}={v}" for k, v in exports.items()))
+
+
