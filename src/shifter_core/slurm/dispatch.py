@@ -12,33 +12,24 @@ import os
 
 from ..errors import ShifterError
 from .api import ERROR, Spank, bind, log, log_exception
-from .jobscript import hook_job_epilog, hook_job_prolog
 from .names import OPTION_NAMES, PLUGIN_ARGS
 from .state import state
-from .stepd import (
-    handle_remote_option,
-    hook_exit,
-    hook_task_init,
-    hook_task_init_privileged,
-    hook_user_init,
-)
-from .submit import handle_option, hook_init_post_opt
-
-TYPE_CHECKING = False  # typing costs start-up time on this path
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from .stepd import handle_remote_option
+from .submit import handle_option
 
 __all__ = ["HOOKS", "bind", "on_hook", "on_option", "on_start"]
 
-# The callbacks Python handles; the shim forwards exactly these (and job_prolog/job_epilog).
-HOOKS: dict[str, Callable[[Spank], None]] = {
-    "init_post_opt": hook_init_post_opt,
-    "user_init": hook_user_init,
-    "task_init_privileged": hook_task_init_privileged,
-    "task_init": hook_task_init,
-    "exit": hook_exit,
-    "job_prolog": hook_job_prolog,
-    "job_epilog": hook_job_epilog,
+# The callbacks Python handles, by the module of their context (imported when first
+# called: the prolog's modules are heavy, and every srun and step starts here); the shim
+# forwards exactly these.
+HOOKS: dict[str, tuple[str, str]] = {
+    "init_post_opt": ("submit", "hook_init_post_opt"),
+    "user_init": ("stepd", "hook_user_init"),
+    "task_init_privileged": ("stepd", "hook_task_init_privileged"),
+    "task_init": ("stepd", "hook_task_init"),
+    "exit": ("stepd", "hook_exit"),
+    "job_prolog": ("jobscript", "hook_job_prolog"),
+    "job_epilog": ("jobscript", "hook_job_epilog"),
 }
 
 
@@ -91,11 +82,14 @@ def on_option(val: int, optarg: str, remote: bool) -> int:
 
 def on_hook(hook: str, handle: object, args: list[str]) -> int:
     """Run one SPANK callback; 0 on success, -1 (with a logged reason) on failure."""
-    function = HOOKS.get(hook)
-    if function is None:
+    where = HOOKS.get(hook)
+    if where is None:
         return 0
     try:
-        function(Spank(handle))
+        import importlib
+
+        module = importlib.import_module(f".{where[0]}", __package__)
+        getattr(module, where[1])(Spank(handle))
     except ShifterError as err:
         log(ERROR, str(err))
         return -1
