@@ -9,7 +9,8 @@ import pytest
 from shifter_core.image.convert import SquashfsOptions
 from shifter_core.image.layercache import LayerCache
 from shifter_core.image.pipeline import READY, Progress, pull_image
-from shifter_core.image.registry.client import RegistryClient, RegistrySettings
+from shifter_core.image.registry.client import RegistryClient
+from shifter_core.image.registry.settings import RegistrySettings
 from shifter_core.image.store import ImageStore
 
 pytestmark = pytest.mark.usefixtures("box")

@@ -25,23 +25,25 @@ import httpx
 import pytest
 import zstandard
 
+from shifter_core.image.errors import (
+    AuthenticationError,
+    DigestMismatch,
+    ImageNotFound,
+    PlatformNotFound,
+    RegistryError,
+)
 from shifter_core.image.layercache import LayerCache
-from shifter_core.image.registry.client import (
+from shifter_core.image.oci import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MANIFEST_ACCEPT,
     OCI_INDEX,
     OCI_MANIFEST,
-    AuthenticationError,
-    DigestMismatch,
-    ImageNotFound,
     Platform,
-    PlatformNotFound,
-    RegistryClient,
-    RegistryError,
-    RegistrySettings,
 )
+from shifter_core.image.registry.client import RegistryClient
 from shifter_core.image.registry.credentials import CredentialStore, StaticCredentials
+from shifter_core.image.registry.settings import RegistrySettings
 from tests.fixtures.registries import (
     Layer,
     OCILayout,

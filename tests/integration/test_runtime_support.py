@@ -35,7 +35,8 @@ import pytest
 from shifter_core import config as config_module
 from shifter_core.image.layercache import LayerCache
 from shifter_core.image.pipeline import pull_image
-from shifter_core.image.registry.client import RegistryClient, RegistrySettings
+from shifter_core.image.registry.client import RegistryClient
+from shifter_core.image.registry.settings import RegistrySettings
 from shifter_core.image.store import ImageMetadata, ImageStore
 
 from .slurm import user_env

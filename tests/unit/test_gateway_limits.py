@@ -23,9 +23,11 @@ from shifter_core import munge
 from shifter_core.gateway.app import create_app
 from shifter_core.gateway.errors import NotFound
 from shifter_core.gateway.service import Caller, Gateway
+from shifter_core.image.errors import RegistryError
 from shifter_core.image.layercache import LayerCache
 from shifter_core.image.limits import check_redirect, clean_text
-from shifter_core.image.registry.client import RegistryClient, RegistryError, RegistrySettings
+from shifter_core.image.registry.client import RegistryClient
+from shifter_core.image.registry.settings import RegistrySettings
 from shifter_core.image.store import Acl, ImageMetadata
 from tests.fixtures.registries import Layer, OCILayout, make_layer, sha256
 from tests.unit.test_gateway_api import FakeMunge

@@ -27,7 +27,7 @@ from shifter_core.gateway import service as service_mod
 from shifter_core.gateway.db import Job
 from shifter_core.gateway.errors import BadRequest, Forbidden, NotFound
 from shifter_core.gateway.service import Caller, Gateway, platform_name
-from shifter_core.image.registry.client import Platform
+from shifter_core.image.oci import Platform
 from shifter_core.image.store import ACL_XATTR, Acl, encode_posix_acl
 from tests.fixtures.registries import OCILayout, make_layer
 

@@ -22,7 +22,7 @@ from shifter_core.image.content import (
     MAX_METADATA_TEXT,
     ImageContentError,
 )
-from shifter_core.image.registry.client import ImageConfig
+from shifter_core.image.oci import ImageConfig
 from shifter_core.image.store import ImageMetadata
 from shifter_core.runtime.identity import group_file, passwd_file
 from shifter_core.runtime.images import ImageRecord

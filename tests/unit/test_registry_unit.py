@@ -25,36 +25,37 @@ import httpx
 import pytest
 
 from shifter_core.errors import OptionError
+from shifter_core.image.errors import (
+    AuthenticationError,
+    DigestMismatch,
+    ImageNotFound,
+    PlatformNotFound,
+    RateLimited,
+    RegistryError,
+    RegistryUnavailable,
+    UnsupportedManifest,
+)
 from shifter_core.image.layercache import LayerCache
-from shifter_core.image.registry.client import (
+from shifter_core.image.oci import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     OCI_MANIFEST,
-    AuthenticationError,
-    Challenge,
-    DigestMismatch,
-    ImageNotFound,
     Platform,
-    PlatformNotFound,
-    RateLimited,
-    RegistryClient,
-    RegistryError,
-    RegistrySettings,
-    RegistryUnavailable,
-    UnsupportedManifest,
     available_platforms,
     detect_manifest_type,
-    parse_challenges,
-    parse_retry_after,
     select_platform,
 )
+from shifter_core.image.registry.auth import Challenge, parse_challenges
+from shifter_core.image.registry.client import RegistryClient
 from shifter_core.image.registry.credentials import (
     CredentialError,
     CredentialStore,
     StaticCredentials,
     normalize_registry,
 )
+from shifter_core.image.registry.settings import RegistrySettings
+from shifter_core.image.registry.transport import parse_retry_after
 
 HOST = "reg.example"
 REALM = "https://auth.example/token"
@@ -448,9 +449,9 @@ def test_platform_parse_rejects(text: str) -> None:
     ],
 )
 def test_host_platform(machine: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import shifter_core.image.registry.client as registry
+    import shifter_core.image.oci as oci
 
-    monkeypatch.setattr(registry._platform, "machine", lambda: machine)
+    monkeypatch.setattr(oci._platform, "machine", lambda: machine)
     assert str(Platform.host()) == expected
 
 

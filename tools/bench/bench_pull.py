@@ -56,7 +56,8 @@ from shifter_core.image.convert import SquashfsOptions, tar_to_squashfs
 from shifter_core.image.flatten.twopass import flatten
 from shifter_core.image.layercache import LayerCache
 from shifter_core.image.pipeline import CONVERTING, PULLING, READY, Progress, pull_image
-from shifter_core.image.registry.client import RegistryClient, RegistrySettings
+from shifter_core.image.registry.client import RegistryClient
+from shifter_core.image.registry.settings import RegistrySettings
 from shifter_core.image.store import ImageStore
 
 ROOT = Path(__file__).resolve().parents[2]

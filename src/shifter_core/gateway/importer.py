@@ -28,7 +28,7 @@ from ..errors import ShifterError
 from ..image.convert import SquashfsOptions, layers_to_squashfs
 from ..image.layercache import LayerCache
 from ..image.limits import UnpackBudget
-from ..image.registry.client import (
+from ..image.oci import (
     INDEX_TYPES,
     ImageConfig,
     Platform,

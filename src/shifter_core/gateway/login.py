@@ -13,12 +13,9 @@ import logging
 
 import httpx
 
-from ..image.registry.client import (
-    AuthenticationError,
-    RegistrySettings,
-    RegistryUnavailable,
-    parse_challenges,
-)
+from ..image.errors import AuthenticationError, RegistryUnavailable
+from ..image.registry.auth import parse_challenges
+from ..image.registry.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
 

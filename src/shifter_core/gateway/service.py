@@ -39,17 +39,14 @@ import httpx
 from ..config import Config
 from ..errors import ShifterError
 from ..image.convert import SquashfsOptions
+from ..image.errors import RegistryUnavailable
 from ..image.layercache import LayerCache
 from ..image.limits import Deadline, GatewayLimits, UnpackBudget, clean_text
+from ..image.oci import Platform
 from ..image.pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
-from ..image.registry.client import (
-    Platform,
-    RegistryClient,
-    RegistrySettings,
-    RegistryUnavailable,
-    ResolvedImage,
-)
+from ..image.registry.client import RegistryClient, ResolvedImage
 from ..image.registry.credentials import CredentialError, StaticCredentials, normalize_registry
+from ..image.registry.settings import RegistrySettings
 from ..image.store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore, set_image_access
 from ..reference import DockerReference
 from . import login

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .registry.client import DigestMismatch, split_digest
+from .errors import DigestMismatch
+from .oci import split_digest
 
 log = logging.getLogger(__name__)
 

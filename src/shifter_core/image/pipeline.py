@@ -20,7 +20,8 @@ from pathlib import Path
 from .convert import SquashfsOptions, layers_to_squashfs
 from .layercache import LayerCache
 from .limits import Deadline, PullLimits, UnpackBudget
-from .registry.client import Platform, RegistryClient, ResolvedImage
+from .oci import Platform
+from .registry.client import RegistryClient, ResolvedImage
 from .store import Acl, ImageMetadata, ImageStore
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ShifterError
 from .content import MAX_METADATA_TEXT, ImageContentError, check_config, parse_record
 
-if TYPE_CHECKING:  # registry pulls in httpx, which readers of the store do not need
-    from .registry.client import ImageConfig
+if TYPE_CHECKING:  # readers of the store (every container start) need no OCI model
+    from .oci import ImageConfig
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ...errors import ShifterError
-from ...reference import DOCKER_HUB, DOCKER_HUB_ALIASES
+from .settings import registry_host
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,16 @@ def default_path() -> Path:
 
 
 def normalize_registry(name: str) -> str:
-    """The canonical key for a registry: host[:port], Docker Hub aliases folded to docker.io.
+    """The canonical key for a registry: :func:`~.settings.registry_host` of *name*, which
+    may not be blank.
 
     ``https://index.docker.io/v1/`` -> ``docker.io``; ``http://127.0.0.1:5000/`` ->
     ``127.0.0.1:5000``; host names are case-insensitive and lower-cased.
     """
-    text = name.strip()
-    if "://" in text:
-        text = text.split("://", 1)[1]
-    text = text.split("/", 1)[0].lower()
-    if not text:
+    host = registry_host(name)
+    if not host:
         raise CredentialError(f"invalid registry name {name!r}", hint="e.g. docker.io or host:5000")
-    if text in DOCKER_HUB_ALIASES:
-        return DOCKER_HUB
-    return text
+    return host
 
 
 class StaticCredentials:
