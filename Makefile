@@ -8,7 +8,7 @@ LAUNCHER := $(ROOT)/build/shifter
 # ld warns that libfuse3's module loader would need shared libraries: it is never used).
 LAUNCHER_LIBS := -lsquashfuse_ll -lsquashfuse -lfuse3 -lz -llzma -lzstd -llz4 -llzo2 -lpthread -ldl
 
-.PHONY: setup plugin launcher box box-down demo test lint bench bench-spank bench-pull bench-start clean
+.PHONY: setup plugin launcher box box-down demo test lint typecheck bench bench-spank bench-pull bench-start clean
 
 plugin: $(PLUGIN)
 
@@ -48,6 +48,10 @@ test: box
 
 lint: setup
 	$(VENV)/bin/ruff check src tests tools cffi_build setup.py
+
+# mypy, strict, on src/ (mypy.ini)
+typecheck: setup
+	$(VENV)/bin/mypy
 
 bench: bench-spank
 

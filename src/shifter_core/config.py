@@ -59,7 +59,7 @@ def _gateway_url(value: str) -> str | None:
 
 
 def _gateway_size(value: str) -> str | None:
-    return _size(value)
+    return _size_or_zero(value)
 
 
 def _listen_or_socket(value: str) -> str | None:
@@ -230,7 +230,8 @@ def _absolute_list(value: list[str]) -> str | None:
 
 
 def _volume_list(value: list[str]) -> str | None:
-    from .options import OptionError, parse_volume
+    from .errors import OptionError
+    from .options import parse_volume
 
     for spec in value:
         try:
@@ -251,13 +252,17 @@ def _copy_list(value: list[str]) -> str | None:
 
 
 def _size(value: str) -> str | None:
-    from .options import OptionError, parse_size
+    from .options import parse_size
 
     try:
         parse_size(value)
-    except OptionError:
-        return "is not a size (a number with an optional k, M, G or T)"
+    except ShifterError as err:
+        return f"is not a size ({err.hint or 'a number with an optional k, M, G or T'})"
     return None
+
+
+def _size_or_zero(value: str) -> str | None:
+    return None if value == "0" else _size(value)
 
 
 def _env_names(value: list[str] | dict[str, str]) -> str | None:
@@ -266,7 +271,8 @@ def _env_names(value: list[str] | dict[str, str]) -> str | None:
 
 
 def _module_names(value: dict[str, Any]) -> str | None:
-    from .options import MODULE_NONE, OptionError, parse_modules
+    from .errors import OptionError
+    from .options import MODULE_NONE, parse_modules
 
     for name, module in value.items():
         try:
@@ -405,18 +411,6 @@ class RuntimeConfig:
     )
 
 
-def _size(value: str) -> str | None:
-    from .options import parse_size
-
-    if value == "0":
-        return None
-    try:
-        parse_size(value)
-    except ShifterError as err:
-        return f"is not a size ({err.hint})"
-    return None
-
-
 @dataclass(frozen=True)
 class SlurmConfig:
     """How the Slurm plugin prepares containers for jobs."""
@@ -437,7 +431,7 @@ class SlurmConfig:
         metadata=_doc(
             "cap of the node cache; unused images are evicted least recently used first, "
             "also when the disk lacks space for a copy; 0: no cap but the disk's free space",
-            check=_size,
+            check=_size_or_zero,
         ),
     )
     batch_step: bool = field(
@@ -525,7 +519,7 @@ def _convert(node: Any, tp: Any, key: str, loc: _Located) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(node, inner, key, loc)
-    if is_dataclass(tp):
+    if is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(node, yaml.MappingNode):
             raise fail(f"expected {_type_name(tp)}")
         return _build(tp, node, key, loc)
@@ -635,6 +629,6 @@ def documented_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str
         key = f"{prefix}{f.name}"
         out.append((key, f.metadata.get("doc", "")))
         tp = typing.get_type_hints(cls)[f.name]
-        if is_dataclass(tp):
+        if is_dataclass(tp) and isinstance(tp, type):
             out.extend(documented_keys(tp, key + "."))
     return out

@@ -89,8 +89,8 @@ def _load() -> tuple[Any, Any, Any]:
             except ImportError:
                 import cffi
 
-                ffi = cffi.FFI()
-                ffi.cdef(CDEF)
+                ffi = cffi.FFI()  # type: ignore[assignment]  # the same API, parsed now
+                ffi.cdef(CDEF)  # type: ignore[attr-defined]  # cffi.FFI has cdef
             try:
                 lib = ffi.dlopen(LIBRARY)
             except OSError as err:

@@ -260,8 +260,7 @@ def run(options: Options) -> int:
         from ..runtime.launch import Recorder
 
         recorder = Recorder.for_request(plan, options, options.option_args, config_path())
-    run_unprivileged(plan, recorder=recorder)
-    return EXIT_FAILED  # not reached: run() execs or raises
+    run_unprivileged(plan, recorder=recorder)  # execs or raises: never returns
 
 
 def _internal_error(err: BaseException, verbose: int) -> None:

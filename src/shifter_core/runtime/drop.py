@@ -92,11 +92,11 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-def _execvpe(file: str, argv: list[str], env: dict[str, str]) -> None:
+def _execvpe(file: str, argv: list[str], env: dict[str, str]) -> NoReturn:
     """``execvpe`` without :func:`os.get_exec_path`, which imports :mod:`warnings`: after
     ``pivot_root`` the host's Python library is gone, so nothing may be imported here."""
     if "/" in file:
-        os.execve(file, argv, env)
+        os.execve(file, argv, env)  # raises when it does not replace this process
     last: OSError | None = None
     for directory in (env.get("PATH") or "/usr/local/bin:/usr/bin:/bin").split(":"):
         try:

@@ -13,11 +13,11 @@ of :class:`~shifter_core.image.store.ImageMetadata` (which the other paths retur
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import namedtuple
 
+from ..access import AclMembers, Viewer, visible
 from ..image.content import parse_record
 from ..reference import ImageRequest
 from ._log import get_logger
@@ -53,10 +53,11 @@ class ImageRecord(
         """Read a store record; every field is checked (``imagecontent.parse_record``):
         anything malformed is an ``ImageContentError`` (also a ``ValueError``)."""
         data = parse_record(text)
-        acl = data["acl"]
+        acl = data["acl"]  # None, or (users, groups) as parse_record checked them
+        users, groups = acl if isinstance(acl, tuple) else ((), ())
         return cls(
             **{k: data[k] for k in cls._fields if k != "acl"},
-            acl=None if acl is None else {"users": list(acl[0]), "groups": list(acl[1])},
+            acl=None if acl is None else {"users": list(users), "groups": list(groups)},
         )
 
     @property
@@ -64,12 +65,10 @@ class ImageRecord(
         return self.acl is not None
 
     def visible_to(self, uid: int, gids: Any) -> bool:
-        """Public images are visible to all; private ones to root and their ACL."""
-        if self.acl is None or uid == 0:
-            return True
-        return uid in self.acl.get("users", ()) or any(
-            g in self.acl.get("groups", ()) for g in gids
-        )
+        """Whether ``uid`` with ``gids`` may use the image (:func:`shifter_core.access.visible`)."""
+        acl = self.acl
+        members = None if acl is None else AclMembers(acl.get("users", ()), acl.get("groups", ()))
+        return visible(Viewer(uid, gids), members)
 
 
 def image_file(image_path: str, image_id: str) -> str:
@@ -167,19 +166,15 @@ def _from_gateway(config: Config, text: str) -> ImageMetadata | None:
         hook, _log.on_first_use = _log.on_first_use, None
         hook()
     from ..client import GatewayClient, GatewayError, GatewayUnreachable
-    from ..image.store import ImageMetadata
 
     try:
         with GatewayClient(config.gateway.url) as client:
-            data = client.lookup(text)
+            return client.lookup(text).image
     except GatewayUnreachable as err:
         log.info("%s; looking in the image store instead", err)
         return None
     except GatewayError as err:
         raise ImageError(err.message, err.hint) from None
-    fields = set(ImageMetadata.__dataclass_fields__)
-    meta = {k: v for k, v in data.items() if k in fields}
-    return ImageMetadata.from_json(json.dumps(meta))
 
 
 def resolve_image(text: str, config: Config, user: User) -> tuple[Any, str]:

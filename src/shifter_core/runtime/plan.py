@@ -150,7 +150,7 @@ class Plan(_Plan):
 
     @property
     def image_id(self) -> str:
-        return self.image.id
+        return str(self.image.id)
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -258,9 +258,9 @@ def env_operations(
     for path in request.env_files:
         ops += [("set", name, value) for name, value in read_env_file(path, caller)]
     for text in request.env:
-        item = parse_env_assignment(text, "--env", caller)
-        if item is not None:
-            ops.append(("set", *item))
+        assignment = parse_env_assignment(text, "--env", caller)
+        if assignment is not None:
+            ops.append(("set", *assignment))
     for _, module in modules:
         ops += env_change_operations(module.env)
     ops += env_change_operations(site)
@@ -291,7 +291,7 @@ def build_argv(
             )
         return argv
     if request.command:
-        return request.command
+        return tuple(request.command)
     return (caller.get("SHELL") or user.shell or DEFAULT_SHELL,)
 
 

@@ -184,7 +184,7 @@ def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoo
     prepared = prepare(plan, os.path.join(directory, ROOT_DIR))
     pinned: str | None = os.path.join(directory, USERNS_FILE)
     try:
-        userns.pin(plan.user, pinned)
+        userns.pin(plan.user, os.path.join(directory, USERNS_FILE))
     except ContainerError as err:
         log.warning("%s (shifter in the job will show only the user's primary group)", err)
         pinned = None

@@ -104,5 +104,5 @@ def _open_in_child(user: User, paths: Sequence[str], what: Sequence[str]) -> lis
         for fd in fds:
             os.close(fd)
         index = next(i for i, r in enumerate(results) if r is not None)
-        raise _refused(what[index], paths[index], results[index])
+        raise _refused(what[index], paths[index], str(results[index]))
     return list(fds)

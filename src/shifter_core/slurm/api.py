@@ -87,7 +87,7 @@ class Spank:
             buf = _ffi.new("char[]", size)
             rc = _lib.spank_getenv(self.handle, name.encode(), buf, size)
             if rc == _lib.ESPANK_SUCCESS:
-                return _ffi.string(buf).decode(errors="replace")
+                return str(_ffi.string(buf).decode(errors="replace"))
             if rc != _lib.ESPANK_NOSPACE:
                 return None
             size *= 4

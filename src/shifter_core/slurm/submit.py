@@ -128,11 +128,16 @@ def resolve_image(request: str) -> str:
                 from _json import make_scanner
 
                 class Context:
-                    strict, memo = True, {}
+                    strict = True
                     object_hook = object_pairs_hook = parse_constant = None
                     parse_float, parse_int = float, int
 
-                record = make_scanner(Context())(raw, 0)[0]
+                    def __init__(self) -> None:
+                        self.memo: dict[str, str] = {}
+
+                # the scanner takes any object with a JSONDecoder's attributes
+                scan = make_scanner(Context())  # type: ignore[arg-type]
+                record = scan(raw, 0)[0]
             except ImportError:
                 import json
 
