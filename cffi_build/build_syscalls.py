@@ -37,8 +37,6 @@ int sh_move_mount(int from_dfd, const char *from_path, int to_dfd, const char *t
 int sh_openat2(int dfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
 int sh_loop_ctl_get_free(int ctl_fd);
 int sh_loop_configure(int loop_fd, int backing_fd, uint32_t flags, const char *name);
-int sh_loop_clr_fd(int loop_fd);
-int sh_loop_set_autoclear(int loop_fd);
 int sh_capset_clear(void);
 int sh_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable);
 int sh_clone_userns(unsigned int uid, unsigned int gid, char *stack, size_t stack_size);
@@ -191,20 +189,6 @@ int sh_loop_configure(int loop_fd, int backing_fd, uint32_t flags, const char *n
     if (name)
         strncpy((char *)config.info.lo_file_name, name, LO_NAME_SIZE - 1);
     return ioctl(loop_fd, LOOP_CONFIGURE, &config);
-}
-
-int sh_loop_clr_fd(int loop_fd)
-{
-    return ioctl(loop_fd, LOOP_CLR_FD, 0);
-}
-
-int sh_loop_set_autoclear(int loop_fd)
-{
-    struct loop_info64 info;
-    if (ioctl(loop_fd, LOOP_GET_STATUS64, &info) < 0)
-        return -1;
-    info.lo_flags |= LO_FLAGS_AUTOCLEAR;
-    return ioctl(loop_fd, LOOP_SET_STATUS64, &info);
 }
 
 int sh_capset_clear(void)

@@ -187,16 +187,6 @@ def loop_configure(loop_fd: int, backing_fd: int, flags: int, name: str, device:
     )
 
 
-def loop_clr_fd(loop_fd: int, device: str) -> None:
-    """``LOOP_CLR_FD``: detach a loop device."""
-    _check(lib.sh_loop_clr_fd(loop_fd), "ioctl(LOOP_CLR_FD)", device)
-
-
-def loop_set_autoclear(loop_fd: int, device: str) -> None:
-    """Set ``LO_FLAGS_AUTOCLEAR`` on an attached loop device (it detaches when unused)."""
-    _check(lib.sh_loop_set_autoclear(loop_fd), "ioctl(LOOP_SET_STATUS64)", device)
-
-
 def clone_user_namespace(uid: int, gid: int, stack: bytearray) -> int:
     """An idle child in a new user namespace owned by ``uid`` (group ``gid``), cloned by root
     without copying its memory (``CLONE_VM``); returns its pid. It runs on ``stack``, which

@@ -268,7 +268,7 @@ def tmp_submount_fixture() -> Iterator[Path]:
 def _cleanup_run_dir(run_dir: str) -> None:
     """Remove the test run directory as the epilog would: never through a mount (a root's
     /tmp is the host's)."""
-    from shifter_core.runtime.privileged import teardown_tree
+    from shifter_core.mounts import teardown_tree
 
     assert teardown_tree(run_dir) == []
 
