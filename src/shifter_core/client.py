@@ -21,32 +21,44 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import munge
 from ._httpx import httpx
-from .errors import ShifterError
+from .gateway.errors import GatewayError, GatewayUnreachable
+from .gateway.models import (
+    FINAL_STATES,
+    ExpireRequest,
+    GatewayStats,
+    Identity,
+    ImageEntry,
+    ImageInfo,
+    InvalidAnswer,
+    JobInfo,
+    JobState,
+    LoginRequest,
+    LoginResult,
+    PullRequest,
+    RemoveRequest,
+    strings,
+)
+
+__all__ = ["GatewayClient", "GatewayError", "GatewayUnreachable"]
 
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
-FINAL_STATES = ("READY", "FAILED")
 _CHUNK = 1 << 20
 SERVICE_USER = "shifter"  # the gateway's user unless the site config names another
 
 Encoder = Callable[[bytes], str]
+T = TypeVar("T")
 
 
-class GatewayError(ShifterError):
-    """The gateway refused a request or failed; the message is the gateway's."""
-
-    def __init__(self, message: str, hint: str | None = None, *, status: int = 0) -> None:
-        super().__init__(message, hint)
-        self.status = status
-
-
-class GatewayUnreachable(GatewayError):
-    """No answer from the gateway (not running, wrong URL, network)."""
+def _items(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        raise InvalidAnswer("the answer holds no list")
+    return data
 
 
 class GatewayClient:
@@ -101,6 +113,7 @@ class GatewayClient:
                 f"registry credentials go only to the image gateway's user, and user "
                 f"{user!r} does not exist on this host",
                 hint="the site config must name the user shifter-gateway runs as",
+                status=0,
             ) from None
 
     def _credential(self, payload: bytes, secret: bool) -> str:
@@ -174,13 +187,24 @@ class GatewayClient:
                 status=response.status_code,
             )
         if not isinstance(data, dict):
-            raise GatewayError(f"the image gateway at {self.url} sent an answer that is not JSON")
+            raise GatewayError(
+                f"the image gateway at {self.url} sent an answer that is not JSON", status=0
+            )
         return data
 
     # -- API -----------------------------------------------------------------------------------
 
-    def ping(self) -> dict[str, Any]:
-        return self.request("GET", "/ping")
+    def _answer(self, parse: Callable[[Any], T], data: Any) -> T:
+        """``data`` of an answer read as its model; a GatewayError when it does not fit."""
+        try:
+            return parse(data)
+        except InvalidAnswer as err:
+            raise GatewayError(
+                f"the image gateway at {self.url} sent an invalid answer: {err}", status=0
+            ) from None
+
+    def ping(self) -> Identity:
+        return self._answer(Identity.from_dict, self.request("GET", "/ping"))
 
     def pull(
         self,
@@ -190,38 +214,39 @@ class GatewayClient:
         users: list[str] | None = None,
         groups: list[str] | None = None,
         secret: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "reference": reference,
-            "users": users or [],
-            "groups": groups or [],
-        }
-        if platform:
-            body["platform"] = platform
-        return dict(self.request("POST", "/pull", body=body, secret=secret)["job"])
+    ) -> JobInfo:
+        body = PullRequest(reference, platform, tuple(users or ()), tuple(groups or ()))
+        answer = self.request("POST", "/pull", body=body.to_dict(), secret=secret)
+        return self._answer(JobInfo.from_dict, answer.get("job"))
 
-    def job(self, job_id: str, *, wait: float = 0, state: str | None = None) -> dict[str, Any]:
+    def job(self, job_id: str, *, wait: float = 0, state: str | None = None) -> JobInfo:
         """The job; with ``wait`` and ``state``, the gateway answers when the job leaves
         ``state`` (or any job changes state) or after ``wait`` seconds."""
-        params = {"wait": f"{wait:g}", "state": state} if wait and state else None
+        params = {"wait": f"{wait:g}", "state": str(state)} if wait and state else None
         timeout = self._http.timeout.read
         if params and timeout is not None:
             timeout += wait
-        return dict(self.request("GET", f"/jobs/{job_id}", params=params, timeout=timeout)["job"])
+        answer = self.request("GET", f"/jobs/{job_id}", params=params, timeout=timeout)
+        return self._answer(JobInfo.from_dict, answer.get("job"))
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/jobs")["jobs"])
+    def jobs(self) -> list[JobInfo]:
+        answer = self.request("GET", "/jobs")
+        return self._answer(lambda d: [JobInfo.from_dict(j) for j in _items(d)], answer.get("jobs"))
 
-    def lookup(self, reference: str, platform: str | None = None) -> dict[str, Any]:
+    def lookup(self, reference: str, platform: str | None = None) -> ImageInfo:
         params = {"reference": reference}
         if platform:
             params["platform"] = platform
-        return dict(self.request("GET", "/lookup", params=params)["image"])
+        answer = self.request("GET", "/lookup", params=params)
+        return self._answer(ImageInfo.from_dict, answer.get("image"))
 
-    def images(self) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/images")["images"])
+    def images(self) -> list[ImageEntry]:
+        answer = self.request("GET", "/images")
+        return self._answer(
+            lambda d: [ImageEntry.from_dict(i) for i in _items(d)], answer.get("images")
+        )
 
-    def import_file(self, path: str | os.PathLike[str], name: str) -> dict[str, Any]:
+    def import_file(self, path: str | os.PathLike[str], name: str) -> JobInfo:
         """Upload an image file (streamed; hashed first for the credential)."""
         file = Path(path)
         hasher = hashlib.sha256()
@@ -244,38 +269,37 @@ class GatewayClient:
             headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
             timeout=600.0,
         )
-        return dict(answer["job"])
+        return self._answer(JobInfo.from_dict, answer.get("job"))
 
     def expire(self, *, days: float | None = None, ids: list[str] | None = None) -> list[str]:
-        body: dict[str, Any] = {}
-        if days is not None:
-            body["days"] = days
-        if ids:
-            body["ids"] = ids
-        return list(self.request("POST", "/expire", body=body)["removed"])
+        body = ExpireRequest(days, tuple(ids or ()))
+        answer = self.request("POST", "/expire", body=body.to_dict())
+        return list(self._answer(lambda d: strings(d, "removed"), answer.get("removed")))
 
     def remove(self, image: str, platform: str | None = None) -> list[str]:
-        body = {"image": image}
-        if platform:
-            body["platform"] = platform
-        return list(self.request("POST", "/remove", body=body)["removed"])
+        body = RemoveRequest(image, platform)
+        answer = self.request("POST", "/remove", body=body.to_dict())
+        return list(self._answer(lambda d: strings(d, "removed"), answer.get("removed")))
 
-    def login(self, registry: str, username: str, password: str) -> dict[str, Any]:
+    def login(self, registry: str, username: str, password: str) -> LoginResult:
         secret = {"registry": registry, "username": username, "password": password}
-        return self.request("POST", "/login", body={"registry": registry}, secret=secret)
+        body = LoginRequest(registry).to_dict()
+        return self._answer(
+            LoginResult.from_dict, self.request("POST", "/login", body=body, secret=secret)
+        )
 
-    def stats(self) -> dict[str, Any]:
-        return self.request("GET", "/stats")
+    def stats(self) -> GatewayStats:
+        return self._answer(GatewayStats.from_dict, self.request("GET", "/stats"))
 
     def wait(
         self,
         job_id: str,
-        on_update: Callable[[dict[str, Any]], None] | None = None,
+        on_update: Callable[[JobInfo], None] | None = None,
         *,
         interval: float = 0.5,
         reconnect_timeout: float = 60.0,
         on_disconnect: Callable[[GatewayUnreachable], None] | None = None,
-    ) -> dict[str, Any]:
+    ) -> JobInfo:
         """Follow a job until it is READY or FAILED; returns the final job.
 
         Each status request waits at the gateway up to ``interval`` seconds for the job to
@@ -284,7 +308,7 @@ class GatewayClient:
         ``reconnect_timeout`` seconds: jobs survive restarts.
         """
         lost: float | None = None
-        state: str | None = None
+        state: JobState | None = None
         while True:
             asked = time.monotonic()
             try:
@@ -302,9 +326,9 @@ class GatewayClient:
             lost = None
             if on_update:
                 on_update(job)
-            if job.get("state") in FINAL_STATES:
+            if job.state in FINAL_STATES:
                 return job
-            if job.get("state") == state:
+            if job.state == state:
                 # Another job's change woke the request early: do not spin on it.
                 time.sleep(max(0.0, min(0.05, interval - (time.monotonic() - asked))))
-            state = job.get("state")
+            state = job.state

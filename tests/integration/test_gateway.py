@@ -600,7 +600,7 @@ def test_corrupted_blob_fails_the_pull_and_publishes_nothing(world: World) -> No
     job_id = re.search(r"job ([0-9a-f]{16})", result.stdout).group(1)  # type: ignore[union-attr]
     with gw.client() as client:
         job = client.job(job_id)
-    assert job["state"] == "FAILED" and "is corrupt" in job["message"]
+    assert job.state == "FAILED" and "is corrupt" in job.message
     status = gw.shifterimg("status", job_id)
     assert status.returncode == 1 and re.search(r"^state:\s+FAILED$", status.stdout, re.M)
     assert gw.partials() == []
@@ -631,9 +631,10 @@ def test_gateway_killed_during_a_pull_resumes_after_restart(world: World) -> Non
     deadline = time.monotonic() + 30
     with gw.client() as client:
         while time.monotonic() < deadline:
-            jobs = [j for j in client.jobs() if j["reference"] == ref]
-            if jobs and jobs[0].get("progress", {}).get("done", 0) > 1 << 20:
-                job_id = jobs[0]["id"]
+            jobs = [j for j in client.jobs() if j.reference == ref]
+            progress = jobs[0].progress if jobs else None
+            if progress is not None and progress.done > 1 << 20:
+                job_id = jobs[0].id
                 break
             time.sleep(0.1)
     assert job_id, "the slow pull did not start"
@@ -648,7 +649,7 @@ def test_gateway_killed_during_a_pull_resumes_after_restart(world: World) -> Non
     assert "retrying" in err  # the client lost the gateway and waited for it
     with gw.client() as client:
         job = client.job(job_id)
-    assert job["state"] == "READY" and job["attempts"] == 2 and job["image_id"] == image_id
+    assert job.state == "READY" and job.attempts == 2 and job.image_id == image_id
     assert not leftover.exists() and gw.partials() == []
     log = gw.log.read_text()
     assert f"job {job_id} PENDING: pull {ref}: re-queued after a gateway restart" in log
@@ -777,7 +778,7 @@ def test_admins_remove_and_expire_images_others_may_not(world: World) -> None:
     assert "only image gateway admins may remove" in failed(gw.shifterimg("rm", f"{a}/t/oci:1"))
     assert "only image gateway admins may expire" in failed(gw.shifterimg("expire", "--days", "1"))
     with gw.client() as client:
-        oci = client.lookup(f"{a}/t/oci:1")["id"]
+        oci = client.lookup(f"{a}/t/oci:1").id
     # rm (root is the admin) by reference, then by short id.
     rm = subprocess.run(
         [SHIFTERIMG, "rm", f"{a}/t/oci:1"],

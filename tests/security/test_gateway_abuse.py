@@ -34,6 +34,7 @@ from isal import isal_zlib
 
 from shifter_core import munge
 from shifter_core.client import GatewayClient, GatewayError
+from shifter_core.gateway.models import JobInfo
 from shifter_core.gateway.transport import gateway_transport
 from tests.fixtures.registries import Layer, OCILayout, free_port, make_layer
 from tests.integration.slurm import run_as
@@ -228,11 +229,11 @@ def gateway_env(box, tmp_path: Path) -> Iterator[tuple[HostileRegistry, Any]]:
     registry.stop()
 
 
-def wait_done(client: GatewayClient, job: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
+def wait_done(client: GatewayClient, job: JobInfo, timeout: float = 300) -> JobInfo:
     deadline = time.monotonic() + timeout
-    while job["state"] not in ("READY", "FAILED"):
+    while job.state not in ("READY", "FAILED"):
         assert time.monotonic() < deadline, job
-        job = client.job(job["id"], wait=2, state=job["state"])
+        job = client.job(job.id, wait=2, state=job.state)
     return job
 
 
@@ -296,7 +297,7 @@ def test_unauthenticated_huge_bodies_are_refused_unread(gateway_env) -> None:
     reply3, _ = send_body(gw.port, head3, len(body))
     assert reply3.startswith("HTTP/1.1 413"), reply3[:300]
     assert gw.alive()
-    assert gw.client().ping()["uid"] == 0
+    assert gw.client().ping().uid == 0
     peak = gw.status("VmHWM")
     print(
         f"\n[gateway-abuse] 1 GiB unauthenticated body: client pushed {sent >> 20} MiB "
@@ -335,9 +336,9 @@ def test_a_10_gb_decompression_bomb_fails_its_pull_cleanly(gateway_env) -> None:
     elapsed = time.monotonic() - started
     stop.set()
     watcher.join()
-    assert job["state"] == "FAILED", job
-    assert "decompresses to more than 512 MiB" in job["message"], job["message"]
-    assert "Traceback" not in job["message"]
+    assert job.state == "FAILED", job
+    assert "decompresses to more than 512 MiB" in job.message, job.message
+    assert "Traceback" not in job.message
     leftovers = [p.name for p in (gw.root / "images").iterdir() if p.name.startswith(".")]
     assert leftovers == []
     assert not list((gw.root / "gw" / "layers").rglob(".tmp-*"))
@@ -364,7 +365,7 @@ def one(i):
     try:
         with GatewayClient(url, timeout=120) as c:
             job = c.pull(refs[i])
-            results[i] = c.wait(job["id"], interval=2)["state"]
+            results[i] = c.wait(job.id, interval=2).state
     except Exception as err:
         results[i] = f"error: {err}"
 threads = [threading.Thread(target=one, args=(i,)) for i in range(len(refs))]
@@ -396,7 +397,7 @@ def test_100_concurrent_pulls_by_an_ordinary_user(gateway_env) -> None:
     assert results == ["READY"] * CONCURRENT, results
     assert gw.alive()
     images = gw.client().images()
-    assert len([i for i in images if i["status"] == "READY"]) == len(refs)
+    assert len([i for i in images if i.status == "READY"]) == len(refs)
     peak = gw.status("VmHWM")
     print(
         f"\n[gateway-abuse] {CONCURRENT} concurrent pulls ({len(refs)} images) by alice: all "
@@ -413,20 +414,20 @@ def test_hostile_redirects_and_private_images_through_the_gateway(gateway_env) -
     gw = start()
     client = gw.client()
     job = wait_done(client, client.pull(ref))
-    assert job["state"] == "FAILED" and "169.254.169.254" in job["message"], job
-    assert "link-local" in job["message"]
+    assert job.state == "FAILED" and "169.254.169.254" in job.message, job
+    assert "link-local" in job.message
     assert not any("169.254" in r for r in registry.requests[1:] if "redirect" not in r)
     # A private image (pulled for alice only) is invisible to bob: same answers as for none.
     desc = registry.layout.add_image([make_layer({"secret": "alice\n"})])
     private = registry.push("alice/secret", "1", desc)
     job = wait_done(client, client.pull(private, users=["alice"]))
-    assert job["state"] == "READY" and job["private"], job
-    image_id = job["image_id"]
+    assert job.state == "READY" and job.private, job
+    image_id = job.image_id
     script = (
         "import sys\nfrom shifter_core.client import GatewayClient, GatewayError\n"
         "c = GatewayClient(sys.argv[1])\n"
         "for ref in sys.argv[2:]:\n"
-        "    try:\n        print('FOUND', c.lookup(ref)['id'])\n"
+        "    try:\n        print('FOUND', c.lookup(ref).id)\n"
         "    except GatewayError as err:\n        print('ERR', err.status, err)\n"
         "print('IMAGES', len(c.images()))\n"
     )
@@ -463,7 +464,7 @@ def test_the_gateway_listens_on_a_unix_socket_or_tls(
     sock = sockdir / "gateway.sock"
     gw = start(listen=f"unix:{sock}", url=f"unix:{sock}")
     assert sock.stat().st_mode & 0o777 == 0o666  # munge authenticates every request
-    assert gw.client().ping()["uid"] == 0
+    assert gw.client().ping().uid == 0
     script = (
         "import sys\nfrom shifter_core.client import GatewayClient\n"
         "from shifter_core.gateway.transport import gateway_transport\n"
@@ -493,7 +494,7 @@ def test_the_gateway_listens_on_a_unix_socket_or_tls(
         tls_cert=str(cert),
         tls_key=str(key),
     )
-    assert tls.client(ca_file=str(cert)).ping()["uid"] == 0
+    assert tls.client(ca_file=str(cert)).ping().uid == 0
     with pytest.raises(GatewayError):  # an unverified certificate is refused
         tls.client().ping()
     plain = GatewayClient(f"http://127.0.0.1:{port}", timeout=5)

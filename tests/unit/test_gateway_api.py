@@ -144,16 +144,16 @@ def test_client_pull_wait_lookup_images_remove(setup) -> None:
     _, _, http = setup
     with client_for(http, uid=0) as client:
         me = client.ping()
-        assert me["user"] == "root" and me["admin"]
+        assert me.user == "root" and me.admin
         job = client.pull(f"{REGISTRY}/pub/app:1")
         states: list[str] = []
-        final = client.wait(job["id"], lambda j: states.append(j["state"]), interval=0.02)
-        assert final["state"] == "READY" and states[-1] == "READY"
+        final = client.wait(job.id, lambda j: states.append(j.state), interval=0.02)
+        assert final.state == "READY" and states[-1] == "READY"
         image = client.lookup(f"{REGISTRY}/pub/app:1")
-        assert image["id"] == final["image_id"]
-        assert [i["id"] for i in client.images()] == [image["id"]]
-        assert client.stats()["layer_cache"]["downloads"] == 1
-        assert client.remove(image["id"][:12]) == [image["id"]]
+        assert image.id == final.image_id
+        assert [i.id for i in client.images()] == [image.id]
+        assert client.stats().layer_cache.downloads == 1
+        assert client.remove(image.id[:12]) == [image.id]
         with pytest.raises(GatewayError) as err:
             client.lookup(f"{REGISTRY}/pub/app:1")
         assert err.value.status == 404 and "not found on the image gateway" in str(err.value)
@@ -172,8 +172,8 @@ def test_import_streams_the_file_and_checks_its_hash(setup, tmp_path: Path) -> N
     )
     with client_for(http, uid=65534) as client:
         job = client.import_file(squash, "site/x:1")
-        final = client.wait(job["id"], interval=0.02)
-    assert final["state"] == "READY", final
+        final = client.wait(job.id, interval=0.02)
+    assert final.state == "READY", final
     # A credential for other bytes: refused, and the upload is not kept.
     payload = munge.request_payload("POST", "/api/v1/import?name=y", "0" * 64)
     response = http.post(
@@ -213,7 +213,7 @@ def test_wait_survives_a_gateway_restart() -> None:
     )
     lost: list[str] = []
     final = client.wait("j", interval=0.01, on_disconnect=lambda e: lost.append(str(e)))
-    assert final["state"] == "READY" and len(lost) == 2
+    assert final.state == "READY" and len(lost) == 2
     answers[:] = ["down"] * 1000
     with pytest.raises(GatewayUnreachable):
         client.wait("j", interval=0.01, reconnect_timeout=0.05)
@@ -225,22 +225,22 @@ def test_a_status_request_waits_for_a_state_change(setup) -> None:
 
     gateway, _, test_client = setup
     client = client_for(test_client)
-    job = client.wait(client.pull(f"{REGISTRY}/pub/app:1")["id"])
-    assert job["state"] == "READY"
+    job = client.wait(client.pull(f"{REGISTRY}/pub/app:1").id)
+    assert job.state == "READY"
     # Not in the state the client saw: answered at once.
-    assert client.job(job["id"], wait=10, state="PULLING")["state"] == "READY"
+    assert client.job(job.id, wait=10, state="PULLING").state == "READY"
     # In it: the answer waits for the next change (any job's), here from a worker thread.
     timer = threading.Timer(0.3, gateway.changes.notify)
     started = time.monotonic()
     timer.start()
-    assert client.job(job["id"], wait=10, state="READY")["state"] == "READY"
+    assert client.job(job.id, wait=10, state="READY").state == "READY"
     waited = time.monotonic() - started
     timer.join()
     assert 0.25 <= waited < 5  # woken by the change, not by the 10 s limit
     with pytest.raises(GatewayError, match="wait must be between 0 and 30 seconds"):
-        client.job(job["id"], wait=31, state="READY")
+        client.job(job.id, wait=31, state="READY")
     with pytest.raises(GatewayError, match="is not a number"):
-        client.request("GET", f"/jobs/{job['id']}", params={"wait": "soon", "state": "READY"})
+        client.request("GET", f"/jobs/{job.id}", params={"wait": "soon", "state": "READY"})
 
 
 def test_registry_secrets_need_a_credential_only_the_gateway_can_decode(setup) -> None:

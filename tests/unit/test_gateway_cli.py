@@ -11,6 +11,8 @@ import pytest
 
 from shifter_core.cli import shifterimg
 from shifter_core.client import GatewayError, GatewayUnreachable
+from shifter_core.gateway.models import ImageEntry, ImageInfo, JobInfo, LoginResult
+from shifter_core.image.store import ImageMetadata
 
 IMAGE_ID = "ab" * 32
 
@@ -27,36 +29,40 @@ class FakeClient:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def pull(self, reference: str, **kwargs: Any) -> dict[str, Any]:
+    def pull(self, reference: str, **kwargs: Any) -> JobInfo:
         self.calls.append(("pull", (reference, kwargs)))
-        return {
-            "id": "j1",
-            "reference": f"docker.io/library/{reference}",
-            "platform": "linux/amd64",
-            "state": "PENDING",
-            "message": "",
-        }
+        return JobInfo.from_dict(
+            {
+                "id": "j1",
+                "reference": f"docker.io/library/{reference}",
+                "platform": "linux/amd64",
+                "state": "PENDING",
+                "message": "",
+            }
+        )
 
-    def wait(self, job_id: str, on_update: Any, **kwargs: Any) -> dict[str, Any]:
+    def wait(self, job_id: str, on_update: Any, **kwargs: Any) -> JobInfo:
         progress = {
             "layers": [{"digest": "sha256:" + "1" * 64, "done": 2000, "total": 2000}],
             "done": 2000,
             "total": 2000,
             "rate": 1000.0,
         }
-        on_update({"id": job_id, "state": "PULLING", "progress": progress})
-        final = {
-            "id": job_id,
-            "state": self.final_state,
-            "message": self.message,
-            "reference": "docker.io/library/busybox:latest",
-            "image_id": IMAGE_ID,
-        }
+        on_update(JobInfo.from_dict({"id": job_id, "state": "PULLING", "progress": progress}))
+        final = JobInfo.from_dict(
+            {
+                "id": job_id,
+                "state": self.final_state,
+                "message": self.message,
+                "reference": "docker.io/library/busybox:latest",
+                "image_id": IMAGE_ID,
+            }
+        )
         on_update(final)
         return final
 
-    def images(self) -> list[dict[str, Any]]:
-        return [
+    def images(self) -> list[ImageEntry]:
+        listed = [
             {
                 "status": "READY",
                 "id": IMAGE_ID,
@@ -74,17 +80,20 @@ class FakeClient:
                 "reference": "docker.io/library/debian:12",
             },
         ]
+        return [ImageEntry.from_dict(i) for i in listed]
 
-    def lookup(self, reference: str, platform: str | None = None) -> dict[str, Any]:
+    def lookup(self, reference: str, platform: str | None = None) -> ImageInfo:
         if reference == "missing":
             raise GatewayError("image 'missing' not found on the image gateway", status=404)
-        return {"id": IMAGE_ID}
+        source = "docker.io/library/busybox:latest"
+        meta = ImageMetadata(IMAGE_ID, source, f"sha256:{IMAGE_ID}", "linux/amd64")
+        return ImageInfo(meta, source)
 
-    def login(self, registry: str, username: str, password: str) -> dict[str, Any]:
+    def login(self, registry: str, username: str, password: str) -> LoginResult:
         self.calls.append(("login", (registry, username, password)))
         if isinstance(self.login_result, Exception):
             raise self.login_result
-        return dict(self.login_result)
+        return LoginResult.from_dict(self.login_result)
 
 
 @pytest.fixture
@@ -116,7 +125,7 @@ def test_plain_progress_reports_bytes_of_long_downloads() -> None:
     display = shifterimg.PlainProgress(out, every=0.0)
     layers = [{"digest": "sha256:" + "2" * 64, "done": 1_500_000, "total": 3_000_000}]
     info = {"layers": layers, "done": 1_500_000, "total": 3_000_000, "rate": 500_000}
-    display.update({"state": "PULLING", "progress": info})
+    display.update(JobInfo.from_dict({"id": "j", "state": "PULLING", "progress": info}))
     assert out.getvalue().splitlines() == ["PULLING", "  1.5 MB of 3.0 MB (500.0 kB/s)"]
 
 
@@ -204,26 +213,10 @@ def test_rich_progress_renders(capsys) -> None:
     out = io.StringIO()
     display = shifterimg.RichProgress(out, "busybox")
     with display:
-        display.update(
-            {
-                "state": "PULLING",
-                "progress": {
-                    "layers": [{"digest": "sha256:1", "done": 5, "total": 10}],
-                    "done": 5,
-                    "total": 10,
-                },
-            }
-        )
-        display.update(
-            {
-                "state": "CONVERTING",
-                "progress": {
-                    "layers": [{"digest": "sha256:1", "done": 10, "total": 10}],
-                    "done": 10,
-                    "total": 10,
-                },
-            }
-        )
+        for state, done in (("PULLING", 5), ("CONVERTING", 10)):
+            layers = [{"digest": "sha256:1", "done": done, "total": 10}]
+            progress = {"layers": layers, "done": done, "total": 10}
+            display.update(JobInfo.from_dict({"id": "j", "state": state, "progress": progress}))
     assert "CONVERTING" in out.getvalue()
 
 

@@ -188,8 +188,8 @@ def test_a_decompression_bomb_fails_its_pull_cleanly(tmp_path: Path, strict) -> 
     gateway = gateway_for(tmp_path, strict, limits={"max_layer_unpacked": "16M"})
     try:
         job = pull(gateway, ALICE, "pub/bomb:1")
-        assert job["state"] == "FAILED", job
-        assert "decompresses to more than 16 MiB" in job["message"], job["message"]
+        assert job.state == "FAILED", job
+        assert "decompresses to more than 16 MiB" in job.message, job.message
         assert not [p for p in gateway.store.path.iterdir() if p.name.startswith(".")]
         leftovers = [p for p in gateway.cache.directory.rglob("*") if ".tmp-" in p.name]
         assert not leftovers
@@ -206,12 +206,12 @@ def test_image_limits_stop_a_pull_before_downloading(tmp_path: Path, strict) -> 
     )
     try:
         job = pull(gateway, ALICE, "pub/many:1")
-        assert job["state"] == "FAILED" and "has 5 layers" in job["message"], job
+        assert job.state == "FAILED" and "has 5 layers" in job.message, job
         assert not strict.blob_gets or all(
             d not in strict.blob_gets for d in (la.digest for la in layers)
         )
         job = pull(gateway, ALICE, "pub/entries:1")
-        assert job["state"] == "FAILED" and "more than 200 tar entries" in job["message"], job
+        assert job.state == "FAILED" and "more than 200 tar entries" in job.message, job
     finally:
         gateway.stop()
 
@@ -222,7 +222,7 @@ def test_a_pull_that_takes_too_long_is_stopped(tmp_path: Path, strict) -> None:
     gateway = gateway_for(tmp_path, strict, limits={"pull_timeout": 1.0})
     try:
         job = pull(gateway, ALICE, "pub/slow:1")
-        assert job["state"] == "FAILED" and "took longer than 1 s" in job["message"], job
+        assert job.state == "FAILED" and "took longer than 1 s" in job.message, job
     finally:
         gateway.stop()
 
@@ -243,7 +243,7 @@ def test_a_large_manifest_is_refused(tmp_path: Path, strict) -> None:
         digest = strict.layout.add_blob(data)
         strict.tags["pub/padded:1"] = digest
         job = pull(gateway, ALICE, "pub/padded:1")
-        assert job["state"] == "FAILED" and "larger than" in job["message"], job
+        assert job.state == "FAILED" and "larger than" in job.message, job
     finally:
         gateway.stop()
 
@@ -278,15 +278,15 @@ def test_a_private_layer_is_reused_only_with_proof_of_access(tmp_path: Path, str
     gateway = gateway_for(tmp_path, strict)
     try:
         alice = Caller(**{**ALICE.__dict__, "secret": SECRET})
-        assert pull(gateway, alice, "private/app:1")["state"] == "READY"
+        assert pull(gateway, alice, "private/app:1").state == "READY"
         job = pull(gateway, BOB, "pub/evil:1")
-        assert job["state"] == "FAILED", "bob got alice's private layer from the cache"
-        assert "missing" in job["message"], job["message"]
+        assert job.state == "FAILED", "bob got alice's private layer from the cache"
+        assert "missing" in job.message, job.message
         # A repository that does hold the layer proves access and reuses the cached copy.
         ok = strict.layout.add_image([secret], config={"Env": ["OK=1"]})
         strict.push("pub/ok", "1", ok)
         strict.own("pub/ok", ok)
-        assert pull(gateway, BOB, "pub/ok:1")["state"] == "READY"
+        assert pull(gateway, BOB, "pub/ok:1").state == "READY"
         assert ("HEAD", f"/v2/pub/ok/blobs/{secret.digest}") in strict.requests
         assert ("GET", f"/v2/pub/ok/blobs/{secret.digest}") not in strict.requests
     finally:
@@ -382,7 +382,7 @@ def test_lookups_reveal_nothing_about_private_images(tmp_path: Path, strict) -> 
         _fake_image(gateway, private_id, Acl((ALICE.uid,), ()))
         _fake_image(gateway, public_id, None)
         # Bob sees the public image by the common prefix, as if the private one did not exist.
-        assert gateway.lookup(BOB, shared)["id"] == public_id
+        assert gateway.lookup(BOB, shared).id == public_id
         with pytest.raises(NotFound) as hidden:
             gateway.lookup(BOB, private_id)
         with pytest.raises(NotFound) as missing:
@@ -390,10 +390,10 @@ def test_lookups_reveal_nothing_about_private_images(tmp_path: Path, strict) -> 
         assert str(hidden.value).replace(private_id, "X") == str(missing.value).replace(
             "c" * 64, "X"
         )
-        assert gateway.lookup(ALICE, private_id)["id"] == private_id
+        assert gateway.lookup(ALICE, private_id).id == private_id
         with pytest.raises(Exception, match="ambiguous"):
             gateway.lookup(ALICE, shared)
-        assert [i["id"] for i in gateway.images(BOB)] == []
+        assert [i.id for i in gateway.images(BOB)] == []
     finally:
         gateway.stop()
 
@@ -405,17 +405,17 @@ def test_same_answer_for_hidden_and_missing_references(tmp_path: Path, strict) -
     try:
         alice = Caller(**{**ALICE.__dict__, "secret": SECRET})
         job = pull(gateway, alice, "private/app:1")
-        assert job["state"] == "READY"
+        assert job.state == "READY"
         with pytest.raises(NotFound) as hidden:
             gateway.lookup(BOB, f"{REGISTRY}/private/app:1")
         with pytest.raises(NotFound) as missing:
             gateway.lookup(BOB, f"{REGISTRY}/private/nope:1")
         assert str(hidden.value).replace("app", "nope") == str(missing.value)
         with pytest.raises(NotFound) as hidden_job:
-            gateway.job(BOB, job["id"])
+            gateway.job(BOB, job.id)
         with pytest.raises(NotFound) as missing_job:
             gateway.job(BOB, "0" * 16)
-        assert str(hidden_job.value).replace(job["id"], "0" * 16) == str(missing_job.value)
+        assert str(hidden_job.value).replace(job.id, "0" * 16) == str(missing_job.value)
     finally:
         gateway.stop()
 
@@ -449,9 +449,9 @@ def test_a_private_image_is_not_given_away_by_a_copy_of_its_manifest(
     gateway = gateway_for(tmp_path, strict)
     try:
         alice = Caller(**{**ALICE.__dict__, "secret": SECRET})
-        image_id = pull(gateway, alice, "private/app:1")["image_id"]
+        image_id = pull(gateway, alice, "private/app:1").image_id
         job = pull(gateway, BOB, "pub/copy:1")
-        assert job["state"] == "FAILED" and "missing" in job["message"], job
+        assert job.state == "FAILED" and "missing" in job.message, job
         assert gateway.store.get(image_id).acl == Acl((ALICE.uid,), ())  # type: ignore[union-attr]
         with pytest.raises(NotFound):
             gateway.lookup(BOB, image_id)
@@ -467,8 +467,8 @@ def test_an_import_is_bounded_too(tmp_path: Path, strict) -> None:
         archive = tmp_path / "image.tar"
         _docker_archive(archive)
         job = gateway.submit_import(IMPORTER, "docker.io/library/x:1", *_upload(gateway, archive))
-        done = wait(gateway, IMPORTER, job["id"])
-        assert done["state"] == "FAILED" and "more than 2 tar entries" in done["message"], done
+        done = wait(gateway, IMPORTER, job.id)
+        assert done.state == "FAILED" and "more than 2 tar entries" in done.message, done
         assert [p for p in gateway.store.path.iterdir() if p.name.startswith(".")] == []
     finally:
         gateway.stop()
@@ -480,7 +480,7 @@ def test_uncompressed_layers_count_towards_the_image_bound(tmp_path: Path, stric
     gateway = gateway_for(tmp_path, strict, limits={"max_image_unpacked": "40k"})
     try:
         job = pull(gateway, ALICE, "pub/plain:1")
-        assert job["state"] == "FAILED" and "decompresses to more than 40 KiB" in job["message"]
+        assert job.state == "FAILED" and "decompresses to more than 40 KiB" in job.message
     finally:
         gateway.stop()
 
@@ -502,7 +502,7 @@ def test_a_manifest_sent_drop_by_drop_is_stopped_by_the_pull_timeout(tmp_path: P
     try:
         # (httpx's MockTransport reads the whole stream first; a real socket is read by chunk)
         job = pull(gateway, ALICE, "pub/drip:1")
-        assert job["state"] == "FAILED" and "took longer than 0.5 s" in job["message"], job
+        assert job.state == "FAILED" and "took longer than 0.5 s" in job.message, job
     finally:
         gateway.stop()
 
@@ -517,8 +517,8 @@ def test_a_failed_pull_message_is_bounded_and_escaped(tmp_path: Path, strict) ->
     gateway = gateway_for(tmp_path, strict)
     try:
         job = pull(gateway, ALICE, "pub/odd:1")
-        assert job["state"] == "FAILED" and "media type" in job["message"], job["message"][:200]
-        assert len(job["message"]) <= 2003 and "\x1b" not in job["message"]
-        assert "\n" not in job["message"]
+        assert job.state == "FAILED" and "media type" in job.message, job.message[:200]
+        assert len(job.message) <= 2003 and "\x1b" not in job.message
+        assert "\n" not in job.message
     finally:
         gateway.stop()

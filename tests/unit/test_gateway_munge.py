@@ -112,7 +112,8 @@ def test_the_client_restricts_credentials_with_secrets_to_the_gateway_user() -> 
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.headers["Authorization"].removeprefix("Munge "))
-        return httpx.Response(200, json={"result": "ok", "job": {"id": "j"}})
+        job = {"id": "j", "state": "PENDING"}
+        return httpx.Response(200, json={"result": "ok", "uid": 0, "job": job})
 
     with GatewayClient("http://gw.test", transport=httpx.MockTransport(handler)) as client:
         assert client.gateway_uid() == service.pw_uid

@@ -26,6 +26,7 @@ from shifter_core import config as config_mod
 from shifter_core.gateway import service as service_mod
 from shifter_core.gateway.db import Job
 from shifter_core.gateway.errors import BadRequest, Forbidden, NotFound
+from shifter_core.gateway.models import JobInfo, JobState
 from shifter_core.gateway.service import Caller, Gateway, platform_name
 from shifter_core.image.oci import Platform
 from shifter_core.image.store import ACL_XATTR, Acl, encode_posix_acl
@@ -133,19 +134,19 @@ def make_gateway(tmp_path: Path, registry: FakeRegistry):
         gw.db.close()
 
 
-def wait(gw: Gateway, caller: Caller, job_id: str, timeout: float = 30) -> dict[str, Any]:
+def wait(gw: Gateway, caller: Caller, job_id: str, timeout: float = 30) -> JobInfo:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = gw.job(caller, job_id)
-        if job["state"] in ("READY", "FAILED"):
+        if job.state in ("READY", "FAILED"):
             return job
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} not finished: {gw.job(caller, job_id)}")
 
 
-def pull(gw: Gateway, caller: Caller, ref: str, **kwargs: Any) -> dict[str, Any]:
+def pull(gw: Gateway, caller: Caller, ref: str, **kwargs: Any) -> JobInfo:
     job = gw.submit_pull(caller, f"{REGISTRY}/{ref}", **kwargs)
-    return wait(gw, caller, job["id"])
+    return wait(gw, caller, job.id)
 
 
 def test_platform_names_fill_in_default_variants() -> None:
@@ -157,18 +158,18 @@ def test_platform_names_fill_in_default_variants() -> None:
 def test_a_pull_becomes_a_public_image(make_gateway) -> None:
     gw = make_gateway()
     job = pull(gw, ALICE, "pub/app:1")
-    assert job["state"] == "READY" and not job["private"], job
+    assert job.state == "READY" and not job.private, job
     image = gw.lookup(BOB, f"{REGISTRY}/pub/app:1")
-    assert image["id"] == job["image_id"] and image["status"] == "READY"
-    assert gw.lookup(BOB, f"id:{job['image_id'][:12]}")["id"] == job["image_id"]
-    by_digest = gw.lookup(BOB, f"{REGISTRY}/pub/app@sha256:{job['image_id']}")
-    assert by_digest["id"] == job["image_id"]
-    assert gw.store.image_file(job["image_id"]).stat().st_mode & 0o777 == 0o644
+    assert image.id == job.image_id and image.status == "READY"
+    assert gw.lookup(BOB, f"id:{job.image_id[:12]}").id == job.image_id
+    by_digest = gw.lookup(BOB, f"{REGISTRY}/pub/app@sha256:{job.image_id}")
+    assert by_digest.id == job.image_id
+    assert gw.store.image_file(job.image_id).stat().st_mode & 0o777 == 0o644
     listed = gw.images(CAROL)
-    assert [(i["reference"], i["status"], i["private"]) for i in listed] == [
+    assert [(i.reference, i.status, i.private) for i in listed] == [
         (f"{REGISTRY}/pub/app:1", "READY", False)
     ]
-    assert gw.jobs(ALICE)[0]["id"] == job["id"] and gw.jobs(BOB) == []
+    assert gw.jobs(ALICE)[0].id == job.id and gw.jobs(BOB) == []
 
 
 def test_concurrent_identical_pulls_share_one_job(make_gateway, registry) -> None:
@@ -177,7 +178,7 @@ def test_concurrent_identical_pulls_share_one_job(make_gateway, registry) -> Non
     ids = set()
 
     def submit() -> None:
-        ids.add(gw.submit_pull(ALICE, f"{REGISTRY}/pub/app:1")["id"])
+        ids.add(gw.submit_pull(ALICE, f"{REGISTRY}/pub/app:1").id)
 
     threads = [threading.Thread(target=submit) for _ in range(8)]
     for t in threads:
@@ -186,15 +187,15 @@ def test_concurrent_identical_pulls_share_one_job(make_gateway, registry) -> Non
         t.join()
     assert len(ids) == 1
     (job_id,) = ids
-    assert wait(gw, ALICE, job_id)["state"] == "READY"
+    assert wait(gw, ALICE, job_id).state == "READY"
     # Within the re-pull window the READY job is the answer; the registry is not asked again.
     gets = dict(registry.blob_gets)
-    assert gw.submit_pull(BOB, f"{REGISTRY}/pub/app:1")["id"] == job_id
+    assert gw.submit_pull(BOB, f"{REGISTRY}/pub/app:1").id == job_id
     assert registry.blob_gets == gets
     assert all(n == 1 for n in registry.blob_gets.values())
     # Another platform or visibility is another job.
     other = gw.submit_pull(ALICE, f"{REGISTRY}/pub/app:1", groups=["6000"])
-    assert other["id"] != job_id and other["private"]
+    assert other.id != job_id and other.private
 
 
 def test_repull_after_the_window_asks_the_registry_again(make_gateway, monkeypatch) -> None:
@@ -202,33 +203,33 @@ def test_repull_after_the_window_asks_the_registry_again(make_gateway, monkeypat
     first = pull(gw, ALICE, "pub/app:1")
     monkeypatch.setattr(service_mod, "REPULL_AFTER", 0.0)
     second = pull(gw, ALICE, "pub/app:1")
-    assert second["id"] != first["id"] and second["image_id"] == first["image_id"]
+    assert second.id != first.id and second.image_id == first.image_id
 
 
 def test_private_pull_is_visible_only_to_its_acl(make_gateway, registry) -> None:
     gw = make_gateway()
     denied = pull(gw, ALICE, "private/app:1")
-    assert denied["state"] == "FAILED" and "shifterimg login" in denied["message"]
+    assert denied.state == "FAILED" and "shifterimg login" in denied.message
     job = pull(gw, ALICE.__class__(**{**ALICE.__dict__, "secret": SECRET}), "private/app:1")
-    assert job["state"] == "READY" and job["private"], job
-    image_id = job["image_id"]
+    assert job.state == "READY" and job.private, job
+    image_id = job.image_id
     meta = gw.store.get(image_id)
     assert meta is not None and meta.acl == Acl((ALICE.uid,), ())
     assert file_access(gw, image_id) == [(0o640, encode_posix_acl(Acl((ALICE.uid,), ())))] * 2
-    assert gw.lookup(ALICE, f"{REGISTRY}/private/app:1")["id"] == image_id
+    assert gw.lookup(ALICE, f"{REGISTRY}/private/app:1").id == image_id
     for caller, ref in ((BOB, f"{REGISTRY}/private/app:1"), (BOB, image_id)):
         with pytest.raises(NotFound):
             gw.lookup(caller, ref)
     assert gw.images(BOB) == [] and len(gw.images(ADMIN)) == 1
     with pytest.raises(NotFound):
-        gw.job(BOB, job["id"])
+        gw.job(BOB, job.id)
     # Pulled again with the group: the ACL is widened, bob (in group 6000) sees it.
     alice = Caller(**{**ALICE.__dict__, "secret": SECRET})
     again = pull(gw, alice, "private/app:1", groups=["6000"])
-    assert again["image_id"] == image_id
+    assert again.image_id == image_id
     assert gw.store.get(image_id).acl == Acl((ALICE.uid,), (6000,))  # type: ignore[union-attr]
     assert file_access(gw, image_id) == [(0o640, encode_posix_acl(Acl((ALICE.uid,), (6000,))))] * 2
-    assert gw.lookup(BOB, f"{REGISTRY}/private/app:1")["id"] == image_id
+    assert gw.lookup(BOB, f"{REGISTRY}/private/app:1").id == image_id
     with pytest.raises(NotFound):
         gw.lookup(CAROL, f"{REGISTRY}/private/app:1")
 
@@ -245,12 +246,12 @@ def test_credentials_must_be_for_the_pulled_registry(make_gateway) -> None:
 def test_a_public_pull_makes_a_private_image_public(make_gateway) -> None:
     gw = make_gateway()
     private = pull(gw, ALICE, "pub/app:2", users=["5003"])
-    assert private["private"]
-    image_id = private["image_id"]
+    assert private.private
+    image_id = private.image_id
     with pytest.raises(NotFound):
         gw.lookup(BOB, f"{REGISTRY}/pub/app:2")
     public = pull(gw, BOB, "pub/app:2")
-    assert public["image_id"] == image_id and not public["private"]
+    assert public.image_id == image_id and not public.private
     assert gw.store.get(image_id).acl is None  # type: ignore[union-attr]
     assert file_access(gw, image_id) == [(0o644, None)] * 2
 
@@ -269,7 +270,7 @@ def file_access(gw: Gateway, image_id: str) -> list[tuple[int, bytes | None]]:
     return found
 
 
-def _insert(gw: Gateway, job_id: str, state: str, **values: Any) -> None:
+def _insert(gw: Gateway, job_id: str, state: JobState, **values: Any) -> None:
     now = time.time()
     fields: dict[str, Any] = {
         "id": job_id,
@@ -296,11 +297,11 @@ def _insert(gw: Gateway, job_id: str, state: str, **values: Any) -> None:
 
 def test_restart_requeues_or_fails_interrupted_jobs_and_sweeps_partials(make_gateway) -> None:
     crashed = make_gateway(start=False)
-    _insert(crashed, "pulling", "PULLING")
-    _insert(crashed, "pending", "PENDING", attempts=0, reference=f"{REGISTRY}/pub/app:2")
-    _insert(crashed, "secret", "CONVERTING", credentialed=True, acl=Acl((ALICE.uid,), ()))
-    _insert(crashed, "import", "PULLING", kind="import")
-    _insert(crashed, "tired", "PULLING", attempts=3)
+    _insert(crashed, "pulling", JobState.PULLING)
+    _insert(crashed, "pending", JobState.PENDING, attempts=0, reference=f"{REGISTRY}/pub/app:2")
+    _insert(crashed, "secret", JobState.CONVERTING, credentialed=True, acl=Acl((ALICE.uid,), ()))
+    _insert(crashed, "import", JobState.PULLING, kind="import")
+    _insert(crashed, "tired", JobState.PULLING, attempts=3)
     crashed.store.path.mkdir(parents=True)
     partial = crashed.store.path / f".{'a' * 64}.123.partial"
     partial.write_bytes(b"half")
@@ -309,10 +310,10 @@ def test_restart_requeues_or_fails_interrupted_jobs_and_sweeps_partials(make_gat
     assert not partial.exists()
     for job_id in ("pulling", "pending"):
         job = wait(gw, ADMIN, job_id)
-        assert job["state"] == "READY", job
-    assert wait(gw, ADMIN, "pulling")["attempts"] == 2
-    messages = {j: gw.job(ADMIN, j)["message"] for j in ("secret", "import", "tired")}
-    assert all(gw.job(ADMIN, j)["state"] == "FAILED" for j in messages)
+        assert job.state == "READY", job
+    assert wait(gw, ADMIN, "pulling").attempts == 2
+    messages = {j: gw.job(ADMIN, j).message for j in ("secret", "import", "tired")}
+    assert all(gw.job(ADMIN, j).state == "FAILED" for j in messages)
     assert "credentials it used are not kept" in messages["secret"]
     assert "import the file again" in messages["import"]
     assert "3 times" in messages["tired"]
@@ -357,29 +358,29 @@ def test_import_docker_archive_and_refusals(make_gateway, tmp_path: Path) -> Non
     name = gw.check_import(IMPORTER, "mine:1")
     assert name == "docker.io/library/mine:1"
     job = gw.submit_import(IMPORTER, name, *_upload(gw, archive))
-    done = wait(gw, IMPORTER, job["id"])
-    assert done["state"] == "READY" and done["image_id"] == expected, done
+    done = wait(gw, IMPORTER, job.id)
+    assert done.state == "READY" and done.image_id == expected, done
     image = gw.lookup(BOB, "mine:1")
-    assert list(image["env"]) == ["A=1"] and image["platform"] == "linux/amd64"
+    assert list(image.image.env) == ["A=1"] and image.image.platform == "linux/amd64"
     junk = tmp_path / "junk"
     junk.write_bytes(bytes(range(256)) * 16)
-    failed = wait(gw, IMPORTER, gw.submit_import(IMPORTER, name, *_upload(gw, junk))["id"])
-    assert failed["state"] == "FAILED" and "neither a tar archive" in failed["message"]
+    failed = wait(gw, IMPORTER, gw.submit_import(IMPORTER, name, *_upload(gw, junk)).id)
+    assert failed.state == "FAILED" and "neither a tar archive" in failed.message
     empty = tmp_path / "empty.tar"
     empty.write_bytes(b"\0" * 2048)  # an empty tar archive
-    failed = wait(gw, IMPORTER, gw.submit_import(IMPORTER, name, *_upload(gw, empty))["id"])
-    assert "neither manifest.json (docker-archive) nor index.json" in failed["message"]
+    failed = wait(gw, IMPORTER, gw.submit_import(IMPORTER, name, *_upload(gw, empty)).id)
+    assert "neither manifest.json (docker-archive) nor index.json" in failed.message
     fake = tmp_path / "fake.sqfs"
     fake.write_bytes(b"hsqs" + b"\0" * 4000)
-    failed = wait(gw, IMPORTER, gw.submit_import(IMPORTER, name, *_upload(gw, fake))["id"])
-    assert failed["state"] == "FAILED" and "not a valid squashfs" in failed["message"]
+    failed = wait(gw, IMPORTER, gw.submit_import(IMPORTER, name, *_upload(gw, fake)).id)
+    assert failed.state == "FAILED" and "not a valid squashfs" in failed.message
     assert [p for p in gw.store.path.iterdir() if p.name.endswith(".partial")] == []
 
 
 def test_expire_and_remove_are_for_admins(make_gateway) -> None:
     gw = make_gateway()
-    one = pull(gw, ALICE, "pub/app:1")["image_id"]
-    two = pull(gw, ALICE, "pub/app:2")["image_id"]
+    one = pull(gw, ALICE, "pub/app:1").image_id
+    two = pull(gw, ALICE, "pub/app:2").image_id
     for call in (lambda: gw.expire(ALICE, days=1), lambda: gw.remove(ALICE, one)):
         with pytest.raises(Forbidden, match="only image gateway admins"):
             call()

@@ -24,9 +24,14 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ..errors import ShifterError
+from ..gateway.models import FINAL_STATES, JobState
+
+if TYPE_CHECKING:
+    from ..client import GatewayClient
+    from ..gateway.models import JobInfo
 
 log = logging.getLogger("shifterimg")
 
@@ -66,7 +71,7 @@ def _csv(values: list[str] | None) -> list[str]:
 # -- configuration and client -----------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace) -> GatewayClient:
     from .. import config
     from ..client import GatewayClient
 
@@ -85,7 +90,7 @@ class PlainProgress:
 
     def __init__(self, stream: TextIO, every: float = 10.0) -> None:
         self.stream = stream
-        self.state: str | None = None
+        self.state: JobState | None = None
         self.finished: set[str] = set()
         self.every = every
         self.last = time.monotonic()
@@ -96,28 +101,22 @@ class PlainProgress:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def update(self, job: dict[str, Any]) -> None:
-        state = job.get("state")
+    def update(self, job: JobInfo) -> None:
+        state = job.state
         if state != self.state:
             self.state = state
-            message = job.get("message")
-            _out(
-                f"{state}" + (f": {message}" if message and state != "FAILED" else ""), self.stream
-            )
-        for layer in (job.get("progress") or {}).get("layers", []):
-            digest = layer["digest"]
-            if layer["total"] and layer["done"] >= layer["total"] and digest not in self.finished:
-                self.finished.add(digest)
-                _out(f"  layer {digest[:19]} {_size(layer['total'])}", self.stream)
-        info = job.get("progress") or {}
+            detail = f": {job.message}" if job.message and state != JobState.FAILED else ""
+            _out(f"{state}{detail}", self.stream)
+        info = job.progress
+        for layer in info.layers if info is not None else ():
+            if layer.complete and layer.digest not in self.finished:
+                self.finished.add(layer.digest)
+                _out(f"  layer {layer.digest[:19]} {_size(layer.total)}", self.stream)
         now = time.monotonic()
-        if state == "PULLING" and info.get("total") and now - self.last >= self.every:
+        due = now - self.last >= self.every
+        if state == JobState.PULLING and info is not None and info.total and due:
             self.last = now
-            _out(
-                f"  {_size(info['done'])} of {_size(info['total'])} "
-                f"({_size(info.get('rate', 0))}/s)",
-                self.stream,
-            )
+            _out(f"  {_size(info.done)} of {_size(info.total)} ({_size(info.rate)}/s)", self.stream)
 
 
 class RichProgress:
@@ -143,7 +142,7 @@ class RichProgress:
             TimeElapsedColumn(),
             console=Console(file=stream),
         )
-        self.task = self.progress.add_task("PENDING", total=None, layers=title)
+        self.task = self.progress.add_task(JobState.PENDING.value, total=None, layers=title)
 
     def __enter__(self) -> RichProgress:
         self.progress.start()
@@ -152,43 +151,51 @@ class RichProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def update(self, job: dict[str, Any]) -> None:
-        info = job.get("progress") or {}
-        layers = info.get("layers", [])
-        done_layers = sum(1 for la in layers if la["total"] and la["done"] >= la["total"])
-        kwargs: dict[str, Any] = {"description": job.get("state", "?")}
-        if layers:
+    def update(self, job: JobInfo) -> None:
+        info = job.progress
+        layers = info.layers if info is not None else ()
+        kwargs: dict[str, Any] = {"description": job.state.value}
+        if info is not None and layers:
+            done_layers = sum(1 for layer in layers if layer.complete)
             kwargs.update(
-                total=info.get("total") or None,
-                completed=info.get("done", 0),
+                total=info.total or None,
+                completed=info.done,
                 layers=f"layers {done_layers}/{len(layers)}",
             )
-        if job.get("state") in ("CONVERTING", "READY") and info.get("total"):
-            kwargs["completed"] = info["total"]
+        if job.state in (JobState.CONVERTING, JobState.READY) and info is not None and info.total:
+            kwargs["completed"] = info.total
         self.progress.update(self.task, **kwargs)
 
 
-def _wait(client: Any, job: dict[str, Any], title: str) -> dict[str, Any]:
+class Display(Protocol):
+    """A way to show a job's progress."""
+
+    def __enter__(self) -> Display: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def update(self, job: JobInfo) -> None: ...
+
+
+def _wait(client: GatewayClient, job: JobInfo, title: str) -> JobInfo:
     """Follow a job to READY or FAILED, with progress on stdout."""
     tty = sys.stdout.isatty()
-    display: Any = RichProgress(sys.stdout, title) if tty else PlainProgress(sys.stdout)
+    display: Display = RichProgress(sys.stdout, title) if tty else PlainProgress(sys.stdout)
 
     def lost(err: Exception) -> None:
         _err(f"{err}; retrying (the job continues when the gateway is back)")
 
-    last: dict[str, Any] = job
+    last = job
     with display:
         display.update(job)
-        if job.get("state") not in ("READY", "FAILED"):
+        if job.state not in FINAL_STATES:
 
-            def update(current: dict[str, Any]) -> None:
+            def update(current: JobInfo) -> None:
                 nonlocal last
                 last = current
                 display.update(current)
 
-            last = client.wait(job["id"], update, on_disconnect=lost)
-    if tty and last.get("state") == "READY":
-        _out("READY")
+            last = client.wait(job.id, update, on_disconnect=lost)
+    if tty and last.state == JobState.READY:
+        _out(JobState.READY.value)
     return last
 
 
@@ -214,23 +221,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
         job = client.pull(
             reference, platform=args.platform, users=users, groups=groups, secret=secret
         )
-        _out(f"pulling {job['reference']} ({job['platform']}), job {job['id']}")
+        _out(f"pulling {job.reference} ({job.platform}), job {job.id}")
         final = _wait(client, job, str(ref))
     return _finish(final)
 
 
-def _finish(job: dict[str, Any]) -> int:
-    if job.get("state") == "READY":
-        _out(f"image {job['reference']} is READY: {job['image_id']}")
+def _finish(job: JobInfo) -> int:
+    if job.state == JobState.READY:
+        _out(f"image {job.reference} is READY: {job.image_id}")
         return 0
-    _err(job.get("message") or f"job {job.get('id')} ended {job.get('state')}")
+    _err(job.message or f"job {job.id} ended {job.state}")
     return 1
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
     with _client(args) as client:
         image = client.lookup(args.reference, args.platform)
-    _out(image["id"])
+    _out(image.id)
     return 0
 
 
@@ -238,18 +245,18 @@ def cmd_images(args: argparse.Namespace) -> int:
     with _client(args) as client:
         images = client.images()
     if args.json:
-        _out(json.dumps(images, indent=2, sort_keys=True))
+        _out(json.dumps([i.to_dict() for i in images], indent=2, sort_keys=True))
         return 0
     rows = [("STATUS", "ID", "PULLED", "PRIVATE", "PLATFORM", "REFERENCE")]
     for image in images:
         rows.append(
             (
-                image["status"],
-                (image.get("id") or "-")[:12],
-                _when(image.get("pulled")),
-                "yes" if image.get("private") else "no",
-                image.get("platform") or "-",
-                image["reference"],
+                image.status.value,
+                (image.id or "-")[:12],
+                _when(image.pulled),
+                "yes" if image.private else "no",
+                image.platform or "-",
+                image.reference,
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -278,10 +285,10 @@ def cmd_login(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             result = client.login(registry, username, password)
-        if result.get("verified", True):
-            _out(result.get("result", "credentials accepted"))
+        if result.verified:
+            _out(result.result)
         else:
-            _err(f"warning: {result.get('result')}; storing the credentials unverified")
+            _err(f"warning: {result.result}; storing the credentials unverified")
     except GatewayUnreachable as err:
         _err(f"warning: {err}; storing the credentials unverified")
     store = CredentialStore()
@@ -294,7 +301,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     with _client(args) as client:
         _out(f"uploading {args.file} as {args.name}")
         job = client.import_file(args.file, args.name)
-        _out(f"importing {job['reference']}, job {job['id']}")
+        _out(f"importing {job.reference}, job {job.id}")
         final = _wait(client, job, args.name)
     return _finish(final)
 
@@ -325,24 +332,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.job:
             job = client.job(args.job)
             if args.json:
-                _out(json.dumps(job, indent=2, sort_keys=True))
+                _out(json.dumps(job.to_dict(), indent=2, sort_keys=True))
             else:
+                fields = job.to_dict()
                 for key in ("id", "kind", "reference", "platform", "state", "message", "image_id"):
-                    _out(f"{key + ':':<11}{job.get(key) if job.get(key) is not None else ''}")
-                _out(f"{'private:':<11}{'yes' if job.get('private') else 'no'}")
-                _out(f"{'requester:':<11}{job.get('requester')}")
-                _out(f"{'created:':<11}{_when(job.get('created'))}")
-                _out(f"{'finished:':<11}{_when(job.get('finished'))}")
-            return 1 if job.get("state") == "FAILED" else 0
+                    _out(f"{key + ':':<11}{fields[key] if fields[key] is not None else ''}")
+                _out(f"{'private:':<11}{'yes' if job.private else 'no'}")
+                _out(f"{'requester:':<11}{job.requester}")
+                _out(f"{'created:':<11}{_when(job.created)}")
+                _out(f"{'finished:':<11}{_when(job.finished)}")
+            return 1 if job.state == JobState.FAILED else 0
         jobs = client.jobs()
     if args.json:
-        _out(json.dumps(jobs, indent=2, sort_keys=True))
+        _out(json.dumps([j.to_dict() for j in jobs], indent=2, sort_keys=True))
         return 0
     for job in jobs:
-        message = (job.get("message") or "").splitlines()[0] if job.get("message") else ""
+        message = job.message.splitlines()[0] if job.message else ""
         _out(
-            f"{job['id']}  {job['state']:<10}  {_when(job.get('created'))}  "
-            f"{job['reference']}  {message[:80]}"
+            f"{job.id}  {job.state.value:<10}  {_when(job.created)}  "
+            f"{job.reference}  {message[:80]}"
         )
     return 0
 

@@ -2,8 +2,11 @@
 
 Run it with ``shifter-gateway --config /etc/shifter/shifter.yaml`` as a service user (it needs
 no privilege: it writes only ``image_path``, ``gateway.database`` and ``gateway.layer_cache``).
-Modules: :mod:`.service` (jobs, workers, visibility), :mod:`.db` (SQLite), :mod:`.app` (HTTP),
-:mod:`.importer` (image files), :mod:`.login` (credential checks), :mod:`.server` (main).
+Modules: :mod:`.models` (the API's typed requests and answers, the ``JobState`` enum; shared
+with :class:`shifter_core.client.GatewayClient`), :mod:`.service` (jobs, workers), :mod:`.db`
+(SQLite), :mod:`.app` (HTTP: one handler per route), :mod:`.importer` (image files),
+:mod:`.login` (credential checks), :mod:`.server` (main). Who sees an image is
+:func:`shifter_core.access.visible`.
 
 Authentication
     Every request carries ``Authorization: Munge <credential>`` whose payload is the JSON

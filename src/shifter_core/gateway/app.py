@@ -32,6 +32,13 @@ from ..errors import ShifterError
 from ..image.limits import clean_text, human
 from .changes import wait_for
 from .errors import BadRequest, GatewayError, TooLarge, Unauthenticated, Unavailable
+from .models import (
+    ExpireRequest,
+    Identity,
+    LoginRequest,
+    PullRequest,
+    RemoveRequest,
+)
 from .service import Caller, Gateway
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,7 @@ Decoder = Callable[[str], munge.Credential]
 API = "/api/v1"
 _CHUNK = 1 << 20
 MAX_WAIT = 30.0  # seconds a status request may wait for a change
+Json = dict[str, Any]
 
 
 def request_target(request: Request) -> str:
@@ -145,158 +153,182 @@ def _error(err: ShifterError, status: int, *, unread: bool = False) -> JSONRespo
     return JSONResponse({"error": str(err)}, status_code=status, headers=headers)
 
 
-Handler = Callable[[Request, Caller, Any], Awaitable[Any]]
+Handler = Callable[[Request, Gateway, Caller, Json], Awaitable[Json]]
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway = request.app.state.gateway
+    assert isinstance(gateway, Gateway)
+    return gateway
+
+
+def _decoder(request: Request) -> Decoder:
+    decoder: Decoder = request.app.state.decoder
+    return decoder
+
+
+def json_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint that authenticates, reads the JSON body (an object) and answers JSON."""
+
+    async def endpoint(request: Request) -> Response:
+        gateway = _gateway(request)
+        try:
+            # Who is asking first: an unauthenticated body is never read.
+            caller, expected = await authenticate(gateway, _decoder(request), request, None)
+            body = await read_body(request, gateway.limits.max_request_body, "request body")
+            if hashlib.sha256(body).hexdigest() != expected:
+                raise Unauthenticated(
+                    "refused: the munge credential was made for another request body"
+                )
+            data: Any = None
+            if body:
+                try:
+                    data = json.loads(body)
+                except ValueError:
+                    raise BadRequest("the request body is not JSON") from None
+            if data is not None and not isinstance(data, dict):
+                raise BadRequest("the request body must be a JSON object")
+            return JSONResponse(await handler(request, gateway, caller, data or {}))
+        except GatewayError as err:
+            if err.status == 401:
+                log.warning("%s %s: %s", request.method, request.url.path, err)
+            return _error(err, err.status)
+        except ShifterError as err:
+            return _error(err, 400)
+
+    return endpoint
+
+
+# -- handlers: (request, gateway, caller, JSON body) -> JSON answer ----------------------------
+
+
+async def ping(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    return Identity(
+        __version__, caller.uid, caller.name, caller.gids, caller.admin, caller.may_import
+    ).to_dict()
+
+
+async def pull(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    req = PullRequest.from_dict(data)
+    job = await run_in_threadpool(
+        gateway.submit_pull, caller, req.reference, req.platform, req.users, req.groups
+    )
+    return {"job": job.to_dict()}
+
+
+async def job(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    """The job; with ``wait=S&state=STATE``, once it is no longer in STATE or S s passed."""
+    job_id = request.path_params["job_id"]
+    wait = _wait_seconds(request)
+    seen = request.query_params.get("state")
+    with gateway.changes.watch() as changed:
+        view = await run_in_threadpool(gateway.job, caller, job_id)
+        if wait and view.state == seen and await wait_for(changed, wait):
+            view = await run_in_threadpool(gateway.job, caller, job_id)
+    return {"job": view.to_dict()}
+
+
+async def jobs(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    found = await run_in_threadpool(gateway.jobs, caller)
+    return {"jobs": [j.to_dict() for j in found]}
+
+
+async def lookup(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    params = request.query_params
+    image = await run_in_threadpool(
+        gateway.lookup, caller, params.get("reference"), params.get("platform")
+    )
+    return {"image": image.to_dict()}
+
+
+async def images(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    found = await run_in_threadpool(gateway.images, caller)
+    return {"images": [i.to_dict() for i in found]}
+
+
+async def expire(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    req = ExpireRequest.from_dict(data)
+    removed = await run_in_threadpool(gateway.expire, caller, req.days, list(req.ids))
+    return {"removed": removed}
+
+
+async def remove(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    req = RemoveRequest.from_dict(data)
+    removed = await run_in_threadpool(gateway.remove, caller, req.image, req.platform)
+    return {"removed": removed}
+
+
+async def login(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    req = LoginRequest.from_dict(data)
+    result = await run_in_threadpool(gateway.check_login, caller, req.registry)
+    return result.to_dict()
+
+
+async def stats(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
+    return (await run_in_threadpool(gateway.stats)).to_dict()
+
+
+async def import_image(request: Request) -> Response:
+    """The body is the file itself, streamed into a partial file in the store."""
+    gateway = _gateway(request)
+    max_import = gateway.limits.max_import_size
+    upload = None
+    try:
+        caller, expected = await authenticate(gateway, _decoder(request), request, None)
+        name = gateway.check_import(caller, request.query_params.get("name"))
+        check_length(request, max_import, "image file")
+        upload = gateway.new_upload()
+        hasher = hashlib.sha256()
+        received = 0
+        with open(upload, "wb") as fh:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if max_import and received > max_import:
+                    raise TooLarge(_too_large("image file", max_import))
+                hasher.update(chunk)
+                await run_in_threadpool(fh.write, chunk)
+        digest = hasher.hexdigest()
+        if digest != expected:
+            raise Unauthenticated("refused: the munge credential was made for another request body")
+        job = await run_in_threadpool(gateway.submit_import, caller, name, upload, digest)
+        upload = None  # the job owns it now
+        return JSONResponse({"job": job.to_dict()})
+    except GatewayError as err:
+        if err.status == 401:
+            log.warning("%s %s: %s", request.method, request.url.path, err)
+        return _error(err, err.status, unread=True)
+    except ShifterError as err:
+        return _error(err, 400, unread=True)
+    finally:
+        if upload is not None:
+            upload.unlink(missing_ok=True)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (404, 405) as ``{"error": ...}``."""
+    assert isinstance(exc, HTTPException)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+ROUTES = [
+    Route(f"{API}/ping", json_endpoint(ping), methods=["GET"]),
+    Route(f"{API}/pull", json_endpoint(pull), methods=["POST"]),
+    Route(f"{API}/jobs", json_endpoint(jobs), methods=["GET"]),
+    Route(f"{API}/jobs/{{job_id}}", json_endpoint(job), methods=["GET"]),
+    Route(f"{API}/lookup", json_endpoint(lookup), methods=["GET"]),
+    Route(f"{API}/images", json_endpoint(images), methods=["GET"]),
+    Route(f"{API}/import", import_image, methods=["POST"]),
+    Route(f"{API}/expire", json_endpoint(expire), methods=["POST"]),
+    Route(f"{API}/remove", json_endpoint(remove), methods=["POST"]),
+    Route(f"{API}/login", json_endpoint(login), methods=["POST"]),
+    Route(f"{API}/stats", json_endpoint(stats), methods=["GET"]),
+]
 
 
 def create_app(gateway: Gateway, decoder: Decoder = munge.decode) -> Starlette:
     """The ASGI application around *gateway*; *decoder* verifies munge credentials."""
-
-    limits = gateway.limits
-    max_body, max_import = limits.max_request_body, limits.max_import_size
-
-    def json_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                # Who is asking first: an unauthenticated body is never read.
-                caller, expected = await authenticate(gateway, decoder, request, None)
-                body = await read_body(request, max_body, "request body")
-                if hashlib.sha256(body).hexdigest() != expected:
-                    raise Unauthenticated(
-                        "refused: the munge credential was made for another request body"
-                    )
-                data: Any = None
-                if body:
-                    try:
-                        data = json.loads(body)
-                    except ValueError:
-                        raise BadRequest("the request body is not JSON") from None
-                if data is not None and not isinstance(data, dict):
-                    raise BadRequest("the request body must be a JSON object")
-                result = await handler(request, caller, data or {})
-                return JSONResponse(result)
-            except GatewayError as err:
-                if err.status == 401:
-                    log.warning("%s %s: %s", request.method, request.url.path, err)
-                return _error(err, err.status)
-            except ShifterError as err:
-                return _error(err, 400)
-
-        return endpoint
-
-    async def ping(request: Request, caller: Caller, data: Any) -> Any:
-        return {
-            "version": __version__,
-            "uid": caller.uid,
-            "user": caller.name,
-            "gids": list(caller.gids),
-            "admin": caller.admin,
-            "may_import": caller.may_import,
-        }
-
-    async def pull(request: Request, caller: Caller, data: dict[str, Any]) -> Any:
-        users, groups = data.get("users") or [], data.get("groups") or []
-        if not isinstance(users, list) or not isinstance(groups, list):
-            raise BadRequest("users and groups must be lists")
-        job = await run_in_threadpool(
-            gateway.submit_pull, caller, data.get("reference"), data.get("platform"), users, groups
-        )
-        return {"job": job}
-
-    async def job(request: Request, caller: Caller, data: Any) -> Any:
-        """The job; with ``wait=S&state=STATE``, once it is no longer in STATE or S s passed."""
-        job_id = request.path_params["job_id"]
-        wait = _wait_seconds(request)
-        seen = request.query_params.get("state")
-        with gateway.changes.watch() as changed:
-            view = await run_in_threadpool(gateway.job, caller, job_id)
-            if wait and view["state"] == seen and await wait_for(changed, wait):
-                view = await run_in_threadpool(gateway.job, caller, job_id)
-        return {"job": view}
-
-    async def jobs(request: Request, caller: Caller, data: Any) -> Any:
-        return {"jobs": await run_in_threadpool(gateway.jobs, caller)}
-
-    async def lookup(request: Request, caller: Caller, data: Any) -> Any:
-        params = request.query_params
-        image = await run_in_threadpool(
-            gateway.lookup, caller, params.get("reference"), params.get("platform")
-        )
-        return {"image": image}
-
-    async def images(request: Request, caller: Caller, data: Any) -> Any:
-        return {"images": await run_in_threadpool(gateway.images, caller)}
-
-    async def expire(request: Request, caller: Caller, data: dict[str, Any]) -> Any:
-        ids = data.get("ids") or []
-        if not isinstance(ids, list):
-            raise BadRequest("ids must be a list")
-        removed = await run_in_threadpool(gateway.expire, caller, data.get("days"), ids)
-        return {"removed": removed}
-
-    async def remove(request: Request, caller: Caller, data: dict[str, Any]) -> Any:
-        removed = await run_in_threadpool(
-            gateway.remove, caller, data.get("image"), data.get("platform")
-        )
-        return {"removed": removed}
-
-    async def login(request: Request, caller: Caller, data: dict[str, Any]) -> Any:
-        return await run_in_threadpool(gateway.check_login, caller, data.get("registry"))
-
-    async def stats(request: Request, caller: Caller, data: Any) -> Any:
-        return await run_in_threadpool(gateway.stats)
-
-    async def import_image(request: Request) -> Response:
-        """The body is the file itself, streamed into a partial file in the store."""
-        upload = None
-        try:
-            caller, expected = await authenticate(gateway, decoder, request, None)
-            name = gateway.check_import(caller, request.query_params.get("name"))
-            check_length(request, max_import, "image file")
-            upload = gateway.new_upload()
-            hasher = hashlib.sha256()
-            received = 0
-            with open(upload, "wb") as fh:
-                async for chunk in request.stream():
-                    received += len(chunk)
-                    if max_import and received > max_import:
-                        raise TooLarge(_too_large("image file", max_import))
-                    hasher.update(chunk)
-                    await run_in_threadpool(fh.write, chunk)
-            digest = hasher.hexdigest()
-            if digest != expected:
-                raise Unauthenticated(
-                    "refused: the munge credential was made for another request body"
-                )
-            job = await run_in_threadpool(gateway.submit_import, caller, name, upload, digest)
-            upload = None  # the job owns it now
-            return JSONResponse({"job": job})
-        except GatewayError as err:
-            if err.status == 401:
-                log.warning("%s %s: %s", request.method, request.url.path, err)
-            return _error(err, err.status, unread=True)
-        except ShifterError as err:
-            return _error(err, 400, unread=True)
-        finally:
-            if upload is not None:
-                upload.unlink(missing_ok=True)
-
-    routes = [
-        Route(f"{API}/ping", json_endpoint(ping), methods=["GET"]),
-        Route(f"{API}/pull", json_endpoint(pull), methods=["POST"]),
-        Route(f"{API}/jobs", json_endpoint(jobs), methods=["GET"]),
-        Route(f"{API}/jobs/{{job_id}}", json_endpoint(job), methods=["GET"]),
-        Route(f"{API}/lookup", json_endpoint(lookup), methods=["GET"]),
-        Route(f"{API}/images", json_endpoint(images), methods=["GET"]),
-        Route(f"{API}/import", import_image, methods=["POST"]),
-        Route(f"{API}/expire", json_endpoint(expire), methods=["POST"]),
-        Route(f"{API}/remove", json_endpoint(remove), methods=["POST"]),
-        Route(f"{API}/login", json_endpoint(login), methods=["POST"]),
-        Route(f"{API}/stats", json_endpoint(stats), methods=["GET"]),
-    ]
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
-
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=ROUTES, exception_handlers={HTTPException: http_error})
+    app.state.gateway = gateway
+    app.state.decoder = decoder
+    return app

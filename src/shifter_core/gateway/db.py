@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..image.pipeline import CONVERTING, PENDING, PULLING
 from ..image.store import Acl
+from .models import ACTIVE_STATES, JobState
 
-ACTIVE_STATES = (PENDING, PULLING, CONVERTING)
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -90,7 +89,7 @@ class Job:
     requester: int
     acl: Acl | None
     credentialed: bool
-    state: str
+    state: JobState
     message: str
     image_id: str | None
     attempts: int
@@ -108,6 +107,7 @@ class Job:
         data["acl"] = acl_from_json(data["acl"])
         data["platform_explicit"] = bool(data["platform_explicit"])
         data["credentialed"] = bool(data["credentialed"])
+        data["state"] = JobState(data["state"])
         return cls(**data)
 
 
@@ -213,7 +213,11 @@ class Database:
         return Job.from_row(row) if row else None
 
     def jobs(
-        self, *, states: tuple[str, ...] | None = None, limit: int = 200, oldest_first: bool = False
+        self,
+        *,
+        states: tuple[JobState, ...] | None = None,
+        limit: int = 200,
+        oldest_first: bool = False,
     ) -> list[Job]:
         order = "ASC" if oldest_first else "DESC"
         if states:

@@ -6,9 +6,19 @@ from ..errors import ShifterError
 
 
 class GatewayError(ShifterError):
-    """A request the gateway refuses; ``status`` is the HTTP status it answers with."""
+    """A request the gateway refuses; ``status`` is the HTTP status it answers with.
+
+    The client raises it too, with the gateway's message and status (0: no HTTP status).
+    """
 
     status = 400
+
+    def __init__(
+        self, message: str, hint: str | None = None, *, status: int | None = None
+    ) -> None:
+        super().__init__(message, hint)
+        if status is not None:
+            self.status = status
 
 
 class BadRequest(GatewayError):
@@ -33,3 +43,9 @@ class TooLarge(GatewayError):
 
 class Unavailable(GatewayError):
     status = 503
+
+
+class GatewayUnreachable(GatewayError):
+    """No answer from the gateway (not running, wrong URL, network): raised by the client."""
+
+    status = 0

@@ -31,10 +31,10 @@ def listen_options(listen: str, tls_cert: str | None, tls_key: str | None) -> di
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("set both gateway.tls_cert and gateway.tls_key, or neither")
     if tls_cert:
-        for path in (tls_cert, tls_key):
-            if not os.access(str(path), os.R_OK):
+        for file in (tls_cert, tls_key):
+            if not os.access(str(file), os.R_OK):
                 raise ConfigError(
-                    f"cannot read {path}", hint="the gateway's service user must read it"
+                    f"cannot read {file}", hint="the gateway's service user must read it"
                 )
         options.update(ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     return options

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from ..access import Viewer, visible
 from ..config import Config
 from ..errors import ShifterError
 from ..image.convert import SquashfsOptions
@@ -43,7 +44,7 @@ from ..image.errors import RegistryUnavailable
 from ..image.layercache import LayerCache
 from ..image.limits import Deadline, GatewayLimits, UnpackBudget, clean_text
 from ..image.oci import Platform
-from ..image.pipeline import CONVERTING, FAILED, PENDING, PULLING, READY, Progress, build_image
+from ..image.pipeline import Progress, build_image
 from ..image.registry.client import RegistryClient, ResolvedImage
 from ..image.registry.credentials import CredentialError, StaticCredentials, normalize_registry
 from ..image.registry.settings import RegistrySettings
@@ -51,9 +52,21 @@ from ..image.store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore, set_image
 from ..reference import DockerReference
 from . import login
 from .changes import StateChanges
-from .db import ACTIVE_STATES, Database, Job, acl_to_json
+from .db import Database, Job, acl_to_json
 from .errors import BadRequest, Forbidden, NotFound
 from .importer import import_file
+from .models import (
+    ACTIVE_STATES,
+    GatewayStats,
+    ImageEntry,
+    ImageInfo,
+    JobInfo,
+    JobState,
+    LayerCacheStats,
+    LayerProgress,
+    LoginResult,
+    PullProgress,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +97,6 @@ class Caller:
     may_import: bool = False
     secret: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
-    def sees(self, acl: Acl | None) -> bool:
-        """Public, or in the ACL, or an admin."""
-        return acl is None or self.admin or acl.allows(self.uid, self.gids)
-
 
 class JobProgress:
     """Bytes downloaded per layer of one running job (in memory only)."""
@@ -106,20 +115,15 @@ class JobProgress:
         with self._lock:
             self.layers[digest] = [done, total]
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> PullProgress:
         with self._lock:
-            layers = [{"digest": d, "done": v[0], "total": v[1]} for d, v in self.layers.items()]
-        done = sum(layer["done"] for layer in layers)
+            layers = tuple(LayerProgress(d, v[0], v[1]) for d, v in self.layers.items())
+        done = sum(layer.done for layer in layers)
         elapsed = max(time.monotonic() - self.started, 1e-3)
-        return {
-            "layers": layers,
-            "done": done,
-            "total": sum(layer["total"] for layer in layers),
-            "rate": done / elapsed,
-        }
+        return PullProgress(layers, done, sum(layer.total for layer in layers), done / elapsed)
 
 
-def _resolve_names(names: list[Any], kind: str) -> tuple[int, ...]:
+def _resolve_names(names: Sequence[object], kind: str) -> tuple[int, ...]:
     """User or group names (or numeric ids) to ids; an unknown name is a BadRequest."""
     ids = []
     for name in names:
@@ -230,11 +234,11 @@ class Gateway:
                     f"interrupted by gateway restarts {job.attempts} times; giving up, pull again"
                 )
             else:
-                self._set_state(job, PENDING, "re-queued after a gateway restart")
+                self._set_state(job, JobState.PENDING, "re-queued after a gateway restart")
                 self._progress[job.id] = JobProgress()
                 self._queue.put(job.id)
                 continue
-            self._set_state(job, FAILED, reason, finished=time.time())
+            self._set_state(job, JobState.FAILED, reason, finished=time.time())
 
     # -- callers -------------------------------------------------------------------------------
 
@@ -252,37 +256,29 @@ class Gateway:
 
     # -- views ---------------------------------------------------------------------------------
 
-    def job_view(self, job: Job) -> dict[str, Any]:
+    def job_view(self, job: Job) -> JobInfo:
+        """The job as callers see it (with its downloads while it runs)."""
         try:
             requester = pwd.getpwuid(job.requester).pw_name
         except KeyError:
             requester = str(job.requester)
-        view: dict[str, Any] = {
-            "id": job.id,
-            "kind": job.kind,
-            "reference": job.reference,
-            "platform": job.platform,
-            "state": job.state,
-            "message": job.message,
-            "image_id": job.image_id,
-            "private": job.acl is not None,
-            "requester": requester,
-            "attempts": job.attempts,
-            "created": job.created,
-            "updated": job.updated,
-            "finished": job.finished,
-        }
         progress = self._progress.get(job.id)
-        if progress is not None and job.active:
-            view["progress"] = progress.snapshot()
-        return view
-
-    @staticmethod
-    def image_view(meta: ImageMetadata, **extra: Any) -> dict[str, Any]:
-        data = dataclasses.asdict(meta)
-        data["private"] = meta.private
-        data.update(extra)
-        return data
+        return JobInfo(
+            id=job.id,
+            state=job.state,
+            kind=job.kind,
+            reference=job.reference,
+            platform=job.platform,
+            message=job.message,
+            image_id=job.image_id,
+            private=job.acl is not None,
+            requester=requester,
+            attempts=job.attempts,
+            created=job.created,
+            updated=job.updated,
+            finished=job.finished,
+            progress=progress.snapshot() if progress is not None and job.active else None,
+        )
 
     # -- parsing -------------------------------------------------------------------------------
 
@@ -318,7 +314,7 @@ class Gateway:
             m.id
             for m in self.store
             if m.id.startswith(prefix)
-            and (caller is None or caller.admin or m.visible_to(caller.uid, caller.gids))
+            and (caller is None or visible(caller, m.acl))
         }
         if len(found) > 1:
             raise BadRequest(f"image id prefix {prefix} is ambiguous", hint="give more digits")
@@ -331,9 +327,9 @@ class Gateway:
         caller: Caller,
         reference: Any,
         platform: Any = None,
-        users: list[Any] | None = None,
-        groups: list[Any] | None = None,
-    ) -> dict[str, Any]:
+        users: Sequence[object] | None = None,
+        groups: Sequence[object] | None = None,
+    ) -> JobInfo:
         """Start (or join) the pull of *reference*; returns the job."""
         ref = self._reference(reference)
         plat, explicit = self._platform(platform)
@@ -352,7 +348,7 @@ class Gateway:
                 return self.job_view(last)
             recent = (
                 last is not None
-                and last.state == READY
+                and last.state == JobState.READY
                 and last.finished is not None
                 and now - last.finished < REPULL_AFTER
                 and last.image_id is not None
@@ -370,7 +366,7 @@ class Gateway:
                 requester=caller.uid,
                 acl=acl,
                 credentialed=creds is not None,
-                state=PENDING,
+                state=JobState.PENDING,
                 message="",
                 image_id=None,
                 attempts=0,
@@ -412,20 +408,20 @@ class Gateway:
             )
         return StaticCredentials({name: (str(user), str(password))})
 
-    def job(self, caller: Caller, job_id: str) -> dict[str, Any]:
+    def job(self, caller: Caller, job_id: str) -> JobInfo:
         job = self.db.job(job_id)
-        if job is None or not caller.sees(job.acl):
+        if job is None or not visible(caller, job.acl):
             raise NotFound(f"no job {job_id!r}")
         return self.job_view(job)
 
-    def jobs(self, caller: Caller, limit: int = 50) -> list[dict[str, Any]]:
+    def jobs(self, caller: Caller, limit: int = 50) -> list[JobInfo]:
         """The caller's own recent jobs (an admin's: everyone's), newest first."""
         jobs = [j for j in self.db.jobs(limit=1000) if caller.admin or j.requester == caller.uid]
         return [self.job_view(j) for j in jobs[:limit]]
 
     # -- workers -------------------------------------------------------------------------------
 
-    def _set_state(self, job: Job, state: str, message: str = "", **values: Any) -> None:
+    def _set_state(self, job: Job, state: JobState, message: str = "", **values: Any) -> None:
         self.db.update_job(job.id, state=state, message=message, **values)
         self.changes.notify()
         detail = f": {message}" if message else ""
@@ -454,11 +450,12 @@ class Gateway:
             except ShifterError as err:
                 # Registry and image content may have put anything in the text: bound it.
                 message = clean_text(str(err), MAX_MESSAGE)
-                self._set_state(job, FAILED, message, finished=time.time())
+                self._set_state(job, JobState.FAILED, message, finished=time.time())
             except Exception as err:
                 log.exception("job %s failed unexpectedly", job.id)
                 self._set_state(
-                    job, FAILED, f"internal error of the gateway: {err}", finished=time.time()
+                    job,
+                    JobState.FAILED, f"internal error of the gateway: {err}", finished=time.time()
                 )
             finally:
                 self._secrets.pop(job.id, None)
@@ -473,20 +470,20 @@ class Gateway:
             raise ShifterError("the registry credentials of this pull are gone; pull again")
         progress = self._progress.setdefault(job.id, JobProgress())
         self.db.update_job(job.id, attempts=job.attempts + 1)
-        self._set_state(job, PULLING)
+        self._set_state(job, JobState.PULLING)
         client = (
             RegistryClient(self.settings, creds, transport=self._transport)
             if creds is not None
             else self._client
         )
-        state = [PULLING]
+        state = [JobState.PULLING]
 
         def report(event: Progress) -> None:
             if event.layer is not None:
                 progress.update(event.layer, event.done, event.total)
-            elif event.state == CONVERTING and state[0] != CONVERTING:
-                state[0] = CONVERTING
-                self._set_state(job, CONVERTING)
+            elif event.state == JobState.CONVERTING and state[0] != JobState.CONVERTING:
+                state[0] = JobState.CONVERTING
+                self._set_state(job, JobState.CONVERTING)
 
         deadline = Deadline(self.limits.pull.pull_timeout, f"the pull of {job.reference}")
         try:
@@ -516,7 +513,7 @@ class Gateway:
                 client.close()
         self.db.set_tag(job.reference, job.platform, meta.id, job.acl)
         self.db.touch_image(meta.id)
-        self._set_state(job, READY, image_id=meta.id, finished=time.time())
+        self._set_state(job, JobState.READY, image_id=meta.id, finished=time.time())
 
     def _prove_access(
         self,
@@ -533,7 +530,7 @@ class Gateway:
             return
         if (
             job.acl is not None
-            and all(existing.acl.allows(u, ()) for u in job.acl.users)
+            and all(visible(Viewer(u), existing.acl) for u in job.acl.users)
             and (set(job.acl.groups) <= set(existing.acl.groups))
         ):
             return  # nobody new would see it
@@ -578,78 +575,76 @@ class Gateway:
 
     # -- lookup and list -----------------------------------------------------------------------
 
-    def lookup(self, caller: Caller, reference: Any, platform: Any = None) -> dict[str, Any]:
+    def lookup(self, caller: Caller, reference: Any, platform: Any = None) -> ImageInfo:
         """The image *reference* (or an id) names for the caller; NotFound for what they may not
         see."""
         text = str(reference or "").strip()
         image_id = self._find_image_id(text, caller) if text else None
         if image_id is not None:
             meta = self.store.get(image_id)
-            if meta is not None and (caller.admin or meta.visible_to(caller.uid, caller.gids)):
+            if meta is not None and visible(caller, meta.acl):
                 self.db.touch_image(meta.id)
-                return self.image_view(meta, reference=meta.source, status=READY)
+                return ImageInfo(meta, meta.source)
         else:
             ref = self._reference(reference)
             plat, _ = self._platform(platform)
             for tag in self.db.tags(str(ref), plat):
-                if not caller.sees(tag.acl):
+                if not visible(caller, tag.acl):
                     continue
                 meta = self.store.get(tag.image_id)
-                if meta is None or not (caller.admin or meta.visible_to(caller.uid, caller.gids)):
+                if meta is None or not visible(caller, meta.acl):
                     continue
                 self.db.touch_image(meta.id)
-                return self.image_view(
-                    meta, reference=tag.reference, status=READY, pulled=tag.updated
-                )
+                return ImageInfo(meta, tag.reference, pulled=tag.updated)
             if ref.digest is not None and ref.digest.startswith("sha256:"):
                 # By digest: the digest of a platform manifest is the image id.
                 meta = self.store.get(ref.digest.split(":", 1)[1])
-                if meta is not None and (caller.admin or meta.visible_to(caller.uid, caller.gids)):
+                if meta is not None and visible(caller, meta.acl):
                     self.db.touch_image(meta.id)
-                    return self.image_view(meta, reference=str(ref), status=READY)
+                    return ImageInfo(meta, str(ref))
         raise NotFound(
             f"image {text!r} not found on the image gateway",
             hint=f"pull it first: shifterimg pull {text}" if image_id is None else None,
         )
 
-    def images(self, caller: Caller) -> list[dict[str, Any]]:
+    def images(self, caller: Caller) -> list[ImageEntry]:
         """Images (and pulls in progress) the caller may see."""
-        out: list[dict[str, Any]] = []
+        out: list[ImageEntry] = []
         metas: dict[str, ImageMetadata | None] = {}
         for tag in self.db.tags():
-            if not caller.sees(tag.acl):
+            if not visible(caller, tag.acl):
                 continue
             if tag.image_id not in metas:
                 metas[tag.image_id] = self.store.get(tag.image_id)
             meta = metas[tag.image_id]
-            if meta is None or not (caller.admin or meta.visible_to(caller.uid, caller.gids)):
+            if meta is None or not visible(caller, meta.acl):
                 continue
+            private = tag.acl is not None or meta.private
             out.append(
-                {
-                    "status": READY,
-                    "id": meta.id,
-                    "reference": tag.reference,
-                    "platform": tag.platform,
-                    "pulled": tag.updated,
-                    "private": tag.acl is not None or meta.private,
-                    "size": meta.size,
-                }
+                ImageEntry(
+                    status=JobState.READY,
+                    id=meta.id,
+                    reference=tag.reference,
+                    platform=tag.platform,
+                    pulled=tag.updated,
+                    private=private,
+                    size=meta.size,
+                )
             )
         for job in self.db.jobs(states=ACTIVE_STATES, limit=1000):
-            if caller.sees(job.acl):
+            if visible(caller, job.acl):
                 out.append(
-                    {
-                        "status": job.state,
-                        "id": None,
-                        "reference": job.reference,
-                        "platform": job.platform,
-                        "pulled": job.created,
-                        "private": job.acl is not None,
-                        "size": 0,
-                        "job": job.id,
-                    }
+                    ImageEntry(
+                        status=job.state,
+                        id=None,
+                        reference=job.reference,
+                        platform=job.platform,
+                        pulled=job.created,
+                        private=job.acl is not None,
+                        job=job.id,
+                    )
                 )
-        out.sort(key=lambda e: (e["reference"], e["platform"]))
+        out.sort(key=lambda e: (e.reference, e.platform))
         return out
 
     # -- import --------------------------------------------------------------------------------
@@ -668,7 +663,7 @@ class Gateway:
         self.store.path.mkdir(parents=True, exist_ok=True)
         return self.store.path / f".upload-{uuid.uuid4().hex}.partial"
 
-    def submit_import(self, caller: Caller, name: str, upload: Path, sha256: str) -> dict[str, Any]:
+    def submit_import(self, caller: Caller, name: str, upload: Path, sha256: str) -> JobInfo:
         now = time.time()
         job_id = uuid.uuid4().hex[:16]
         job = Job(
@@ -681,7 +676,7 @@ class Gateway:
             requester=caller.uid,
             acl=None,
             credentialed=False,
-            state=PENDING,
+            state=JobState.PENDING,
             message="",
             image_id=None,
             attempts=0,
@@ -701,7 +696,7 @@ class Gateway:
         if upload is None or not upload[0].exists():
             raise ShifterError("the uploaded file is gone; import it again")
         self.db.update_job(job.id, attempts=job.attempts + 1)
-        self._set_state(job, PULLING, "reading the uploaded file")
+        self._set_state(job, JobState.PULLING, "reading the uploaded file")
         meta = import_file(
             upload[0],
             job.reference,
@@ -709,7 +704,7 @@ class Gateway:
             store=self.store,
             cache=self.cache,
             squashfs=self.squashfs,
-            on_converting=lambda: self._set_state(job, CONVERTING),
+            on_converting=lambda: self._set_state(job, JobState.CONVERTING),
             budget=UnpackBudget(
                 self.limits.pull,
                 Deadline(self.limits.pull.pull_timeout, f"the import of {job.reference}"),
@@ -721,7 +716,7 @@ class Gateway:
         self.db.set_tag(job.reference, plat, meta.id, None)
         self.db.touch_image(meta.id)
         self.db.update_job(job.id, platform=plat)
-        self._set_state(job, READY, image_id=meta.id, finished=time.time())
+        self._set_state(job, JobState.READY, image_id=meta.id, finished=time.time())
 
     # -- administration ------------------------------------------------------------------------
 
@@ -758,7 +753,9 @@ class Gateway:
             self._remove_image(i, f"removed by {caller.name}")
         return ids
 
-    def expire(self, caller: Caller, days: Any = None, ids: list[Any] | None = None) -> list[str]:
+    def expire(
+        self, caller: Caller, days: Any = None, ids: Sequence[object] | None = None
+    ) -> list[str]:
         """Remove the given images, or those unused for *days* (default gateway.expire_days)."""
         self._require_admin(caller, "expire images")
         if ids:
@@ -802,7 +799,7 @@ class Gateway:
 
     # -- other ---------------------------------------------------------------------------------
 
-    def check_login(self, caller: Caller, registry: Any) -> dict[str, Any]:
+    def check_login(self, caller: Caller, registry: Any) -> LoginResult:
         """Check the registry credentials the caller sent (in the munge payload).
 
         ``verified`` is False when the registry could not be asked (the answer says why);
@@ -822,22 +819,20 @@ class Gateway:
             result = login.check_login(self.settings, name, user, password)
         except RegistryUnavailable as err:
             log.info("login check for %s at %s by %s: %s", user, name, caller.name, err)
-            return {"result": f"could not verify the credentials: {err}", "verified": False}
+            return LoginResult(f"could not verify the credentials: {err}", verified=False)
         log.info("login check for %s at %s by %s: %s", user, name, caller.name, result)
-        return {"result": result, "verified": True}
+        return LoginResult(result, verified=True)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> GatewayStats:
         stats = self.cache.stats
-        return {
-            "layer_cache": {
-                "downloads": stats.downloads,
-                "hits": stats.hits,
-                "waited": stats.waited,
-                "bytes_written": stats.bytes_written,
-                "bytes": self.cache.size(),
-                "max_bytes": self.cache.max_bytes,
-            },
-            "jobs": self.db.count_jobs(),
-            "workers": self.config.gateway.workers,
-            "queued": self._queue.qsize(),
-        }
+        cache = LayerCacheStats(
+            downloads=stats.downloads,
+            hits=stats.hits,
+            waited=stats.waited,
+            bytes_written=stats.bytes_written,
+            bytes=self.cache.size(),
+            max_bytes=self.cache.max_bytes,
+        )
+        return GatewayStats(
+            cache, self.db.count_jobs(), self.config.gateway.workers, self._queue.qsize()
+        )
