@@ -398,7 +398,7 @@ class RootBuilder:
             placed.append(spec)
 
     def _prepare_upper(self, lower_fd: int, upper_fd: int) -> None:
-        mirror = {"mirror_fd": lower_fd, "copy_owner": self.privileged}
+        mirror: dict[str, Any] = {"mirror_fd": lower_fd, "copy_owner": self.privileged}
         for spec in self.specs:
             if spec.inner:
                 continue
@@ -424,7 +424,7 @@ class RootBuilder:
 
     def _identity_files(self, lower_fd: int, upper_fd: int) -> None:
         plan = self.plan
-        mirror = {"mirror_fd": lower_fd, "copy_owner": self.privileged}
+        mirror: dict[str, Any] = {"mirror_fd": lower_fd, "copy_owner": self.privileged}
         shell = plan.user.shell
         try:
             if resolve_in_root(lower_fd, shell, "shell").kind != "file":
@@ -473,7 +473,7 @@ class RootBuilder:
             self._copy_tree(match, resolved, lower_fd, upper_fd)
 
     def _copy_tree(self, source: str, dest: str, lower_fd: int, upper_fd: int) -> None:
-        mirror = {"mirror_fd": lower_fd, "copy_owner": self.privileged}
+        mirror: dict[str, Any] = {"mirror_fd": lower_fd, "copy_owner": self.privileged}
         st = os.lstat(source)
         parent, _, base = dest.rstrip("/").rpartition("/")
         if stat.S_ISLNK(st.st_mode):
