@@ -18,16 +18,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from shifter_core.errors import ShifterError
-from shifter_core.image.flatten.twopass import (
-    FlattenError,
-    FlattenPolicy,
-    FlattenStats,
-    OnePassImpossible,
-    _ZstdFrames,
-    flatten,
-    flatten_one_pass,
-    normalise,
-)
+from shifter_core.image.flatten.onepass import OnePassImpossible, flatten_one_pass
+from shifter_core.image.flatten.policy import FlattenPolicy, FlattenStats, normalise
+from shifter_core.image.flatten.spool import FlattenError, _ZstdFrames
+from shifter_core.image.flatten.twopass import flatten
 from tests.fixtures.edgecase_image import (
     CAP_NET_BIND_SERVICE,
     MTIME,

@@ -105,12 +105,13 @@ def layers_to_squashfs(
     """Flatten image layers (lowest first) into a squashfs file; return its size.
 
     A single layer is written while it is read when it allows that (no name twice, nothing
-    before its directory: :func:`~.flatten.twopass.flatten_one_pass`), so decompressing
+    before its directory: :func:`~.flatten.onepass.flatten_one_pass`), so decompressing
     it overlaps compressing the squashfs; anything else, or a single layer that turns out not
     to allow it, goes through the two passes of :func:`~.flatten.twopass.flatten`.
     *budget* bounds what the layers may decompress to (a bomb fails with ``LimitExceeded``).
     """
-    from .flatten.twopass import OnePassImpossible, flatten, flatten_one_pass
+    from .flatten.onepass import OnePassImpossible, flatten_one_pass
+    from .flatten.twopass import flatten
 
     if len(layers) == 1:
         try:
