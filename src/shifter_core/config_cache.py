@@ -115,22 +115,15 @@ def write(path: str, values: dict[str, object]) -> None:
     """Record validated values for ``path`` (root only; failures are harmless)."""
     if os.geteuid() != 0:
         return
-    target = cache_path(path)
-    partial = f"{target}.{os.getpid()}.partial"
+    from .fsutil import atomic_write  # only root's writers need it, not the fast path
+
     try:
         data = marshal.dumps(
             {"identity": _identity(os.stat(path)), "schema": _schema_version(), "values": values}
         )
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(partial, 0o644)
-        os.replace(partial, target)
+        atomic_write(cache_path(path), data, mode=0o644)
     except (OSError, ValueError):
-        try:  # noqa: SIM105 - contextlib is not worth its import time here
-            os.unlink(partial)
-        except OSError:
-            pass
+        pass  # the partial file is gone; the next reader parses the file itself
 
 
 class Section:

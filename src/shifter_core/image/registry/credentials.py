@@ -23,12 +23,12 @@ import json
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from ...errors import ShifterError
+from ...fsutil import atomic_write
 from .settings import registry_host
 
 log = logging.getLogger(__name__)
@@ -203,19 +203,8 @@ class CredentialStore:
             os.close(fd)
 
     def _write(self, data: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".credentials-", suffix=".tmp")
-        try:
-            os.fchmod(fd, FILE_MODE)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        atomic_write(self.path, text, mode=FILE_MODE, sync=True)
 
     def set(self, registry: str, username: str, password: str) -> None:
         """Store credentials for *registry* (replacing any earlier entry for it)."""
