@@ -93,10 +93,11 @@ def resolve_image(request: str) -> str:
     No variable of the environment stands in for that lookup. A step of a job made with
     the same ``--image`` reuses the job's ``SHIFTER_IMAGE`` only once the store's own
     record of that id (root- or service-owned) confirms it: a complete image whose source
-    is ``request`` and whose ACL admits the caller. That check is kept free of imports
-    (every srun pays for it); anything it cannot confirm goes to the gateway. When the
-    gateway cannot be reached, the store answers (public images for all, private ones for
-    their ACL), with a warning to the user.
+    is ``request`` and whose ACL admits the caller (:func:`shifter_core.access.visible`).
+    That check imports nothing but that rule, which imports nothing (every srun pays for
+    it); anything it cannot confirm goes to the gateway. When the gateway cannot be
+    reached, the store answers (public images for all, private ones for their ACL), with a
+    warning to the user.
     """
     image_path = state.site.image_path
     uid, gids = os.getuid(), {os.getgid(), *os.getgroups()}
@@ -142,17 +143,17 @@ def resolve_image(request: str) -> str:
                 import json
 
                 record = json.loads(raw)
+            from ..access import AclMembers, Viewer, visible  # imports nothing itself
+
             acl = record.get("acl")
+            users, groups = (acl.get("users", ()), acl.get("groups", ())) if acl else ((), ())
+            members = None if acl is None else AclMembers(users, groups)
             if (
                 kind in ("id", "docker")
                 and wanted != ""
                 and record.get("id") == claimed
                 and (wanted is None or record.get("source") == wanted)
-                and (
-                    acl is None
-                    or uid in acl.get("users", ())
-                    or any(g in acl.get("groups", ()) for g in gids)
-                )
+                and visible(Viewer(uid, gids), members)
                 and os.path.exists(os.path.join(image_path, f"{claimed}.squashfs"))
             ):
                 return claimed
