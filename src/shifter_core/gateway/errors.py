@@ -13,9 +13,7 @@ class GatewayError(ShifterError):
 
     status = 400
 
-    def __init__(
-        self, message: str, hint: str | None = None, *, status: int | None = None
-    ) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, status: int | None = None) -> None:
         super().__init__(message, hint)
         if status is not None:
             self.status = status

@@ -313,8 +313,7 @@ class Gateway:
         found = {
             m.id
             for m in self.store
-            if m.id.startswith(prefix)
-            and (caller is None or visible(caller, m.acl))
+            if m.id.startswith(prefix) and (caller is None or visible(caller, m.acl))
         }
         if len(found) > 1:
             raise BadRequest(f"image id prefix {prefix} is ambiguous", hint="give more digits")
@@ -455,7 +454,9 @@ class Gateway:
                 log.exception("job %s failed unexpectedly", job.id)
                 self._set_state(
                     job,
-                    JobState.FAILED, f"internal error of the gateway: {err}", finished=time.time()
+                    JobState.FAILED,
+                    f"internal error of the gateway: {err}",
+                    finished=time.time(),
                 )
             finally:
                 self._secrets.pop(job.id, None)
