@@ -469,7 +469,7 @@ def test_the_gateway_listens_on_a_unix_socket_or_tls(
         "import sys\nfrom shifter_core.client import GatewayClient\n"
         "from shifter_core.gateway.transport import gateway_transport\n"
         "base, t = gateway_transport(sys.argv[1])\n"
-        "print(GatewayClient(base, transport=t).ping()['user'])\n"
+        "print(GatewayClient(base, transport=t).ping().user)\n"
     )
     env = {"PYTHONPATH": f"{CHECKOUT / 'src'}:{CHECKOUT}"}
     alice = run_as([sys.executable, "-c", script, gw.url], "alice", **env)
