@@ -21,8 +21,9 @@ import pytest
 
 from shifter_core import munge
 from shifter_core.gateway.app import create_app
+from shifter_core.gateway.callers import Caller
 from shifter_core.gateway.errors import NotFound
-from shifter_core.gateway.service import Caller, Gateway
+from shifter_core.gateway.service import Gateway
 from shifter_core.image.errors import RegistryError
 from shifter_core.image.layercache import LayerCache
 from shifter_core.image.limits import check_redirect, clean_text

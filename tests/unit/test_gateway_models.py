@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shifter_core.access import AclMembers, Viewer, visible
+from shifter_core.gateway.callers import Caller
 from shifter_core.gateway.errors import BadRequest
 from shifter_core.gateway.models import (
     ExpireRequest,
@@ -26,7 +27,6 @@ from shifter_core.gateway.models import (
     PullRequest,
     RemoveRequest,
 )
-from shifter_core.gateway.service import Caller
 from shifter_core.image.store import Acl, ImageMetadata
 from shifter_core.runtime.images import ImageRecord
 

@@ -24,10 +24,11 @@ import pytest
 
 from shifter_core import config as config_mod
 from shifter_core.gateway import service as service_mod
+from shifter_core.gateway.callers import Caller
 from shifter_core.gateway.db import Job
 from shifter_core.gateway.errors import BadRequest, Forbidden, NotFound
 from shifter_core.gateway.models import JobInfo, JobState
-from shifter_core.gateway.service import Caller, Gateway, platform_name
+from shifter_core.gateway.service import Gateway, platform_name
 from shifter_core.image.oci import Platform
 from shifter_core.image.store import ACL_XATTR, Acl, encode_posix_acl
 from tests.fixtures.registries import OCILayout, make_layer

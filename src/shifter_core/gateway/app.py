@@ -30,6 +30,7 @@ from starlette.routing import Route
 from .. import __version__, munge
 from ..errors import ShifterError
 from ..image.limits import clean_text, human
+from .callers import Caller
 from .changes import wait_for
 from .errors import BadRequest, GatewayError, TooLarge, Unauthenticated, Unavailable
 from .models import (
@@ -39,7 +40,7 @@ from .models import (
     PullRequest,
     RemoveRequest,
 )
-from .service import Caller, Gateway
+from .service import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ pulls that used registry credentials (kept in memory only, never in the database
 from __future__ import annotations
 
 import dataclasses
-import grp
 import json
 import logging
 import os
@@ -30,7 +29,6 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +49,7 @@ from ..image.registry.settings import RegistrySettings
 from ..image.store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore, set_image_access
 from ..reference import DockerReference
 from . import login
+from .callers import Caller, identify, resolve_names
 from .changes import StateChanges
 from .db import Database, Job, acl_to_json
 from .errors import BadRequest, Forbidden, NotFound
@@ -63,10 +62,9 @@ from .models import (
     JobInfo,
     JobState,
     LayerCacheStats,
-    LayerProgress,
     LoginResult,
-    PullProgress,
 )
+from .progress import JobProgress
 
 log = logging.getLogger(__name__)
 
@@ -83,61 +81,6 @@ def platform_name(platform: Platform) -> str:
     """``os/arch[/variant]`` with the default variant filled in (``linux/arm64/v8``)."""
     variant = platform.variant or _DEFAULT_VARIANT.get(platform.architecture)
     return str(Platform(platform.os, platform.architecture, variant))
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who sent a request (from the munge credential) and what they may do."""
-
-    uid: int
-    gid: int
-    gids: tuple[int, ...]
-    name: str
-    admin: bool = False
-    may_import: bool = False
-    secret: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
-
-
-class JobProgress:
-    """Bytes downloaded per layer of one running job (in memory only)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.layers: dict[str, list[int]] = {}
-        self.started = time.monotonic()
-
-    def expect(self, layers: dict[str, int]) -> None:
-        with self._lock:
-            for digest, size in layers.items():
-                self.layers.setdefault(digest, [0, size])
-
-    def update(self, digest: str, done: int, total: int) -> None:
-        with self._lock:
-            self.layers[digest] = [done, total]
-
-    def snapshot(self) -> PullProgress:
-        with self._lock:
-            layers = tuple(LayerProgress(d, v[0], v[1]) for d, v in self.layers.items())
-        done = sum(layer.done for layer in layers)
-        elapsed = max(time.monotonic() - self.started, 1e-3)
-        return PullProgress(layers, done, sum(layer.total for layer in layers), done / elapsed)
-
-
-def _resolve_names(names: Sequence[object], kind: str) -> tuple[int, ...]:
-    """User or group names (or numeric ids) to ids; an unknown name is a BadRequest."""
-    ids = []
-    for name in names:
-        text = str(name).strip()
-        if not text:
-            continue
-        if text.isdigit():
-            ids.append(int(text))
-            continue
-        try:
-            ids.append(pwd.getpwnam(text).pw_uid if kind == "user" else grp.getgrnam(text).gr_gid)
-        except KeyError:
-            raise BadRequest(f"unknown {kind} {text!r}") from None
-    return tuple(sorted(set(ids)))
 
 
 class Gateway:
@@ -244,15 +187,8 @@ class Gateway:
 
     def caller(self, uid: int, gid: int, secret: dict[str, Any] | None = None) -> Caller:
         """The caller a munge credential names, with groups and rights from the config."""
-        try:
-            name = pwd.getpwuid(uid).pw_name
-            gids = tuple(sorted(set(os.getgrouplist(name, gid))))
-        except KeyError:
-            name, gids = str(uid), (gid,)
         gw = self.config.gateway
-        admin = name in gw.admins
-        may_import = admin or "*" in gw.import_users or name in gw.import_users
-        return Caller(uid, gid, gids, name, admin, may_import, secret)
+        return identify(uid, gid, secret, admins=gw.admins, import_users=gw.import_users)
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -334,8 +270,8 @@ class Gateway:
         plat, explicit = self._platform(platform)
         creds = self._credentials(caller.secret, ref)
         acl: Acl | None = None
-        extra_users = _resolve_names(list(users or []), "user")
-        extra_groups = _resolve_names(list(groups or []), "group")
+        extra_users = resolve_names(list(users or []), "user")
+        extra_groups = resolve_names(list(groups or []), "group")
         if creds is not None or extra_users or extra_groups:
             acl = Acl(tuple(sorted({caller.uid, *extra_users})), extra_groups)
         key = json.dumps(["pull", str(ref), plat, acl_to_json(acl), creds is not None])
