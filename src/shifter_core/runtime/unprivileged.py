@@ -234,7 +234,7 @@ def _open_fuse() -> int:
 
 
 def _run_private(plan: Plan, recorder: Recorder | None = None) -> NoReturn:
-    from .assemble import RootBuilder  # only here: the fast path needs none of it
+    from .assemble import IMAGE_FLAGS, RootBuilder, fuse_options  # the fast path needs none
 
     if not os.access(plan.image_file, os.R_OK):
         raise ImageError(
@@ -247,14 +247,12 @@ def _run_private(plan: Plan, recorder: Recorder | None = None) -> NoReturn:
     def mount_image(target: str) -> None:
         fuse_fd = _open_fuse()  # in the user namespace: the kernel checks the opener's
         try:
-            options = f"fd={fuse_fd},rootmode=40000,user_id={uid},group_id={gid}"
-            flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
             syscalls.mount(
                 "squashfuse_ll",
                 target,
                 "fuse.squashfuse_ll",
-                flags,
-                options + ",default_permissions",
+                IMAGE_FLAGS,
+                f"fd={fuse_fd},{fuse_options(uid, gid)}",
             )
             daemon.start(fuse_fd)
         finally:
