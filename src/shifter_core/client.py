@@ -1,5 +1,9 @@
 """A client of the image gateway's HTTP API (see :mod:`shifter_core.gateway` for the protocol).
 
+Requests and answers are the server's own types (:mod:`shifter_core.gateway.models`): each
+call returns a model, read and checked from the JSON (an answer of another shape is a
+:class:`GatewayError`); refusals are the gateway's :class:`GatewayError` with its status.
+
 Each request gets a fresh munge credential whose payload binds it to that request (method,
 path with query, sha256 of the body); registry credentials travel inside that payload, which
 munge encrypts, never in the body. A credential that carries registry credentials is
