@@ -39,9 +39,11 @@ from .gateway.models import (
     ImageInfo,
     InvalidAnswer,
     JobInfo,
+    JobQuery,
     JobState,
     LoginRequest,
     LoginResult,
+    LookupQuery,
     PullRequest,
     RemoveRequest,
     strings,
@@ -226,7 +228,7 @@ class GatewayClient:
     def job(self, job_id: str, *, wait: float = 0, state: str | None = None) -> JobInfo:
         """The job; with ``wait`` and ``state``, the gateway answers when the job leaves
         ``state`` (or any job changes state) or after ``wait`` seconds."""
-        params = {"wait": f"{wait:g}", "state": str(state)} if wait and state else None
+        params = JobQuery(wait, state).to_params()
         timeout = self._http.timeout.read
         if params and timeout is not None:
             timeout += wait
@@ -238,9 +240,7 @@ class GatewayClient:
         return self._answer(lambda d: [JobInfo.from_dict(j) for j in _items(d)], answer.get("jobs"))
 
     def lookup(self, reference: str, platform: str | None = None) -> ImageInfo:
-        params = {"reference": reference}
-        if platform:
-            params["platform"] = platform
+        params = LookupQuery(reference, platform).to_params()
         answer = self.request("GET", "/lookup", params=params)
         return self._answer(ImageInfo.from_dict, answer.get("image"))
 

@@ -19,10 +19,12 @@ from shifter_core.gateway.models import (
     ImageInfo,
     InvalidAnswer,
     JobInfo,
+    JobQuery,
     JobState,
     LayerCacheStats,
     LayerProgress,
     LoginResult,
+    LookupQuery,
     PullProgress,
     PullRequest,
     RemoveRequest,
@@ -142,3 +144,16 @@ def test_every_record_type_asks_the_one_rule(
     assert record.visible_to(uid, gids) is expected
     caller = Caller(uid, uid, tuple(gids), "u")
     assert visible(caller, store_acl) is expected
+
+
+def test_queries_as_parameters() -> None:
+    assert JobQuery(2, JobState.PULLING).to_params() == {"wait": "2", "state": "PULLING"}
+    assert JobQuery(2).to_params() is None and JobQuery(0, "READY").to_params() is None
+    assert JobQuery.from_params({"wait": "2.5", "state": "PULLING"}) == JobQuery(2.5, "PULLING")
+    with pytest.raises(BadRequest, match="is not a number of seconds"):
+        JobQuery.from_params({"wait": "soon"})
+    with pytest.raises(BadRequest, match="wait must be between 0 and 30 seconds"):
+        JobQuery.from_params({"wait": "31"})
+    query = LookupQuery("ubuntu:22.04", "linux/arm64")
+    assert LookupQuery.from_params(query.to_params()) == query
+    assert LookupQuery.from_params({}) == LookupQuery("")

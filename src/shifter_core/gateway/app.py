@@ -36,7 +36,9 @@ from .errors import BadRequest, GatewayError, TooLarge, Unauthenticated, Unavail
 from .models import (
     ExpireRequest,
     Identity,
+    JobQuery,
     LoginRequest,
+    LookupQuery,
     PullRequest,
     RemoveRequest,
 )
@@ -47,7 +49,6 @@ log = logging.getLogger(__name__)
 Decoder = Callable[[str], munge.Credential]
 API = "/api/v1"
 _CHUNK = 1 << 20
-MAX_WAIT = 30.0  # seconds a status request may wait for a change
 Json = dict[str, Any]
 
 
@@ -135,18 +136,6 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def _wait_seconds(request: Request) -> float:
-    """The ``wait`` query parameter: seconds a status request may wait, at most MAX_WAIT."""
-    text = request.query_params.get("wait", "0")
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise BadRequest(f"wait={text!r} is not a number of seconds") from None
-    if not 0 <= seconds <= MAX_WAIT:
-        raise BadRequest(f"wait must be between 0 and {MAX_WAIT:g} seconds")
-    return seconds
-
-
 def _error(err: ShifterError, status: int, *, unread: bool = False) -> JSONResponse:
     """The error answer; with *unread* (the body may not have been read: refused before,
     or an import) the connection is closed, so an unread body is never drained."""
@@ -220,11 +209,10 @@ async def pull(request: Request, gateway: Gateway, caller: Caller, data: Json) -
 async def job(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
     """The job; with ``wait=S&state=STATE``, once it is no longer in STATE or S s passed."""
     job_id = request.path_params["job_id"]
-    wait = _wait_seconds(request)
-    seen = request.query_params.get("state")
+    query = JobQuery.from_params(request.query_params)
     with gateway.changes.watch() as changed:
         view = await run_in_threadpool(gateway.job, caller, job_id)
-        if wait and view.state == seen and await wait_for(changed, wait):
+        if query.wait and view.state == query.state and await wait_for(changed, query.wait):
             view = await run_in_threadpool(gateway.job, caller, job_id)
     return {"job": view.to_dict()}
 
@@ -235,10 +223,8 @@ async def jobs(request: Request, gateway: Gateway, caller: Caller, data: Json) -
 
 
 async def lookup(request: Request, gateway: Gateway, caller: Caller, data: Json) -> Json:
-    params = request.query_params
-    image = await run_in_threadpool(
-        gateway.lookup, caller, params.get("reference"), params.get("platform")
-    )
+    query = LookupQuery.from_params(request.query_params)
+    image = await run_in_threadpool(gateway.lookup, caller, query.reference, query.platform)
     return {"image": image.to_dict()}
 
 

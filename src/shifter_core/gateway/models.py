@@ -44,6 +44,7 @@ class JobState(enum.StrEnum):
 ACTIVE_STATES = (JobState.PENDING, JobState.PULLING, JobState.CONVERTING)
 FINAL_STATES = (JobState.READY, JobState.FAILED)
 PLATFORM_HINT = "platform must be a string such as linux/amd64"
+MAX_WAIT = 30.0  # seconds a status request may wait for a change
 
 
 class InvalidAnswer(ValueError):
@@ -227,6 +228,47 @@ class LoginRequest(NamedTuple):
     def from_dict(cls, data: Mapping[str, Any]) -> LoginRequest:
         registry = data.get("registry")
         return cls(registry if isinstance(registry, str) else "")
+
+
+class LookupQuery(NamedTuple):
+    """``GET /lookup?reference=R[&platform=P]``: R is a reference or an image id."""
+
+    reference: str
+    platform: str | None = None
+
+    def to_params(self) -> dict[str, str]:
+        params = {"reference": self.reference}
+        if self.platform:
+            params["platform"] = self.platform
+        return params
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> LookupQuery:
+        return cls(params.get("reference", ""), params.get("platform") or None)
+
+
+class JobQuery(NamedTuple):
+    """``GET /jobs/ID[?wait=S&state=STATE]``: answer once the job is no longer in STATE, or
+    after S seconds (at most :data:`MAX_WAIT`); without them, at once."""
+
+    wait: float = 0.0
+    state: str | None = None
+
+    def to_params(self) -> dict[str, str] | None:
+        if not (self.wait and self.state):
+            return None
+        return {"wait": f"{self.wait:g}", "state": str(self.state)}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> JobQuery:
+        text = params.get("wait", "0")
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise BadRequest(f"wait={text!r} is not a number of seconds") from None
+        if not 0 <= seconds <= MAX_WAIT:
+            raise BadRequest(f"wait must be between 0 and {MAX_WAIT:g} seconds")
+        return cls(seconds, params.get("state"))
 
 
 # -- answers --------------------------------------------------------------------------------
