@@ -288,7 +288,7 @@ async def import_image(request: Request) -> Response:
         return _error(err, 400, unread=True)
     finally:
         if upload is not None:
-            upload.unlink(missing_ok=True)
+            gateway.discard_upload(upload)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -103,7 +103,7 @@ def _import_squashfs(path: Path, name: str, file_sha256: str, store: ImageStore)
         )
     existing = store.get(file_sha256)
     if existing is not None:
-        path.unlink(missing_ok=True)
+        store.discard(path)
         return existing
     metadata = ImageMetadata(
         id=file_sha256,
@@ -234,7 +234,7 @@ def _import_tar(
         )
         metadata = store.publish(metadata, partial)  # with the file's sha256
     finally:
-        partial.unlink(missing_ok=True)
+        store.discard(partial)
     return metadata
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pwd
 import queue
 import re
@@ -46,7 +45,7 @@ from ..image.pipeline import Progress, build_image
 from ..image.registry.client import RegistryClient, ResolvedImage
 from ..image.registry.credentials import CredentialError, StaticCredentials, normalize_registry
 from ..image.registry.settings import RegistrySettings
-from ..image.store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore, set_image_access
+from ..image.store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore
 from ..reference import DockerReference
 from . import login
 from .callers import Caller, identify, resolve_names
@@ -126,9 +125,7 @@ class Gateway:
 
     def start(self) -> None:
         """Clean up after a crash, re-queue interrupted work, start the workers."""
-        if not self.store.path.exists():
-            self.store.path.mkdir(parents=True)
-            self.store.path.chmod(0o755)  # users read the store; the umask may be 077
+        self.store.create()
         swept = self.store.sweep()
         cleaned = self.cache.clean_temporary()
         if swept or cleaned:
@@ -399,7 +396,7 @@ class Gateway:
                 self._progress.pop(job.id, None)
                 upload = self._uploads.pop(job.id, None)
                 if upload is not None:
-                    upload[0].unlink(missing_ok=True)
+                    self.store.discard(upload[0])
 
     def _run_pull(self, job: Job) -> None:
         creds = self._secrets.get(job.id)
@@ -488,27 +485,12 @@ class Gateway:
             )
             if merged == existing.acl:
                 # Files published before the store had ACLs get them now (idempotent).
-                set_image_access(self.store.image_file(existing.id), existing.acl)
-                set_image_access(self.store.metadata_file(existing.id), existing.acl)
+                self.store.set_access(existing, rewrite=False)
                 return existing
             updated = dataclasses.replace(existing, acl=merged)
-        self._rewrite_metadata(updated)
+        self.store.set_access(updated)
+        log.info("image %s is now %s", updated.id, "private" if updated.private else "public")
         return updated
-
-    def _rewrite_metadata(self, meta: ImageMetadata) -> None:
-        # The squashfs first: whoever may now read the metadata can also read the image.
-        set_image_access(self.store.image_file(meta.id), meta.acl)
-        partial = self.store.new_partial(meta.id)
-        try:
-            with open(partial, "w", encoding="utf-8") as fh:
-                fh.write(meta.to_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            set_image_access(partial, meta.acl)
-            partial.replace(self.store.metadata_file(meta.id))
-        finally:
-            partial.unlink(missing_ok=True)
-        log.info("image %s is now %s", meta.id, "private" if meta.private else "public")
 
     # -- lookup and list -----------------------------------------------------------------------
 
@@ -597,8 +579,11 @@ class Gateway:
 
     def new_upload(self) -> Path:
         """A hidden partial file in the store for an upload (swept after a crash)."""
-        self.store.path.mkdir(parents=True, exist_ok=True)
-        return self.store.path / f".upload-{uuid.uuid4().hex}.partial"
+        return self.store.new_upload()
+
+    def discard_upload(self, upload: Path) -> None:
+        """Remove an upload that no job took."""
+        self.store.discard(upload)
 
     def submit_import(self, caller: Caller, name: str, upload: Path, sha256: str) -> JobInfo:
         now = time.time()

@@ -121,7 +121,7 @@ def _convert(
         )
         return store.publish(metadata_for(resolved, size, acl), partial)
     finally:
-        partial.unlink(missing_ok=True)
+        store.discard(partial)
 
 
 def pull_image(

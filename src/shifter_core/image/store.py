@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..access import Viewer, visible
 from ..errors import ShifterError
+from ..fsutil import atomic_file
 from .content import MAX_METADATA_TEXT, ImageContentError, check_config, parse_record
 
 if TYPE_CHECKING:  # readers of the store (every container start) need no OCI model
@@ -63,8 +65,9 @@ class Acl:
     groups: tuple[int, ...] = ()
 
     def allows(self, uid: int, gids: tuple[int, ...] | list[int]) -> bool:
-        """True for root, a listed user, or a member of a listed group."""
-        return uid == 0 or uid in self.users or any(g in self.groups for g in gids)
+        """Whether ``uid`` with ``gids`` may use an image with this ACL
+        (:func:`shifter_core.access.visible`)."""
+        return visible(Viewer(uid, gids), self)
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,8 @@ class ImageMetadata:
         return self.acl is not None
 
     def visible_to(self, uid: int, gids: tuple[int, ...] | list[int]) -> bool:
-        """Public images are visible to all; private ones to their ACL (and root)."""
-        return self.acl is None or self.acl.allows(uid, gids)
+        """Whether ``uid`` with ``gids`` may use the image (:func:`shifter_core.access.visible`)."""
+        return visible(Viewer(uid, gids), self.acl)
 
     @classmethod
     def from_config(
@@ -247,14 +250,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ImageStore:
     """One directory of images, written by the gateway and read by everyone else."""
 
@@ -266,6 +261,24 @@ class ImageStore:
 
     def metadata_file(self, image_id: str) -> Path:
         return self.path / f"{check_image_id(image_id)}.json"
+
+    def create(self) -> None:
+        """Make the store's directory, readable by all, if it is missing."""
+        if not self.path.exists():
+            self.path.mkdir(parents=True)
+            self.path.chmod(0o755)  # users read the store; the umask may be 077
+
+    def new_upload(self) -> Path:
+        """A fresh hidden file name in the store for an uploaded file (swept after a crash)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path / f".upload-{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+
+    def discard(self, partial: Path) -> None:
+        """Remove a partial file of this store (an upload, an unfinished image), if it is
+        there; anything else is refused."""
+        if partial.parent != self.path or not partial.name.endswith(PARTIAL_SUFFIX):
+            raise StoreError(f"{partial} is not a partial file of the image store {self.path}")
+        partial.unlink(missing_ok=True)
 
     def new_partial(self, image_id: str) -> Path:
         """A fresh hidden file name in the store for an image being written."""
@@ -286,19 +299,31 @@ class ImageStore:
             os.fsync(fh.fileno())
         set_image_access(partial, metadata.acl)
         partial.replace(image)
-        meta_partial = self.new_partial(metadata.id)
-        try:
-            with open(meta_partial, "w", encoding="utf-8") as fh:
-                fh.write(metadata.to_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            set_image_access(meta_partial, metadata.acl)
-            meta_partial.replace(self.metadata_file(metadata.id))
-        finally:
-            meta_partial.unlink(missing_ok=True)
-        _fsync_dir(self.path)
+        self._write_metadata(metadata)  # synced, with the directory
         log.info("published image %s (%s, %d bytes)", metadata.id, metadata.source, metadata.size)
         return metadata
+
+    def _write_metadata(self, metadata: ImageMetadata) -> None:
+        """Replace an image's record atomically, readable by exactly its ACL."""
+        acl = metadata.acl
+        with atomic_file(
+            self.metadata_file(metadata.id),
+            mode=PUBLIC_MODE if acl is None else PRIVATE_MODE,
+            sync=True,
+            before_replace=lambda partial: set_image_access(Path(partial), acl),
+        ) as fh:
+            fh.write(metadata.to_json().encode())
+
+    def set_access(self, metadata: ImageMetadata, *, rewrite: bool = True) -> None:
+        """Give a published image the ACL of *metadata*: its squashfs first (whoever may
+        read the new record can read the image), then its record, replaced atomically.
+        Without *rewrite* the record's content stays and only its access is set (files
+        published before the store had ACLs get them; idempotent)."""
+        set_image_access(self.image_file(metadata.id), metadata.acl)
+        if rewrite:
+            self._write_metadata(metadata)
+        else:
+            set_image_access(self.metadata_file(metadata.id), metadata.acl)
 
     def get(self, image_id: str) -> ImageMetadata | None:
         """The metadata of a complete image, or None; a damaged record (malformed, too
