@@ -7,6 +7,7 @@ A ``None`` entry in ``sys.modules`` makes that import fail, which httpx handles 
 
 import sys
 
+# typeshed types sys.modules without None, which the import system documents as "refused"
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 import httpx  # noqa: E402

@@ -553,6 +553,7 @@ def _convert(node: Any, tp: Any, key: str, loc: _Located) -> Any:
 
 
 def _build(cls: type[T], node: Any, prefix: str, loc: _Located) -> T:
+    # every cls here is a dataclass of the schema; T cannot say so without typeshed internals
     known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}

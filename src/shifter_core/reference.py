@@ -57,6 +57,11 @@ class DockerReference(_DockerReference):
     """
 
     __slots__ = ()
+    # For the type checker only (annotations without values create no attribute).
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
 
     @classmethod
     def parse(cls, text: str) -> DockerReference:

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from ..errors import ShifterError
 from .limits import UnpackBudget
@@ -75,7 +75,7 @@ def tar_to_squashfs(
         assert proc.stdin is not None
         try:
             with proc.stdin:
-                write_tar(proc.stdin)
+                write_tar(cast(BinaryIO, proc.stdin))  # a pipe opened in binary mode
         except BrokenPipeError:
             pass  # tar2sqfs gave up: its exit code and message say why
         except BaseException:

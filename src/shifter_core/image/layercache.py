@@ -43,7 +43,7 @@ _ALGORITHMS = ("sha256", "sha512")
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
 
-Writer = Callable[[BinaryIO], None]
+Writer = Callable[[BinaryIO], object]  # what it returns is ignored
 
 
 @dataclass

@@ -105,10 +105,14 @@ class NodeCache:
     # -- statistics ---------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
+        counts = {"copies": 0, "hits": 0, "evictions": 0}
         try:
-            return json.loads((self.directory / "stats.json").read_text())
+            stored = json.loads((self.directory / "stats.json").read_text())
         except (OSError, ValueError):
-            return {"copies": 0, "hits": 0, "evictions": 0}
+            return counts
+        if isinstance(stored, dict):
+            counts.update((k, v) for k, v in stored.items() if k in counts and type(v) is int)
+        return counts
 
     def _count(self, key: str) -> None:
         """Count an event; best effort (a full disk must not fail a job for statistics)."""

@@ -133,6 +133,7 @@ class ImageMetadata:
             source=source,
             digest=digest,
             platform=platform,
+            # check_config returns each field with its type, as a dict of objects
             **checked,  # type: ignore[arg-type]
             config_digest=config_digest,
             layers=tuple({"digest": d, "size": n, "media_type": m} for d, n, m in layers),
@@ -151,6 +152,7 @@ class ImageMetadata:
         ignored."""
         data = parse_record(text)
         acl = data.pop("acl")
+        # parse_record checked each field's type; it returns them as a dict of objects
         return cls(acl=None if acl is None else Acl(*acl), **data)  # type: ignore[arg-type,misc]
 
 

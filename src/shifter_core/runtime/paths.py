@@ -165,11 +165,19 @@ def make_path(
         os.close(current)
 
 
-def write_file(base_fd: int, path: str, data: bytes, mode: int = 0o644, **mirror: object) -> None:
+def write_file(
+    base_fd: int,
+    path: str,
+    data: bytes,
+    mode: int = 0o644,
+    *,
+    mirror_fd: int | None = None,
+    copy_owner: bool = False,
+) -> None:
     """Write a new file at ``path`` below ``base_fd`` (parents made as :func:`make_path`)."""
     parent, _, name = path.rstrip("/").rpartition("/")
     if parent:
-        make_path(base_fd, parent, "dir", **mirror)  # type: ignore[arg-type]
+        make_path(base_fd, parent, "dir", mirror_fd=mirror_fd, copy_owner=copy_owner)
     dir_fd = (
         os.open(parent.lstrip("/"), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=base_fd)
         if parent

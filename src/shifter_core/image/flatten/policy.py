@@ -86,6 +86,7 @@ class Meta:
         "uid",
         "xattrs",
     )
+    mtime: float  # PAX headers carry fractions of a second
 
     def __init__(self, member: tarfile.TarInfo | None, keep_xattrs: bool) -> None:
         self.xattrs: dict[str, str] | None = None

@@ -19,7 +19,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import zstandard
 from isal import igzip, isal_zlib
@@ -37,12 +37,12 @@ _UNSUPPORTED_MAGIC = {
 
 CHUNK = 1 << 20  # decompression and copy chunks
 # What reading a corrupt or truncated layer raises, from tarfile and the decompressors.
-_READ_ERRORS = (
+_READ_ERRORS: tuple[type[BaseException], ...] = (
     tarfile.TarError,
     OSError,
     EOFError,
     zlib.error,
-    isal_zlib.error,
+    cast("type[BaseException]", isal_zlib.error),  # isal's stub calls it an instance
     zstandard.ZstdError,
 )
 
@@ -135,15 +135,17 @@ def _decompressor(path: Path, raw: BinaryIO) -> BinaryIO | None:
     head = raw.read(8)
     raw.seek(0)
     if head.startswith(_GZIP_MAGIC):
-        return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        # isal's IGzipFile has no annotations; it is a readable binary file.
+        gzip = igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[no-untyped-call]
+        return cast(BinaryIO, gzip)
     if head.startswith(_ZSTD_MAGIC):
         reader = zstandard.ZstdDecompressor().stream_reader(
-            _ZstdFrames(raw),  # type: ignore[arg-type]
+            _ZstdFrames(raw),  # type: ignore[arg-type]  # file-like; zstandard wants a BinaryIO
             read_size=CHUNK,
             read_across_frames=True,
             closefd=False,
         )
-        return reader  # type: ignore[return-value]
+        return reader
     for magic, name in _UNSUPPORTED_MAGIC.items():
         if head.startswith(magic):
             raise FlattenError(
@@ -197,6 +199,7 @@ class _Spool:
             with raw, slots:
                 while not self._stop:
                     try:
+                        # both decompressors have readinto; BinaryIO does not declare it
                         count = decompressor.readinto(buffer)  # type: ignore[attr-defined]
                     except _READ_ERRORS as exc:
                         raise self.layer.fail(exc) from exc
@@ -315,6 +318,7 @@ class LayerSource:
         except BaseException:
             raw.close()
             raise
+        # reader is a _Spool exactly when there is a decompressor
         self.fd = self.reader.fileno() if decompressor is None else self.reader.fd  # type: ignore[union-attr]
         if decompressor is None and budget is not None:  # a plain tar counts as it is
             size = os.fstat(self.fd).st_size
@@ -346,7 +350,7 @@ class LayerSource:
         try:
             try:
                 self.tar = tarfile.open(  # noqa: SIM115 - closed with the source
-                    fileobj=self.reader,  # type: ignore[arg-type]
+                    fileobj=cast(BinaryIO, self.reader),  # a _Spool reads like a file
                     mode="r:",
                     encoding="utf-8",
                     errors="surrogateescape",
@@ -360,7 +364,9 @@ class LayerSource:
                 member = self.tar.next()
                 if member is None:
                     break
-                self.tar.members.clear()  # memory per entry of the final tree, not per member
+                # Memory per entry of the final tree, not per member (``members`` is
+                # TarFile's list of headers read so far, which typeshed does not declare).
+                self.tar.members.clear()  # type: ignore[attr-defined]
                 if self.budget is not None:
                     self.budget.add_entry()
                 yield member
@@ -374,7 +380,7 @@ class LayerSource:
         assert self.tar is not None
         data = self.tar.extractfile(member)
         assert data is not None
-        return data  # type: ignore[return-value]
+        return data  # type: ignore[return-value]  # an ExFileObject: a readable binary file
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -387,9 +393,10 @@ class _StrictTarInfo(tarfile.TarInfo):
     """
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> _StrictTarInfo:
         try:
             return super().fromtarfile(tarfile_)
+        # both exist in every tarfile since 3.2; typeshed leaves them out
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:  # type: ignore[attr-defined]
             if tarfile_.offset == 0:
                 raise  # tarfile reports it as "not a tar archive"

@@ -194,7 +194,7 @@ class RegistryAuth:
                 f"registry {endpoint.registry} sent a Bearer challenge without a usable realm "
                 f"({realm!r})"
             )
-        params: list[tuple[str, str]] = []
+        params: list[tuple[str, str | int | float | bool | None]] = []
         if challenge.params.get("service"):
             params.append(("service", challenge.params["service"]))
         params.append(("scope", scope))

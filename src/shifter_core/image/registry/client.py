@@ -464,7 +464,7 @@ class RegistryClient:
         ref: DockerReference,
         name: str,
         desc: Descriptor,
-        sink: IO[bytes],
+        sink: IO[bytes] | io.RawIOBase,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         deadline: Deadline | None = None,

@@ -185,7 +185,7 @@ class Transport:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number *attempt* (from 0): doubling, capped."""
-        return min(MAX_BACKOFF, self.settings.backoff * (2**attempt))
+        return min(MAX_BACKOFF, self.settings.backoff * 2.0**attempt)
 
     def send(
         self, method: str, url: str, headers: dict[str, str], *, registry: str
