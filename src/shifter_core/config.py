@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import config_cache
-from .config_cache import ENV_VAR, check_privileged_file, config_path
+from . import config_file
+from .config_file import ENV_VAR, check_privileged_file, config_path
 from .errors import ConfigError, ShifterError
 
 T = TypeVar("T")
@@ -610,7 +610,7 @@ def load(path: str | None = None, *, privileged: bool = False) -> Config:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read the configuration {file}: {err}") from None
     config = parse(text, str(file))
-    config_cache.write(str(file), as_values(config))
+    config_file.write(str(file), as_values(config))
     return config
 
 

@@ -9,7 +9,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shifter_core import config, config_cache
+from shifter_core import config, config_file
 from shifter_core.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "slurm_conf" / "shifter.yaml.example"
@@ -57,7 +57,7 @@ def test_env_var_is_used_but_not_by_privileged_readers(tmp_path, monkeypatch):
     path.write_text("image_path: /from/env\n")
     monkeypatch.setenv("SHIFTER_CONFIG", str(path))
     assert config.load().image_path == "/from/env"
-    assert config.config_path(privileged=True) == config_cache.DEFAULT_PATH
+    assert config.config_path(privileged=True) == config_file.DEFAULT_PATH
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make root-owned files")

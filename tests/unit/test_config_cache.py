@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from shifter_core import config, config_cache
+from shifter_core import config, config_cache, config_file
 from shifter_core.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the cache is written by root only")
@@ -24,7 +24,7 @@ def test_loading_as_root_writes_a_cache_that_matches(conf):
     cache = conf.with_name(".shifter.yaml.cache")
     assert cache.stat().st_uid == 0
     assert cache.stat().st_mode & 0o777 == 0o644
-    assert config_cache.read(str(conf))["image_path"] == "/cached"
+    assert config_file.read(str(conf))["image_path"] == "/cached"
     cached = config_cache.load(str(conf))
     assert isinstance(cached, config_cache.Section)  # the view, not the parsed schema
     assert cached.gateway.url.startswith("http") and cached.image_path == "/cached"
@@ -38,7 +38,7 @@ def test_loading_as_root_writes_a_cache_that_matches(conf):
 def test_an_edited_file_is_parsed_again_and_its_errors_reported(conf):
     config.load(str(conf))
     conf.write_text("image_path: /cached\nimage_pth: /typo\n")
-    assert config_cache.read(str(conf)) is None
+    assert config_file.read(str(conf)) is None
     with pytest.raises(ConfigError, match="unknown key 'image_pth'"):
         config_cache.load(str(conf))
 
@@ -47,10 +47,10 @@ def test_a_cache_not_owned_by_root_or_writable_by_others_is_ignored(conf):
     config.load(str(conf))
     cache = conf.with_name(".shifter.yaml.cache")
     cache.chmod(0o666)
-    assert config_cache.read(str(conf)) is None
+    assert config_file.read(str(conf)) is None
     cache.chmod(0o644)
     os.chown(cache, 65534, 0)
-    assert config_cache.read(str(conf)) is None
+    assert config_file.read(str(conf)) is None
 
 
 def test_a_forged_cache_for_another_file_is_ignored(conf, tmp_path):
@@ -58,5 +58,5 @@ def test_a_forged_cache_for_another_file_is_ignored(conf, tmp_path):
     other = tmp_path / "other.yaml"
     other.write_text("image_path: /other\n")
     os.replace(conf.with_name(".shifter.yaml.cache"), tmp_path / ".other.yaml.cache")
-    assert config_cache.read(str(other)) is None
+    assert config_file.read(str(other)) is None
     assert config_cache.load(str(other)).image_path == "/other"

@@ -8,16 +8,13 @@ Adjusted to the code as it is: ``api`` is the gateway's protocol, shared by its 
 its client (``client``, ``gateway.models``, ``gateway.errors``, ``gateway.transport``):
 ``runtime``, ``slurm`` and ``cli`` reach the gateway through it, and its models read image
 records, so it sits between ``jobroot`` and ``image``. ``base`` is the package's ``__init__``
-(its version), ``config``, ``config_cache``, ``syscalls``, ``errors``, ``fsutil``, ``options``,
-``reference``, ``munge``, ``access`` (the visibility rule), ``mounts`` (the mount table) and the
-compiled helpers. A module belongs to the layer of its longest matching prefix. Every import
-counts: at module level, in a function, or under ``TYPE_CHECKING``. Inside ``image`` the
-dependencies point one way too (:data:`IMAGE_RANKS`).
+(its version), ``config``, ``config_file``, ``config_cache``, ``syscalls``, ``errors``,
+``fsutil``, ``options``, ``reference``, ``munge``, ``access`` (the visibility rule),
+``mounts`` (the mount table) and the compiled helpers. A module belongs to the layer of its
+longest matching prefix. Every import counts: at module level, in a function, or under
+``TYPE_CHECKING``. Inside ``image`` the dependencies point one way too (:data:`IMAGE_RANKS`).
 
-The checks are strict. What other deliverables of issue 10 have not moved yet is listed, edge
-by edge and module by module, in :data:`KNOWN_EDGES` and :data:`KNOWN_LARGE`: those entries are
-the only exceptions, ``test_no_known_exceptions_left`` (an expected failure) passes once they
-are gone (then delete them), and nothing in ``image`` may be listed.
+The checks are strict and have no exceptions.
 """
 
 from __future__ import annotations
@@ -25,8 +22,6 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = SRC / "shifter_core"
@@ -54,6 +49,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "shifter_core.config",
             "shifter_core.config_cache",
+            "shifter_core.config_file",
             "shifter_core.syscalls",
             "shifter_core._syscalls",
             "shifter_core.errors",
@@ -85,17 +81,6 @@ IMAGE_RANKS: dict[str, int] = {
     "shifter_core.image.content": 0,
 }
 
-# Imports that break the map today, each owned by another deliverable of issue 10.
-KNOWN_EDGES: dict[tuple[str, str], str] = {
-    ("shifter_core.config_cache", "shifter_core.config"): (
-        "config <-> config_cache cycle: configuration read one way (deliverable 6)"
-    ),
-    ("shifter_core.runtime.launch", "shifter_core.cli.shifter"): (
-        "runtime imports cli (its Options): launch belongs with the recipe (deliverable 1)"
-    ),
-}
-# Modules over MAX_LINES today, each owned by another deliverable of issue 10.
-KNOWN_LARGE: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -208,10 +193,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _without_known(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    return {m: {t for t in ts if (m, t) not in KNOWN_EDGES} for m, ts in graph.items()}
-
-
 def test_every_module_is_on_the_map() -> None:
     unmapped = sorted(m for m in MODULES if _layer(m) is None)
     assert not unmapped, f"add these modules to a layer of LAYERS (and DESIGN.md): {unmapped}"
@@ -222,13 +203,13 @@ def test_every_module_is_on_the_map() -> None:
 
 
 def test_no_import_cycles() -> None:
-    cycles = _cycles(_without_known(GRAPH))
+    cycles = _cycles(GRAPH)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
 def test_no_upward_imports() -> None:
     upward = []
-    for module, targets in _without_known(GRAPH).items():
+    for module, targets in GRAPH.items():
         layer = _layer(module)
         for target in sorted(targets):
             target_layer = _layer(target)
@@ -254,28 +235,6 @@ def test_no_module_over_800_lines() -> None:
     large = []
     for module, path in MODULES.items():
         lines = len(path.read_text(encoding="utf-8").splitlines())
-        if lines > MAX_LINES and module not in KNOWN_LARGE:
+        if lines > MAX_LINES:
             large.append(f"{module}: {lines} lines")
     assert not large, f"modules over {MAX_LINES} lines: {large}"
-
-
-def test_image_has_no_exceptions() -> None:
-    """Everything in image/ is held to the map, without exceptions."""
-    listed = [e for e in KNOWN_EDGES if any(m.startswith("shifter_core.image") for m in e)]
-    listed += [m for m in KNOWN_LARGE if m.startswith("shifter_core.image")]
-    assert not listed
-
-
-
-@pytest.mark.xfail(
-    reason="KNOWN_EDGES and KNOWN_LARGE: moves of other deliverables of issue 10 not done yet",
-    strict=False,
-)
-def test_no_known_exceptions_left() -> None:
-    edges = [e for e in KNOWN_EDGES if e[1] in GRAPH.get(e[0], set())]
-    large = [
-        m
-        for m in KNOWN_LARGE
-        if m in MODULES and len(MODULES[m].read_text().splitlines()) > MAX_LINES
-    ]
-    assert not edges and not large, (edges, large)

@@ -256,11 +256,37 @@ def run(options: Options) -> int:
     )
     recorder = None
     if launch_miss is not None:
-        from ..config_cache import config_path
+        from ..config_file import config_path
         from ..runtime.launch import Recorder
 
-        recorder = Recorder.for_request(plan, options, options.option_args, config_path())
+        reason = _not_replayable(options)
+        if reason:
+            get_logger(PROG).debug("no launch recipe: %s", reason)
+        else:
+            recorder = Recorder.for_request(
+                plan, options.option_args, config_path(), by_id=_by_id(options)
+            )
     run_unprivileged(plan, recorder=recorder)  # execs or raises: never returns
+
+
+def _not_replayable(options: Options) -> str | None:
+    """Why the C launcher could not replay this command line (None: it can)."""
+    if not options.command:
+        return "no command given"
+    if options.env_files or options.entrypoint is not None:
+        return "--env-file or --entrypoint"
+    if any("=" not in text for text in options.env):
+        return "--env NAME copies a variable from the caller"
+    if options.writable_tmpfs or options.verbose:
+        return "--writable-tmpfs or -v"
+    return None
+
+
+def _by_id(options: Options) -> bool:
+    """The image is named by its id (--image=id:..., or the job's $SHIFTER_IMAGE)."""
+    if options.image:
+        return options.image.startswith("id:")
+    return bool(os.environ.get("SHIFTER_IMAGE"))
 
 
 def _internal_error(err: BaseException, verbose: int) -> None:

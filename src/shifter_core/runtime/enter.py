@@ -14,20 +14,35 @@ import os
 from .. import syscalls
 
 
-def pivot_into(root: str) -> None:
-    """Move this process (still root) into the prepared ``root``: a private mount namespace,
-    ``pivot_root``, the host's mounts detached. The working directory is kept where it
-    exists in the container, else ``/``."""
-    cwd = os.getcwd()
-    syscalls.unshare(syscalls.CLONE_NEWNS)
-    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+def pivot(root: str) -> None:
+    """``pivot_root`` into ``root`` in this (private) mount namespace and detach the host's
+    mounts; the working directory is then the container's ``/``. (The launcher's ``pivot``
+    operation.)"""
     os.chdir(root)
     syscalls.pivot_root(".", ".")
     syscalls.umount2(".", syscalls.MNT_DETACH)
-    try:
+    os.chdir("/")
+
+
+def chroot(root: str) -> None:
+    """Enter the root a prolog prepared, in a mount namespace of its own user namespace,
+    where the host's mounts cannot be detached. (The launcher's ``chroot`` operation.)"""
+    os.chroot(root)
+    os.chdir("/")
+
+
+def pivot_into(root: str) -> None:
+    """Move this process (still root) into the prepared ``root``: a private mount namespace,
+    :func:`pivot`. The working directory is kept where it exists in the container, else
+    ``/``."""
+    cwd = os.getcwd()
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    pivot(root)
+    try:  # noqa: SIM105 - contextlib stays out of slurmstepd's path
         os.chdir(cwd)
     except OSError:
-        os.chdir("/")
+        pass  # it is not in the container: stay at /
 
 
 def last_capability() -> int:

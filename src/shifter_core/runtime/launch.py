@@ -51,7 +51,6 @@ TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up t
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from ..cli.shifter import Options
     from ..jobroot import JobRecord
     from .assemble import RootBuilder
     from .plan import Plan
@@ -140,31 +139,17 @@ def file_identity(path: str) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def why_not_recordable(plan: Plan, options: Options, option_args: Sequence[str]) -> str | None:
-    """Why the launcher could not replay this request (None: it can)."""
-    if not options.command:
-        return "no command given"
-    if not _by_id(options) and plan.runtime.launcher_name_ttl <= 0:
+def why_not_recordable(plan: Plan, option_args: Sequence[str], by_id: bool) -> str | None:
+    """Why the launcher could not replay this plan (None: it can); ``by_id``: the image was
+    named by its id. (Which command lines it can replay at all, ``shifter`` decides.)"""
+    if not by_id and plan.runtime.launcher_name_ttl <= 0:
         return "the image is given by name (runtime.launcher_name_ttl is 0)"
-    if options.env_files or options.entrypoint is not None:
-        return "--env-file or --entrypoint"
-    if any("=" not in text for text in options.env):
-        return "--env NAME copies a variable from the caller"
-    if options.writable_tmpfs or options.verbose:
-        return "--writable-tmpfs or -v"
     for name, module in plan.modules:
         if module.devices or module.copies or module.user_hook or module.root_hook:
             return f"module {name} has devices, copies or hooks"
     if len(option_args) > 64:
         return "too many options"
     return None
-
-
-def _by_id(options: Options) -> bool:
-    """The image is named by its id (--image=id:..., or the job's $SHIFTER_IMAGE)."""
-    if options.image:
-        return options.image.startswith("id:")
-    return bool(os.environ.get("SHIFTER_IMAGE"))
 
 
 class Recorder:
@@ -181,15 +166,15 @@ class Recorder:
 
     @classmethod
     def for_request(
-        cls, plan: Plan, options: Options, option_args: Sequence[str], config_file: str
+        cls, plan: Plan, option_args: Sequence[str], config_file: str, *, by_id: bool
     ) -> Recorder | None:
         """A recorder when the launcher could replay the request (it asked for one)."""
-        reason = why_not_recordable(plan, options, option_args)
+        reason = why_not_recordable(plan, option_args, by_id)
         if reason:
             log.debug("no launch recipe: %s", reason)
             return None
         key = launch_key(plan.user.uid, plan.user.gid, os.getgroups(), os.environ, option_args)
-        return cls(plan, key, config_file, by_id=_by_id(options))
+        return cls(plan, key, config_file, by_id=by_id)
 
     def open_cache(self, *depends: str) -> None:
         """Open the cache and take the status of the files the recipe depends on, before the

@@ -28,6 +28,7 @@ from ..jobroot import JobRecord, current_job, job_dir, read_record
 from ..syscalls import SyscallError
 from ._log import get_logger
 from .drop import change_directory, drop_privileges, exec_command, run_hooks
+from .enter import chroot, pivot
 from .errors import ContainerError, ImageError, PrivilegeError
 from .plan import Plan
 
@@ -147,8 +148,7 @@ def run(
             log.debug("the prolog pinned no user namespace for this job: making one")
         if pinned is None or not enter_job_user_namespace(pinned, plan.user.uid):
             enter_user_namespace(plan.user.uid, plan.user.gid)
-        os.chroot(root)
-        os.chdir("/")
+        chroot(root)
         _finish(plan)
     _run_private(plan, recorder)
 
@@ -284,8 +284,5 @@ def _run_private(plan: Plan, recorder: Recorder | None = None) -> NoReturn:
         builder.close()
         daemon.close()
         os.close(daemon.errors)
-    os.chdir(f"{STAGING}/root")
-    syscalls.pivot_root(".", ".")
-    syscalls.umount2(".", syscalls.MNT_DETACH)
-    os.chdir("/")
+    pivot(f"{STAGING}/root")
     _finish(plan)
