@@ -341,7 +341,7 @@ def test_a_10_gb_decompression_bomb_fails_its_pull_cleanly(gateway_env) -> None:
     assert "Traceback" not in job.message
     leftovers = [p.name for p in (gw.root / "images").iterdir() if p.name.startswith(".")]
     assert leftovers == []
-    assert not list((gw.root / "gw" / "layers").rglob(".tmp-*"))
+    assert not list((gw.root / "gw" / "layers").rglob("*.partial"))
     used = free_before - lowest[0]
     peak = gw.status("VmHWM")
     print(

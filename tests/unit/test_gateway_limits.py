@@ -192,7 +192,7 @@ def test_a_decompression_bomb_fails_its_pull_cleanly(tmp_path: Path, strict) -> 
         assert job.state == "FAILED", job
         assert "decompresses to more than 16 MiB" in job.message, job.message
         assert not [p for p in gateway.store.path.iterdir() if p.name.startswith(".")]
-        leftovers = [p for p in gateway.cache.directory.rglob("*") if ".tmp-" in p.name]
+        leftovers = [p for p in gateway.cache.directory.rglob("*") if p.name.endswith(".partial")]
         assert not leftovers
     finally:
         gateway.stop()

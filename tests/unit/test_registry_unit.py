@@ -941,7 +941,7 @@ def test_layer_cache_threads_download_once(tmp_path: Path) -> None:
 def test_layer_cache_cleans_stale_temporary_files(tmp_path: Path) -> None:
     cache = LayerCache(tmp_path)
     (tmp_path / "sha256").mkdir()
-    stale = tmp_path / "sha256" / ".tmp-abc-123"
+    stale = tmp_path / "sha256" / ".abc.123.x.partial"
     stale.write_bytes(b"x")
     os.utime(stale, (0, 0))
     assert cache.clean_temporary(60) == 1 and not stale.exists()

@@ -26,7 +26,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ..fsutil import PARTIAL_SUFFIX, atomic_file
 from .errors import DigestMismatch
 from .oci import split_digest
 
 log = logging.getLogger(__name__)
 
 _ALGORITHMS = ("sha256", "sha512")
-_TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
 
 Writer = Callable[[BinaryIO], object]  # what it returns is ignored
@@ -101,7 +100,7 @@ class LayerCache:
             folder = self.directory / algo
             if folder.is_dir():
                 for entry in sorted(folder.iterdir()):
-                    if not entry.name.startswith(_TMP_PREFIX):
+                    if not entry.name.endswith(PARTIAL_SUFFIX):
                         yield f"{algo}:{entry.name}"
 
     def size(self) -> int:
@@ -250,43 +249,34 @@ class LayerCache:
                 return final
             final.parent.mkdir(exist_ok=True)
             started = time.monotonic()
-            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f"{_TMP_PREFIX}{final.name}-")
-            try:
-                with os.fdopen(fd, "w+b") as fh:
-                    writer(fh)
-                    fh.flush()
-                    written = fh.tell()
-                    if size is not None and written != size:
+            written = 0
+
+            def check(partial: str) -> None:
+                """The blob is complete and what it claims, and marked, before it appears."""
+                if size is not None and written != size:
+                    raise DigestMismatch(
+                        f"blob {digest} has {written} bytes, expected {size}",
+                        blob=digest,
+                        expected=digest,
+                        actual=None,
+                    )
+                if verify:
+                    actual = _hash_file(partial, split_digest(digest)[0])
+                    if actual != digest:
                         raise DigestMismatch(
-                            f"blob {digest} has {written} bytes, expected {size}",
+                            f"blob {digest} failed verification: expected {digest}, got {actual}",
                             blob=digest,
                             expected=digest,
-                            actual=None,
+                            actual=actual,
                         )
-                    if verify:
-                        actual = _hash_file(fh, split_digest(digest)[0])
-                        if actual != digest:
-                            raise DigestMismatch(
-                                f"blob {digest} failed verification: expected {digest}, "
-                                f"got {actual}",
-                                blob=digest,
-                                expected=digest,
-                                actual=actual,
-                            )
-                    if self.fsync:
-                        os.fsync(fh.fileno())
-                os.chmod(tmp, 0o644)
                 if private is not None:
                     self._marker(digest).write_text(private, encoding="utf-8")
                 else:
                     self.mark_public(digest)
-                os.replace(tmp, final)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-            if self.fsync:
-                _fsync_dir(final.parent)
+
+            with atomic_file(final, mode=0o644, sync=self.fsync, before_replace=check) as fh:
+                writer(fh)
+                written = fh.tell()
         elapsed = time.monotonic() - started
         with self._stats_lock:
             self.stats.downloads += 1
@@ -319,7 +309,7 @@ class LayerCache:
             if not folder.is_dir():
                 continue
             for entry in folder.iterdir():
-                if entry.name.startswith(_TMP_PREFIX):
+                if entry.name.endswith(PARTIAL_SUFFIX):
                     with contextlib.suppress(FileNotFoundError):
                         if entry.stat().st_mtime < cutoff:
                             entry.unlink()
@@ -334,17 +324,9 @@ class LayerCache:
         log.debug("blob %s already cached", digest)
 
 
-def _hash_file(fh: BinaryIO, algo: str) -> str:
+def _hash_file(path: str, algo: str) -> str:
     hasher = hashlib.new(algo)
-    fh.seek(0)
-    while chunk := fh.read(_CHUNK):
-        hasher.update(chunk)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            hasher.update(chunk)
     return f"{algo}:{hasher.hexdigest()}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
