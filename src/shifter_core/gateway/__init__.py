@@ -20,7 +20,7 @@ Authentication
 Listening: ``gateway.listen`` is ``HOST:PORT`` (https with ``gateway.tls_cert`` and
 ``tls_key``) or ``unix:/PATH`` (a socket of mode 0666); clients reach it through
 :func:`.transport.gateway_transport`. ``gateway.limits`` bounds bodies and pulls
-(:mod:`shifter_core.limits`).
+(:mod:`shifter_core.image.limits`).
 
 Endpoints (JSON; errors are ``{"error": "<message for the user>"}`` with 400, 401, 403, 404,
 413 or 503)
