@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 from shifter_core import config, syscalls
-from shifter_core.runtime import assemble
+from shifter_core.runtime import assemble, execute
+from shifter_core.runtime.launch import private_root_ops
 from shifter_core.runtime.plan import RunRequest, User, build_plan
 from shifter_core.runtime.recipe import (
     Op,
     command_ops,
     job_root_ops,
     parse,
-    private_root_ops,
     render,
     request_ops,
     serialise,
@@ -104,6 +104,8 @@ def plan_ops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: RunReques
 
     monkeypatch.setattr(syscalls, "open_tree", lambda path, _flags: os.open(path, os.O_PATH))
     monkeypatch.setattr(assemble, "open_as_user", open_plain)
+    # The operations the build would run, not run: the recipe is made of them.
+    monkeypatch.setattr(execute.Executor, "run", lambda _self, _ops: None)
     builder = assemble.RootBuilder(
         plan, str(tmp_path / "root"), str(tmp_path / "staging"), privileged=False,
         mount_image=lambda _target: None,
@@ -113,6 +115,7 @@ def plan_ops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: RunReques
     try:
         builder.collect()
         builder._plan_targets(lower_fd)
+        builder._fill(lower_fd)
         sources = {
             id(s): s.target if s.kind == "tree" else os.readlink(f"/proc/self/fd/{s.source_fd}")
             for s in builder.specs
@@ -120,6 +123,7 @@ def plan_ops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: RunReques
         }
         ops = private_root_ops(
             builder.specs,
+            builder.ops,
             lambda spec: sources[id(spec)],
             image=plan.image_file,
             directory="/tmp/shifter-launch-1001/0123456789abcdef",
@@ -238,10 +242,73 @@ def test_the_flags_are_the_builds(tmp_path: Path, monkeypatch) -> None:
     assert re.search(rf"^clone \d+ {host}/data/file recursive ro,nosuid,nodev$", text, re.M)
     assert re.search(rf"^clone \d+ {host}/site recursive nosuid,nodev$", text, re.M)
     assert "mount tmpfs /dev tmpfs nosuid,noexec mode=755\n" in text
-    assert "overlay /tmp/shifter-launch-1001/0123456789abcdef/root ro,nosuid,nodev " in text
+    assert "overlay /tmp/shifter-launch-1001/0123456789abcdef/root nosuid,nodev " in text
     assert "fuse /tmp/shifter-launch-1001/0123456789abcdef/lower ro,nosuid,nodev " in text
-    assert 'setattr /dev ro ""\n' in text
+    assert 'setattr /dev ro ""\nsetattr / ro ""\npivot\n' in text
     assert "symlink /proc/self/fd /dev/fd\n" in text
+
+
+def _container_ops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, privileged: bool
+) -> tuple[list[Op], dict[str, str]]:
+    """The container operations a build runs for the "volumes" plan, with the sources named
+    by their host paths, as a privileged (prolog, step root) or unprivileged build."""
+    request, text = _plans(tmp_path)["volumes"]
+    cfg = config.parse(text, "test.yaml")
+    from shifter_core.image.store import ImageMetadata
+
+    meta = ImageMetadata(id=IMAGE_ID, source="docker.io/library/busybox:latest",
+                         digest="sha256:" + "cd" * 32, platform="linux/amd64", env=(),
+                         workdir="/")  # fmt: skip
+    plan = build_plan(request, cfg, meta, f"/store/{IMAGE_ID}.squashfs", _user(),
+                      caller_env={}, cwd="/")  # fmt: skip
+    monkeypatch.setattr(syscalls, "open_tree", lambda path, _flags: os.open(path, os.O_PATH))
+    monkeypatch.setattr(assemble, "open_as_user", lambda _u, paths, _w: [
+        os.open(p, os.O_PATH | os.O_CLOEXEC) for p in paths])  # fmt: skip
+    monkeypatch.setattr(execute.Executor, "run", lambda _self, _ops: None)
+    image = _image_tree(tmp_path / "image")
+    builder = assemble.RootBuilder(plan, str(tmp_path / "root"), str(tmp_path / "staging"),
+                                   privileged=privileged, mount_image=lambda _t: None)  # fmt: skip
+    lower_fd = os.open(image, os.O_PATH | os.O_DIRECTORY)
+    try:
+        builder.collect()
+        builder._plan_targets(lower_fd)
+        builder._fill(lower_fd)
+        names = {f"/proc/self/fd/{s.source_fd}": s.target for s in builder.specs if s.source_fd}
+    finally:
+        os.close(lower_fd)
+        builder.close()
+    renamed = [
+        Op(op.name, op.args[0], names[str(op.args[1])], *op.args[2:]) if op.name == "clone" else op
+        for op in builder.ops
+    ]
+    return renamed, names
+
+
+def test_every_build_runs_the_same_operations(tmp_path: Path, monkeypatch) -> None:
+    """A root prepared by Slurm (privileged) and one of ``shifter`` (unprivileged) are made of
+    the same operations, with the same flags; only /proc (mounted fresh with privilege, else
+    a copy of the host's) and the host's /tmp (a copy of the whole tree in a user namespace)
+    differ, as the build decides in mountops."""
+    ran = {}
+    for privileged in (True, False):
+        (tmp_path / str(privileged)).mkdir()
+        ran[privileged] = _container_ops(tmp_path / str(privileged), monkeypatch, privileged)[0]
+
+    def common(ops: list[Op]) -> list[str]:
+        lines = render(op for op in ops if op.name != "clone" and op.name != "attach")
+        return [ln for ln in lines.splitlines() if " /proc " not in f"{ln} "]
+
+    assert common(ran[True]) == common(ran[False])
+    clones = {p: {op for op in ops if op.name == "clone"} for p, ops in ran.items()}
+
+    def without_slot(ops: set[Op]) -> set[tuple[object, ...]]:
+        return {op.args[1:] for op in ops if op.args[1] not in ("/proc", "/tmp")}
+
+    assert without_slot(clones[True]) == without_slot(clones[False])
+    assert Op("mount", "proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV
+              | syscalls.MS_NOEXEC, "") in ran[True]  # fmt: skip
+    assert not any(op.name == "mount" and op.args[2] == "proc" for op in ran[False])
 
 
 def test_the_launcher_decides_nothing() -> None:

@@ -23,16 +23,28 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from .. import syscalls
 from ..image.content import MAX_IDENTITY_TEXT
 from ..options import parse_volume
 from ._log import get_logger
 from .errors import ContainerError, ModuleError, VolumeError
+from .execute import Executor
 from .identity import group_file, passwd_file
+from .mountops import (
+    OVERLAY_FLAGS,
+    PER_NODE_CACHE_FLAGS,
+    STAGING_FLAGS,
+    MountSpec,
+    clone_ops,
+    final_ops,
+    mount_order,
+    place_ops,
+)
 from .paths import fd_path, make_path, open_beneath, read_image_file, resolve_in_root, write_file
 from .plan import Plan, forbidden_target, is_below, named
+from .recipe import Op
 from .sources import open_as_user
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
@@ -43,54 +55,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty", "ptmx")
-DEV_LINKS = (
-    ("fd", "/proc/self/fd"),
-    ("stdin", "/proc/self/fd/0"),
-    ("stdout", "/proc/self/fd/1"),
-    ("stderr", "/proc/self/fd/2"),
-)
 HOST_FILES = ("/etc/hosts", "/etc/resolv.conf")
 OVERFLOW_GID = 65534
-_ATTR_SAFE = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
 _BAD_OPTION_CHARS = (",", ":", "\\", "\n")
-
-
-class MountSpec:
-    """One mount into the container: ``target`` (as configured), ``what`` (for messages),
-    ``kind`` (bind, device, proc, sys, tmpfs, pernode, or tree: ``source_fd`` is then a
-    detached mount tree from ``open_tree``), the host ``source_fd`` and whether it is a
-    directory, flags; ``resolved`` (the target inside the image) and ``inner`` (below /dev or
-    a private /tmp: made inside that tmpfs) are filled in while building."""
-
-    def __init__(
-        self,
-        target: str,
-        what: str,
-        kind: str,
-        source_fd: int | None = None,
-        source_is_dir: bool = True,
-        *,
-        read_only: bool = False,
-        recursive: bool = True,
-        user_volume: bool = False,
-        size: int | None = None,
-        tmpfs_mode: int = 0o755,
-        inner: bool = False,
-        nodev: bool = True,
-    ) -> None:
-        self.target = target
-        self.what = what
-        self.kind = kind
-        self.source_fd = source_fd
-        self.source_is_dir = source_is_dir
-        self.read_only = read_only
-        self.recursive = recursive
-        self.user_volume = user_volume
-        self.size = size
-        self.tmpfs_mode = tmpfs_mode
-        self.inner = inner
-        self.nodev = nodev
-        self.resolved = ""
 
 
 class BuildResult:
@@ -100,69 +67,9 @@ class BuildResult:
         self.loop_devices: list[str] = []
 
 
-# ---- the decisions, in one place (the build below and the launcher's recipe use them) -------
-
-IMAGE_FLAGS = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV  # the image itself
-OVERLAY_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV  # the root (then read-only, see build)
-# After every mount: /dev read-only (not recursive: /dev/pts and /dev/shm stay writable).
-FINAL_ATTRS = (("/dev", syscalls.MOUNT_ATTR_RDONLY, False),)
-
-
-def fuse_options(uid: int, gid: int) -> str:
-    """The FUSE mount options of the image served as ``uid``, ``gid`` (``fd=N,`` first)."""
-    return f"rootmode=40000,user_id={uid},group_id={gid},default_permissions"
-
-
-def mount_order(specs: Iterable[MountSpec]) -> list[MountSpec]:
-    """The order of the mounts: parents before what is mounted inside them."""
-    return sorted(specs, key=lambda s: s.resolved.count("/"))
-
-
-def bind_recursive(spec: MountSpec) -> bool:
-    """A bind takes the mounts below its source (a device node has none)."""
-    return spec.recursive and spec.kind != "device"
-
-
-def mount_attrs(spec: MountSpec, privileged: bool) -> int | None:
-    """The mount attributes of a bound mount (None: mounted fresh, its flags are
-    :func:`tmpfs_options` or the mount's own): nosuid always, nodev unless the spec passes
-    devices, noexec for /proc, /sys and device nodes, read-only as asked and for /sys."""
-    kind = spec.kind
-    if kind not in ("bind", "tree", "sys", "device") and (kind != "proc" or privileged):
-        return None
-    attrs = _ATTR_SAFE if spec.nodev else syscalls.MOUNT_ATTR_NOSUID
-    if kind in ("sys", "proc", "device"):
-        attrs |= syscalls.MOUNT_ATTR_NOEXEC
-    if spec.read_only or kind == "sys":
-        attrs |= syscalls.MOUNT_ATTR_RDONLY
-    return attrs
-
-
-def tmpfs_options(spec: MountSpec) -> tuple[int, str]:
-    """The flags and data of a tmpfs: /dev is noexec, a private /tmp nodev; both nosuid."""
-    flags = syscalls.MS_NOSUID
-    flags |= syscalls.MS_NOEXEC if spec.target == "/dev" else syscalls.MS_NODEV
-    return flags, f"mode={spec.tmpfs_mode:o}"
-
-
-def inner_mount_point(spec: MountSpec) -> tuple[str, str]:
-    """For a mount inside a fresh tmpfs (``spec.inner``): that tmpfs (/dev or /tmp) and what
-    its mount point is ("dir" or "file")."""
-    top = "/dev" if is_below(spec.target, "/dev") else "/tmp"
-    return top, "dir" if spec.source_is_dir and spec.kind != "device" else "file"
-
-
 def _o_path(path: str, directory: bool = False) -> int:
     flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
     return os.open(path, flags)
-
-
-def _set_attrs(root_fd: int, target: str, attr_set: int, recursive: bool) -> None:
-    fd = open_beneath(root_fd, target)
-    try:
-        syscalls.mount_setattr("", attr_set, dirfd=fd, recursive=recursive)
-    finally:
-        os.close(fd)
 
 
 def _mkfs_program(candidates: list[str]) -> tuple[str, list[str]]:
@@ -205,6 +112,7 @@ class RootBuilder:
         self.mount_image = mount_image
         self.result = BuildResult()
         self.specs: list[MountSpec] = []
+        self.ops: list[Op] = []  # the container operations the build ran (mountops)
         self._fds: list[int] = []
 
     # -- sources (opened before anything is mounted) ---------------------------------------
@@ -244,7 +152,7 @@ class RootBuilder:
             if runtime.tmp == "private":
                 specs.append(MountSpec("/tmp", "/tmp", "tmpfs", tmpfs_mode=0o1777))
             elif self.privileged:
-                # Not recursive, as before: a root prepared for a job shows /tmp alone.
+                # Not recursive: a root prepared for a job shows the host's /tmp alone.
                 fd = self._keep(_o_path("/tmp", True))
                 specs.append(MountSpec("/tmp", "/tmp", "bind", fd, recursive=False))
             else:
@@ -508,7 +416,7 @@ class RootBuilder:
             os.makedirs(path, mode=0o700, exist_ok=True)
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         self.mount_image(lower)
-        syscalls.mount("tmpfs", rw, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755")
+        syscalls.mount("tmpfs", rw, "tmpfs", STAGING_FLAGS, "mode=0755")
         upper, work = f"{rw}/upper", f"{rw}/work"
         os.mkdir(upper, 0o755)
         os.mkdir(work, 0o700)
@@ -531,16 +439,45 @@ class RootBuilder:
             f"lowerdir={lower},upperdir={upper},workdir={work}",
         )
         root_fd = self._keep(_o_path(self.root, True))
-        for spec in mount_order(self.specs):
-            self._mount(spec, root_fd)
-        for name, module in plan.modules:
+        self._fill(root_fd)
+        return self.result
+
+    def _fill(self, root_fd: int) -> None:
+        """Mount everything into the root through the operations of :mod:`.mountops` (the
+        launcher replays the same operations), run the modules' root hooks, then the final
+        attributes. The operations run are kept in ``self.ops``."""
+        ordered = mount_order(self.specs)
+        slots, trees, others = clone_ops(ordered, self._source_path, self.privileged)
+        detached = {self._source_path(s): s.source_fd for s in ordered if s.kind == "tree"}
+        executor = Executor(root_fd, {k: v for k, v in detached.items() if v is not None})
+        try:
+            self._run(executor, [*trees, *others])
+            made: set[str] = set()
+            for spec in ordered:
+                self._run(executor, place_ops(spec, slots.get(id(spec)), self.privileged, made))
+                if spec.kind == "pernode":
+                    mount, loop_fd = self._per_node_cache(spec)
+                    try:
+                        self._run(executor, [mount])
+                    finally:
+                        os.close(loop_fd)
+                    self._give_to_user(root_fd, spec.resolved)
+                log.debug("mounted %s at %s", spec.what, spec.resolved)
+        finally:
+            executor.close()
+        for name, module in self.plan.modules:
             if module.root_hook:
                 self._root_hook(name, module.root_hook)
-        for path, attrs, recursive in FINAL_ATTRS:
-            _set_attrs(root_fd, path, attrs, recursive=recursive)
-        if not plan.writable:
-            syscalls.mount_setattr("", syscalls.MOUNT_ATTR_RDONLY, dirfd=root_fd)
-        return self.result
+        self._run(executor, final_ops(self.plan.writable))
+
+    def _run(self, executor: Executor, ops: list[Op]) -> None:
+        executor.run(ops)
+        self.ops += ops
+
+    def _source_path(self, spec: MountSpec) -> str:
+        """The host source of a spec as a path the operations take (its open fd)."""
+        assert spec.source_fd is not None, spec.what
+        return fd_path(spec.source_fd)
 
     def _mirror_root_mode(self, lower_fd: int, upper: str) -> None:
         st = os.stat(".", dir_fd=lower_fd)
@@ -548,63 +485,9 @@ class RootBuilder:
         if self.privileged:
             os.chown(upper, st.st_uid, st.st_gid)
 
-    def _mount(self, spec: MountSpec, root_fd: int) -> None:
-        if spec.inner:
-            self._make_inner(root_fd, spec)
-        target_fd = open_beneath(root_fd, spec.resolved)
-        try:
-            target = fd_path(target_fd)
-            if spec.kind == "proc":
-                if self.privileged:
-                    flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
-                    syscalls.mount("proc", target, "proc", flags)
-                else:
-                    self._bind(spec, target)
-            elif spec.kind == "tmpfs":
-                flags, data = tmpfs_options(spec)
-                syscalls.mount("tmpfs", target, "tmpfs", flags, data)
-                if spec.target == "/dev":
-                    self._populate_dev(root_fd)
-            elif spec.kind == "pernode":
-                self._per_node_cache(spec, target)
-            elif spec.kind == "tree":
-                assert spec.source_fd is not None
-                flags = syscalls.MOVE_MOUNT_F_EMPTY_PATH | syscalls.MOVE_MOUNT_T_EMPTY_PATH
-                syscalls.move_mount(spec.source_fd, "", target_fd, "", flags, name=target)
-            else:
-                self._bind(spec, target)
-        finally:
-            os.close(target_fd)
-        if spec.kind == "pernode":
-            self._give_to_user(root_fd, spec.resolved)
-        attrs = mount_attrs(spec, self.privileged)
-        if attrs is not None:
-            _set_attrs(root_fd, spec.resolved, attrs, recursive=spec.recursive)
-        log.debug("mounted %s at %s", spec.what, spec.resolved)
-
-    def _bind(self, spec: MountSpec, target: str) -> None:
-        assert spec.source_fd is not None
-        flags = syscalls.MS_BIND | (syscalls.MS_REC if bind_recursive(spec) else 0)
-        syscalls.mount(fd_path(spec.source_fd), target, None, flags)
-
-    def _make_inner(self, root_fd: int, spec: MountSpec) -> None:
-        top, want = inner_mount_point(spec)
-        base_fd = open_beneath(root_fd, top, directory=True)
-        try:
-            rel = spec.target[len(top) :]
-            make_path(base_fd, rel, want)
-        finally:
-            os.close(base_fd)
-
-    def _populate_dev(self, root_fd: int) -> None:
-        dev_fd = open_beneath(root_fd, "/dev", directory=True)
-        try:
-            for name, target in DEV_LINKS:
-                os.symlink(target, name, dir_fd=dev_fd)
-        finally:
-            os.close(dev_fd)
-
-    def _per_node_cache(self, spec: MountSpec, target: str) -> None:
+    def _per_node_cache(self, spec: MountSpec) -> tuple[Op, int]:
+        """Make a perNodeCache file system on a fresh loop device: the mount of it, and the
+        device's fd, to close once mounted (an unused device clears itself)."""
         import subprocess
         import uuid
 
@@ -627,11 +510,8 @@ class RootBuilder:
         finally:
             os.unlink(path)
             os.close(fd)
-        try:
-            syscalls.mount(device, target, fs, syscalls.MS_NOSUID | syscalls.MS_NODEV)
-        finally:
-            os.close(loop_fd)
         self.result.loop_devices.append(device)
+        return Op("mount", device, spec.resolved, fs, PER_NODE_CACHE_FLAGS, ""), loop_fd
 
     def _give_to_user(self, root_fd: int, path: str) -> None:
         """The root of a fresh file system (perNodeCache) becomes the user's, mode 0700."""

@@ -10,9 +10,9 @@ the recipe for next time: what the Python build decided, as explicit operations
 - ``upper/``: the files the build generated (``/etc/passwd``, ``/etc/group``, host files)
   and the mount points it made, a copy of the overlay's upper layer, which the recipe
   stacks over the image as a read-only overlay (``lowerdir=upper:lower``);
-- the mounts in the order the build made them (:func:`.assemble.mount_order`), with their
-  host sources as paths, the targets as the build resolved them inside the image, and the
-  flags :mod:`.assemble` gives them;
+- the operations the build ran to mount everything (:attr:`.assemble.RootBuilder.ops`,
+  emitted by :mod:`.mountops`), the same operations with the host sources named by path
+  instead of the build's open files (:func:`private_root_ops`);
 - the environment operations over the caller's environment (``Plan.env_ops``), and the
   working directory;
 - ``depends``: the files whose change invalidates the recipe (configuration, image,
@@ -37,24 +37,19 @@ import stat
 import time
 
 from ._log import get_logger
-from .recipe import (
-    RecipeError,
-    command_ops,
-    job_root_ops,
-    private_root_ops,
-    request_ops,
-    serialise,
-)
+from .mountops import IMAGE_FLAGS, OVERLAY_FLAGS, fuse_options, mount_order
+from .paths import fd_path
+from .recipe import Op, RecipeError, command_ops, job_root_ops, request_ops, serialise
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from ..jobroot import JobRecord
     from .assemble import RootBuilder
+    from .mountops import MountSpec
     from .plan import Plan
-    from .recipe import Op
 
 log = get_logger(__name__)
 
@@ -152,6 +147,56 @@ def why_not_recordable(plan: Plan, option_args: Sequence[str], by_id: bool) -> s
     return None
 
 
+def private_root_ops(
+    specs: Sequence[MountSpec],
+    ran: Sequence[Op],
+    source_of: Callable[[MountSpec], str],
+    *,
+    image: str,
+    directory: str,
+    uid: int,
+    gid: int,
+) -> list[Op]:
+    """The recipe of a private root: the container operations the Python build ran for
+    ``specs`` (``ran``, :attr:`.assemble.RootBuilder.ops`), each host source named by
+    ``source_of`` instead of the build's open file, staged as the launcher stages a root:
+    the image served at ``directory/lower``, under the copy of the build's upper layer
+    (``directory/upper``), as the overlay ``directory/root``. RecipeError when an operation
+    cannot be replayed without privilege (a fresh /proc, a perNodeCache)."""
+    upper, lower, root = (f"{directory}/{name}" for name in ("upper", "lower", "root"))
+    by_source = {fd_path(s.source_fd): s for s in specs if s.source_fd is not None}
+    ops: list[Op] = []
+    for spec in mount_order(specs):  # checked while the launcher can still leave it to Python
+        if spec.source_fd is not None:
+            access = ("rx" if spec.source_is_dir else "r") if spec.user_volume else ""
+            kind = "dir" if spec.source_is_dir else "file"
+            ops.append(Op("require", source_of(spec), kind, access))
+    ops.append(Op("require", image, "file", "r"))
+    ops += [Op("require", path, "dir", "") for path in (upper, lower, root)]
+    ops += [Op("serve", image), Op("userns", "")]
+    trees: list[Op] = []
+    others: list[Op] = []
+    rest: list[Op] = []
+    for op in ran:
+        if op.name == "clone":
+            spec = by_source[str(op.args[1])]
+            clone = Op("clone", op.args[0], source_of(spec), *op.args[2:])
+            (trees if spec.kind == "tree" else others).append(clone)
+        elif op.name == "mount" and op.args[2] != "tmpfs":
+            raise RecipeError(f"a mount of {op.args[2]} needs privilege")
+        else:
+            rest.append(op)
+    # A tree is taken before anything is mounted: it must not hold the container's mounts;
+    # the other sources while the image server starts.
+    ops += trees
+    ops.append(Op("fuse", lower, IMAGE_FLAGS, fuse_options(uid, gid)))
+    ops += others
+    ops.append(Op("overlay", root, OVERLAY_FLAGS, f"lowerdir={upper}:{lower}"))
+    ops += rest
+    ops.append(Op("pivot"))
+    return ops
+
+
 class Recorder:
     """Writes the recipe for one request of the Python runtime, after its build succeeded."""
 
@@ -244,12 +289,12 @@ class Recorder:
         directory = f"{self.cache_path}/{key_hash(self.key)}"
         ops = private_root_ops(
             builder.specs,
+            builder.ops,
             lambda spec: sources[id(spec)],
             image=plan.image_file,
             directory=directory,
             uid=plan.user.uid,
             gid=plan.user.gid,
-            writable=plan.writable,
         )
         return [*self._head(), *ops, *self._tail()]
 

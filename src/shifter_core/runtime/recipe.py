@@ -1,8 +1,9 @@
 """The launch recipe: the explicit operations the C launcher (``launcher/``) executes.
 
-The Python runtime decides how a container is built (:mod:`.assemble`); this module writes
-those decisions down as a list of operations, and the launcher replays them, deciding
-nothing itself: every flag, path, mode, link and environment change is here. A recipe is
+The Python runtime decides how a container is built (:mod:`.mountops` emits the operations
+of its mounts, which :mod:`.execute` runs); this module defines the operations and their
+file, and the launcher replays them, deciding nothing itself: every flag, path, mode, link
+and environment change is in the recipe. A recipe is
 NUL-terminated fields::
 
     shifter-recipe  VERSION  COUNT  ( OP  NFIELDS  FIELD * NFIELDS ) * COUNT
@@ -25,9 +26,8 @@ from .. import syscalls
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Iterable, Sequence
 
-    from .assemble import MountSpec
     from .plan import Plan
 
 MAGIC = "shifter-recipe"
@@ -333,83 +333,6 @@ def request_ops(key: str, depends: Iterable[tuple[str, str]], expires: int | Non
     ops += [Op("depends", path, identity) for path, identity in depends]
     if expires is not None:
         ops.append(Op("expires", expires))
-    return ops
-
-
-def private_root_ops(
-    specs: Sequence[MountSpec],
-    source_of: Callable[[MountSpec], str],
-    *,
-    image: str,
-    directory: str,
-    uid: int,
-    gid: int,
-    writable: bool = False,
-) -> list[Op]:
-    """Build the private root that :class:`.assemble.RootBuilder` built for ``specs``, from
-    the image (``image``), the copy of the build's upper layer and the mount points in the
-    recipe's ``directory``. ``source_of`` names a spec's host source (its ``source_fd``).
-    RecipeError when a mount cannot be replayed (perNodeCache, a fresh /proc)."""
-    from . import assemble
-
-    ordered = assemble.mount_order(specs)
-    upper, lower, root = (f"{directory}/{name}" for name in ("upper", "lower", "root"))
-    sources = {id(s): source_of(s) for s in ordered if s.source_fd is not None}
-    ops: list[Op] = []
-    for spec in ordered:  # checked while the launcher can still leave it to Python
-        if id(spec) in sources:
-            access = ("rx" if spec.source_is_dir else "r") if spec.user_volume else ""
-            kind = "dir" if spec.source_is_dir else "file"
-            ops.append(Op("require", sources[id(spec)], kind, access))
-    ops.append(Op("require", image, "file", "r"))
-    ops += [Op("require", path, "dir", "") for path in (upper, lower, root)]
-    ops += [Op("serve", image), Op("userns", "")]
-    slots: dict[int, int] = {}
-
-    def clone(spec: MountSpec) -> None:
-        attrs = assemble.mount_attrs(spec, privileged=False)
-        if attrs is None:
-            raise RecipeError(f"{spec.what}: not a bind mount")
-        slots[id(spec)] = len(slots)
-        recursive = assemble.bind_recursive(spec)
-        ops.append(Op("clone", len(slots) - 1, sources[id(spec)], int(recursive), attrs))
-
-    # A tree is taken before anything is mounted: it must not hold the container's mounts.
-    for spec in ordered:
-        if spec.kind == "tree":
-            clone(spec)
-    ops.append(Op("fuse", lower, assemble.IMAGE_FLAGS, assemble.fuse_options(uid, gid)))
-    for spec in ordered:  # while the image server starts
-        if id(spec) in sources and spec.kind != "tree":
-            clone(spec)
-    flags = assemble.OVERLAY_FLAGS | (0 if writable else syscalls.MS_RDONLY)
-    ops.append(Op("overlay", root, flags, f"lowerdir={upper}:{lower}"))
-    made: set[str] = set()
-    for spec in ordered:
-        if spec.inner:
-            top, final = assemble.inner_mount_point(spec)
-            parts = [p for p in spec.target[len(top) :].split("/") if p]
-            for index in range(len(parts)):
-                path = "/".join([top, *parts[: index + 1]])
-                last = index == len(parts) - 1
-                if path in made and not last:
-                    continue
-                made.add(path)
-                if last and final == "file":
-                    ops.append(Op("mkfile", path, 0o644))  # as paths.make_path makes them
-                else:
-                    ops.append(Op("mkdir", path, 0o755))
-        if spec.kind == "tmpfs":
-            flags, data = assemble.tmpfs_options(spec)
-            ops.append(Op("mount", "tmpfs", spec.resolved, "tmpfs", flags, data))
-            if spec.target == "/dev":
-                ops += [Op("symlink", text, f"/dev/{name}") for name, text in assemble.DEV_LINKS]
-        elif id(spec) in slots:
-            ops.append(Op("attach", slots[id(spec)], spec.resolved))
-        else:
-            raise RecipeError(f"{spec.what}: cannot be replayed")
-    ops += [Op("setattr", path, attrs, int(rec)) for path, attrs, rec in assemble.FINAL_ATTRS]
-    ops.append(Op("pivot"))
     return ops
 
 

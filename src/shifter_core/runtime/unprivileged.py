@@ -234,7 +234,8 @@ def _open_fuse() -> int:
 
 
 def _run_private(plan: Plan, recorder: Recorder | None = None) -> NoReturn:
-    from .assemble import IMAGE_FLAGS, RootBuilder, fuse_options  # the fast path needs none
+    from .assemble import RootBuilder  # the fast path needs none
+    from .mountops import IMAGE_FLAGS, STAGING_FLAGS, fuse_options
 
     if not os.access(plan.image_file, os.R_OK):
         raise ImageError(
@@ -266,9 +267,7 @@ def _run_private(plan: Plan, recorder: Recorder | None = None) -> NoReturn:
             recorder.open_cache(plan.image_file)
         enter_user_namespace(uid, gid)
         builder.collect()  # bind sources must be opened in the mount namespace they go to
-        syscalls.mount(
-            "tmpfs", STAGING, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0700"
-        )
+        syscalls.mount("tmpfs", STAGING, "tmpfs", STAGING_FLAGS, "mode=0700")
         try:
             builder.build()
         except (OSError, ContainerError) as err:
