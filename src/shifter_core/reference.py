@@ -19,10 +19,9 @@ import re
 from collections import namedtuple
 
 from .errors import OptionError
+from .hubnames import DEFAULT_TAG, split_name
 from .options import shown
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 IMAGE_TYPES = ("docker", "id")
 UNSUPPORTED_TYPES = ("custom", "local")
 
@@ -81,25 +80,17 @@ class DockerReference(_DockerReference):
                 f"{MAX_NAME_LENGTH} characters",
                 hint="Docker limits image names (with the registry) to 255 characters",
             )
-        first, sep, rest = name.partition("/")
-        if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
-            registry, repository = first, rest
-        else:
-            registry, repository = DOCKER_HUB, name
-        if registry in DOCKER_HUB_ALIASES:
-            registry = DOCKER_HUB
-            if "/" not in repository:
-                repository = f"library/{repository}"
+        registry, repository = split_name(name)
         tag = match.group("tag")
         digest = match.group("digest")
         if tag is None and digest is None:
-            tag = "latest"
+            tag = DEFAULT_TAG
         return cls(registry=registry, repository=repository, tag=tag, digest=digest)
 
     @property
     def reference(self) -> str:
         """What to ask the registry's manifest endpoint for: the digest, else the tag."""
-        return self.digest or self.tag or "latest"
+        return self.digest or self.tag or DEFAULT_TAG
 
     def __str__(self) -> str:
         text = f"{self.registry}/{self.repository}"

@@ -149,3 +149,24 @@ def test_image_request_parser_gives_a_request_or_an_option_error(text):
     else:
         assert len(request.tag) <= MAX_REFERENCE_LENGTH
         assert request.tag.isascii() and request.tag.isprintable()
+
+
+_COMPONENT = st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True)
+_HOST = st.sampled_from(
+    ["", "docker.io/", "index.docker.io/", "localhost/", "Reg/", "r.example:5000/", "a.b/"]
+)
+
+
+@given(
+    _HOST,
+    st.lists(_COMPONENT, min_size=1, max_size=3),
+    st.sampled_from(["", ":v1", ":latest"]),
+    st.sampled_from(["", "@sha256:" + "ab" * 32]),
+)
+def test_the_submission_names_an_image_as_the_parser_does(host, parts, tag, digest):
+    """``hubnames.canonical`` (srun's check of a job's image, no regex) gives what the
+    parser gives: one naming rule, written once."""
+    from shifter_core.hubnames import canonical
+
+    text = host + "/".join(parts) + tag + digest
+    assert canonical(text) == str(DockerReference.parse(text))

@@ -111,17 +111,10 @@ def resolve_image(request: str) -> str:
         if kind == "id":  # the claimed id must be the one asked for (12 digits or more)
             prefix = text.removeprefix("sha256:")
             wanted = None if len(prefix) >= 12 and claimed.startswith(prefix) else ""
-        else:  # Docker Hub's naming rules, as DockerReference applies them
-            first, slash, _ = text.partition("/")
-            if not slash:
-                wanted = f"docker.io/library/{text}"
-            elif "." in first or ":" in first or first == "localhost":
-                wanted = text
-            else:
-                wanted = f"docker.io/{text}"
-            last = wanted.rsplit("/", 1)[-1]
-            if ":" not in last and "@" not in last:
-                wanted += ":latest"
+        else:  # what the store records as its source (a malformed text matches nothing)
+            from ..hubnames import canonical
+
+            wanted = canonical(text)
         try:
             with open(os.path.join(image_path, f"{claimed}.json"), encoding="utf-8") as fh:
                 raw = fh.read(1 << 20)

@@ -47,7 +47,8 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from ...reference import DOCKER_HUB, DockerReference
+from ...hubnames import DOCKER_HUB
+from ...reference import DockerReference
 from ..errors import (
     BlobNotFound,
     DigestMismatch,

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ...reference import DOCKER_HUB, DOCKER_HUB_ALIASES
+from ...hubnames import DOCKER_HUB, DOCKER_HUB_ALIASES
 from ..limits import PullLimits
 
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
