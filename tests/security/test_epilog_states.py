@@ -103,7 +103,7 @@ class EpilogStates(RuleBasedStateMachine):
             "mount",
             mounts,
             lambda: steps.prepare_step_root(
-                str(self.rt.config), str(self.directory), step, self.request, ALICE, ALICE
+                str(self.rt.config), NODE, self.job, step, self.request, ALICE, ALICE
             ),
         )
 

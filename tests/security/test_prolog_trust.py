@@ -29,6 +29,7 @@ from shifter_core.image.store import (
 )
 from shifter_core.jobroot import read_record
 from shifter_core.runtime import loop, privileged
+from shifter_core.slurm import container
 from shifter_core.slurm import jobscript as prolog
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the prolog runs as root")
@@ -108,7 +109,7 @@ def test_an_unexpected_exception_is_the_jobs_error(site, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(prolog, "container_plan", broken)
+    monkeypatch.setattr(container, "container_plan", broken)
     problem = prolog.prolog(config, environ(ALICE, image=PUBLIC, imagerequest="busybox"))
     assert problem is not None and "internal error (RuntimeError)" in problem
     assert prolog.epilog(config, "n1", "77") == []

@@ -7,10 +7,9 @@
 - :func:`teardown` unmounts everything below the root deepest first, waits for the loop
   devices to detach, removes the directories; idempotent, and safe after a partial prepare.
 
-:func:`prepare_job` and :func:`teardown_job` do the same for the job directories described
-in :mod:`.jobs` (a job's directory also holds the user namespace pinned for the user's own
-``shifter``, :mod:`.userns`); :func:`teardown_tree` removes a job's or a step's directory
-from whatever state a crash left.
+:func:`prepare_job`, :func:`prepare_step` and :func:`teardown_job` do the same in the job
+directories :mod:`shifter_core.jobroot` owns (a job's directory also holds the user
+namespace pinned for the user's own ``shifter``, :mod:`.userns`).
 """
 
 from __future__ import annotations
@@ -22,13 +21,22 @@ from dataclasses import dataclass, field
 
 from .. import syscalls
 from ..errors import NodeFault
-from ..jobroot import ROOT_DIR, USERNS_FILE, job_dir, make_job_dir, remove, write_record
+from ..jobroot import (
+    ROOT_DIR,
+    USERNS_FILE,
+    job_dir,
+    make_job_dir,
+    remove,
+    step_dir,
+    write_record,
+)
 from ..mounts import mounts_under, read_mounts, unmount_below, wait_detached_all
 from ..syscalls import SyscallError
 from . import loop, userns
 from ._log import get_logger
 from .assemble import RootBuilder
 from .errors import ContainerError, ImageError, PrivilegeError
+from .mountops import IMAGE_FLAGS
 from .plan import Plan
 
 log = get_logger(__name__)
@@ -64,8 +72,7 @@ def mount_image_loop(image_file: str, target: str, devices: list[str]) -> None:
     except SyscallError as err:
         raise NodeFault(f"cannot attach a loop device: {err}", hint=NO_LOOP_HINT) from None
     try:
-        flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
-        syscalls.mount(device, target, "squashfs", flags)
+        syscalls.mount(device, target, "squashfs", IMAGE_FLAGS)
     except SyscallError as err:
         if err.errno == errno.ENODEV:
             raise NodeFault(
@@ -205,6 +212,26 @@ def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoo
         loop_devices=prepared.loop_devices,
         userns=pinned or "",
     )
+    return prepared
+
+
+def prepare_step(plan: Plan, run_dir: str, node: str, job_id: str, step: str) -> PreparedRoot:
+    """Prepare a root of the step's own at ``RUN_DIR/NODE/JOB/STEP/root``, with a record in
+    the step's directory for its removal (:func:`shifter_core.jobroot.remove_step`)."""
+    _require_root("preparing a step's root")
+    ensure_private_run_dir(run_dir)
+    directory = job_dir(run_dir, node, job_id)
+    own = step_dir(directory, step)
+    for attempt in range(3):  # another step's teardown may remove empty parents meanwhile
+        try:
+            make_job_dir(directory, plan.user.uid)
+            os.makedirs(own, mode=0o700, exist_ok=True)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    prepared = prepare(plan, os.path.join(own, ROOT_DIR))
+    write_record(own, root=prepared.root, loop_devices=prepared.loop_devices)
     return prepared
 
 

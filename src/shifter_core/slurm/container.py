@@ -1,5 +1,5 @@
-"""What a job or a step asks for, checked as root and turned into a plan: the one path the
-prolog's job roots and the steps' own roots share.
+"""What a job or a step asks for, checked as root, planned and built:
+:func:`prepare_container`, the one path the prolog's job roots and the steps' own roots share.
 
 The request (image id and name, volumes, modules) comes from the submission side, which
 runs as the user, who can replace it: every value is parsed again here, and the image must
@@ -12,10 +12,48 @@ from collections.abc import Mapping
 
 from ..config import Config
 from ..errors import ShifterError
+from ..image.nodecache import NodeCache
 from ..image.store import ImageMetadata, ImageStore, check_image_id
-from ..options import parse_modules, parse_volumes
+from ..options import parse_modules, parse_size, parse_volumes
 from ..reference import ImageRequest
 from ..runtime.plan import Plan, RunRequest, User, build_plan
+from ..runtime.privileged import PreparedRoot, prepare_job, prepare_step
+
+
+def node_cache(config: Config, node: str) -> NodeCache:
+    """This node's image cache."""
+    size = config.slurm.node_cache_size
+    return NodeCache(
+        config.slurm.node_cache.replace("%n", node), 0 if size == "0" else parse_size(size)
+    )
+
+
+def prepare_container(
+    config: Config,
+    request: Mapping[str, str],
+    user: User,
+    *,
+    node: str,
+    job: str,
+    step: str | None = None,
+) -> tuple[Plan, PreparedRoot]:
+    """Build the container ``request`` asks for, for the prolog (the job's root) or, with
+    ``step``, for a step that needs a root of its own: the request parsed again as root, its
+    image found and visible to ``user`` before anything is staged or mounted, staged into
+    the node cache for a job's root (``slurm.stage_images``), planned, built and recorded
+    (:func:`.privileged.prepare_job`, :func:`.privileged.prepare_step`). Errors are the
+    job's, except a :class:`~shifter_core.errors.NodeFault`."""
+    image, store = checked_image(config, request, user)
+    image_file = str(store.image_file(image.id))
+    if step is None and config.slurm.stage_images:
+        staged = node_cache(config, node).stage(image.id, store.image_file(image.id),
+                                                image.sha256, job)  # fmt: skip
+        image_file = str(staged)
+    plan = container_plan(config, request, image, image_file, user)
+    run_dir = config.runtime.run_dir
+    if step is None:
+        return plan, prepare_job(plan, run_dir, node, job)
+    return plan, prepare_step(plan, run_dir, node, job, step)
 
 
 def check_request(request: Mapping[str, str], default_type: str) -> None:

@@ -31,26 +31,16 @@ from collections.abc import Mapping
 
 from ..config import Config
 from ..errors import NodeFault, ShifterError, escape
-from ..image.nodecache import NodeCache
 from ..jobroot import job_dir, make_job_dir, valid_name, write_record
-from ..options import parse_size
 from ..runtime.plan import User
-from ..runtime.privileged import prepare_job, teardown_job
+from ..runtime.privileged import teardown_job
 from . import api
 from .api import Spank
-from .container import checked_image, container_plan
+from .container import node_cache, prepare_container
 from .names import ENV_IMAGEREQUEST, PROLOG_PREFIX, request_from
 from .state import state
 
 log = logging.getLogger(__name__)
-
-
-def node_cache(config: Config, node: str) -> NodeCache:
-    """This node's image cache."""
-    size = config.slurm.node_cache_size
-    return NodeCache(
-        config.slurm.node_cache.replace("%n", node), 0 if size == "0" else parse_size(size)
-    )
 
 
 def running_jobs(node: str) -> set[str] | None:
@@ -103,17 +93,7 @@ def prolog(config: Config, environ: Mapping[str, str]) -> str | None:
     uid, gid = int(environ["SLURM_JOB_UID"]), int(environ["SLURM_JOB_GID"])
     try:
         request = request_from(environ.get, PROLOG_PREFIX)
-        user = User.from_uid(uid, gid)
-        image, store = checked_image(config, request, user)
-        image_file = str(store.image_file(image.id))
-        if config.slurm.stage_images:
-            image_file = str(
-                node_cache(config, node).stage(
-                    image.id, store.image_file(image.id), image.sha256, job
-                )
-            )
-        plan = container_plan(config, request, image, image_file, user)
-        prepare_job(plan, config.runtime.run_dir, node, job)
+        prepare_container(config, request, User.from_uid(uid, gid), node=node, job=job)
         log.info("prolog: job %s on %s: %s ready", job, node, escape(request["image_request"]))
         return None
     except NodeFault:

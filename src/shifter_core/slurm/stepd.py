@@ -113,7 +113,7 @@ def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
             state.step_own_root = (directory, step)  # removed at exit, even if it fails
             try:
                 found = prepare_step_root(
-                    state.args.get("config"), directory, step, request, uid, gid
+                    state.args.get("config"), node, job, step, request, uid, gid
                 )
             finally:
                 os.seteuid(euid)
@@ -163,7 +163,8 @@ def hook_exit(spank: Spank) -> None:
 
 def prepare_step_root(
     config_path: str | None,
-    directory: str,
+    node: str,
+    job: str,
     step: str,
     request: Mapping[str, str],
     uid: int,
@@ -171,27 +172,11 @@ def prepare_step_root(
 ) -> tuple[str, list[list[str]]]:
     """A root of the step's own (another image, volumes or modules than the job's), with a
     record in its directory (for its removal); (root, container environment)."""
-    from .. import jobroot
     from ..config_cache import load
     from ..runtime.plan import User
-    from ..runtime.privileged import ensure_private_run_dir, prepare
-    from .container import checked_image, container_plan
+    from .container import prepare_container
 
     config = load(config_path, privileged=True)
-    ensure_private_run_dir(config.runtime.run_dir)
     user = User.from_uid(uid, gid)
-    image, store = checked_image(config, request, user)
-    plan = container_plan(config, request, image, str(store.image_file(image.id)), user)
-    step_dir = jobroot.step_dir(directory, step)
-    for attempt in range(3):  # another step's teardown may remove empty parents meanwhile
-        try:
-            jobroot.make_job_dir(directory, uid)
-            os.makedirs(step_dir, mode=0o700, exist_ok=True)
-            break
-        except FileNotFoundError:
-            if attempt == 2:
-                raise
-    prepared = prepare(plan, os.path.join(step_dir, jobroot.ROOT_DIR))
-    env = [list(kv) for kv in plan.env]
-    jobroot.write_record(step_dir, root=prepared.root, loop_devices=prepared.loop_devices)
-    return prepared.root, env
+    plan, prepared = prepare_container(config, request, user, node=node, job=job, step=step)
+    return prepared.root, [list(kv) for kv in plan.env]
