@@ -58,8 +58,18 @@ def _gateway_url(value: str) -> str | None:
     return _url(value)
 
 
-def _gateway_size(value: str) -> str | None:
-    return _size_or_zero(value)
+def _size(value: str) -> str | None:
+    from .options import parse_size
+
+    try:
+        parse_size(value)
+    except ShifterError as err:
+        return f"is not a size ({err.hint or 'a number with an optional k, M, G or T'})"
+    return None
+
+
+def _size_or_zero(value: str) -> str | None:
+    return None if value == "0" else _size(value)
 
 
 def _listen_or_socket(value: str) -> str | None:
@@ -77,34 +87,34 @@ class GatewayLimitsConfig:
         default="1M",
         metadata=_doc(
             "largest JSON request body; larger ones are refused before they are read",
-            check=_gateway_size,
+            check=_size_or_zero,
         ),
     )
     max_import_size: str = field(
         default="128G",
-        metadata=_doc("largest image file an import may upload", check=_gateway_size),
+        metadata=_doc("largest image file an import may upload", check=_size_or_zero),
     )
     max_manifest_size: str = field(
-        default="4M", metadata=_doc("largest manifest or index accepted", check=_gateway_size)
+        default="4M", metadata=_doc("largest manifest or index accepted", check=_size_or_zero)
     )
     max_layers: int = field(
         default=500, metadata=_doc("most layers an image may have", check=_non_negative)
     )
     max_layer_size: str = field(
         default="64G",
-        metadata=_doc("largest compressed layer", check=_gateway_size),
+        metadata=_doc("largest compressed layer", check=_size_or_zero),
     )
     max_image_size: str = field(
         default="128G",
-        metadata=_doc("largest compressed image (all layers)", check=_gateway_size),
+        metadata=_doc("largest compressed image (all layers)", check=_size_or_zero),
     )
     max_layer_unpacked: str = field(
         default="128G",
-        metadata=_doc("most bytes one layer may decompress to", check=_gateway_size),
+        metadata=_doc("most bytes one layer may decompress to", check=_size_or_zero),
     )
     max_image_unpacked: str = field(
         default="256G",
-        metadata=_doc("most bytes all layers of an image may decompress to", check=_gateway_size),
+        metadata=_doc("most bytes all layers of an image may decompress to", check=_size_or_zero),
     )
     max_tar_entries: int = field(
         default=10_000_000,
@@ -179,7 +189,7 @@ class GatewayConfig:
         default="500G",
         metadata=_doc(
             "cap of the layer cache; least recently used layers are evicted (0: no cap)",
-            check=_gateway_size,
+            check=_size_or_zero,
         ),
     )
     limits: GatewayLimitsConfig = field(
@@ -249,20 +259,6 @@ def _copy_list(value: list[str]) -> str | None:
         if not sep or not source.startswith("/") or not target.startswith("/"):
             return f"holds {spec!r}; expected SRC:DST with absolute paths"
     return None
-
-
-def _size(value: str) -> str | None:
-    from .options import parse_size
-
-    try:
-        parse_size(value)
-    except ShifterError as err:
-        return f"is not a size ({err.hint or 'a number with an optional k, M, G or T'})"
-    return None
-
-
-def _size_or_zero(value: str) -> str | None:
-    return None if value == "0" else _size(value)
 
 
 def _env_names(value: list[str] | dict[str, str]) -> str | None:

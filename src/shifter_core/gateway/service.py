@@ -73,13 +73,9 @@ EXPIRE_INTERVAL = 3600.0  # seconds between automatic expiry runs (gateway.expir
 KEEP_JOBS_DAYS = 30  # finished jobs are forgotten after this many days
 MAX_MESSAGE = 2000  # characters of a failed job's message (kept, shown, logged)
 _ID_PREFIX_RE = re.compile(r"^(?:id:)?(?:sha256:)?([0-9a-f]{12,64})$")
-_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7"}
-
-
 def platform_name(platform: Platform) -> str:
     """``os/arch[/variant]`` with the default variant filled in (``linux/arm64/v8``)."""
-    variant = platform.variant or _DEFAULT_VARIANT.get(platform.architecture)
-    return str(Platform(platform.os, platform.architecture, variant))
+    return platform.full_name()
 
 
 class Gateway:

@@ -142,6 +142,14 @@ class Platform:
     def _key(self) -> tuple[str, str, str | None]:
         return self.os, self.architecture, self.variant or _DEFAULT_VARIANT.get(self.architecture)
 
+    def full_name(self) -> str:
+        """``os/arch[/variant]`` with the default variant filled in where it is ever written
+        (``linux/arm64/v8``; amd64's ``v1`` is implied, as Docker shows it)."""
+        variant = self.variant or _DEFAULT_VARIANT.get(self.architecture)
+        if self.architecture == "amd64" and variant == _DEFAULT_VARIANT["amd64"]:
+            variant = None
+        return str(Platform(self.os, self.architecture, variant))
+
     def matches(self, other: Platform) -> bool:
         """True when *other* satisfies this (wanted) platform.
 
