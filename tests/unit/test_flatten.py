@@ -6,7 +6,10 @@ import hashlib
 import io
 import logging
 import os
+import re
+import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from shifter_core.errors import ShifterError
+from shifter_core.image.convert import layers_to_squashfs
 from shifter_core.image.flatten.onepass import OnePassImpossible, flatten_one_pass
 from shifter_core.image.flatten.policy import FlattenPolicy, FlattenStats, normalise
 from shifter_core.image.flatten.spool import FlattenError, _ZstdFrames
@@ -501,6 +505,32 @@ def test_aufs_metadata_is_ignored(tmp_path: Path) -> None:
     assert files(result) == {"a"}
 
 
+@pytest.mark.parametrize("name", ["d/.wh.", "./.wh.", ".wh./"])
+def test_whiteout_with_an_empty_name_refuses_the_layer(tmp_path: Path, name: str) -> None:
+    """As umoci does: such a layer is invalid, in either strategy, and says where."""
+    bad = [dir_("d/"), reg(name)]
+    message = f"layer 2: the whiteout {name!r} has an empty name"
+    with pytest.raises(FlattenError, match=re.escape(message)):
+        run(tmp_path, [[reg("a")], bad])
+    path = tmp_path / "single.gz"
+    path.write_bytes(compress(tar_bytes(bad), "gzip"))
+    message = f"layer 1: the whiteout {name!r} has an empty name"
+    with pytest.raises(FlattenError, match=re.escape(message)):
+        flatten_one_pass(path, io.BytesIO())
+
+
+def test_whiteout_with_an_empty_name_fails_the_conversion(tmp_path: Path) -> None:
+    if shutil.which("tar2sqfs") is None:
+        pytest.skip("needs tar2sqfs")
+    path = tmp_path / "layer.gz"
+    path.write_bytes(compress(tar_bytes([reg("a", b"a"), reg(".wh.")]), "gzip"))
+    image = tmp_path / "image.sqfs"
+    with pytest.raises(FlattenError, match="empty name") as info:
+        layers_to_squashfs([path], image, spool_dir=tmp_path)
+    assert isinstance(info.value, ShifterError) and info.value.hint
+    assert not image.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Replacement and directories
 
@@ -721,7 +751,17 @@ def test_symlinked_parent_is_not_followed(tmp_path: Path) -> None:
 # Policy
 
 
-def test_devices_and_fifos_are_dropped(tmp_path: Path) -> None:
+def _both(tmp: Path, members: list[Member], policy: FlattenPolicy | None = None) -> list[Result]:
+    """One layer flattened by each strategy (the one pass must manage it)."""
+    path = tmp / "both.gz"
+    path.write_bytes(compress(tar_bytes(members), "gzip"))
+    out = io.BytesIO()
+    stats = flatten_one_pass(path, out, policy=policy)
+    one = Result(*read_tar(out.getvalue()), stats, out.getvalue())
+    return [one, run(tmp, [members], policy=policy)]
+
+
+def test_devices_are_dropped_and_fifos_kept(tmp_path: Path) -> None:
     result = run(
         tmp_path,
         [
@@ -729,15 +769,42 @@ def test_devices_and_fifos_are_dropped(tmp_path: Path) -> None:
                 dir_("dev/"),
                 chardev("dev/null"),
                 blockdev("dev/loop0"),
-                fifo("dev/fifo"),
+                fifo("dev/fifo", mode=0o600),
                 hardlink("dev/null2", "dev/null"),
+                hardlink("dev/fifo2", "dev/fifo"),
                 chardev("dev/gone"),
+                fifo("dev/gone-fifo"),
             ],
-            [whiteout("dev/gone")],
+            [whiteout("dev/gone"), whiteout("dev/gone-fifo")],
         ],
     )
-    assert set(result.entries) == {".", "dev"}
-    assert result.stats.devices_dropped == 4
+    assert set(result.entries) == {".", "dev", "dev/fifo", "dev/fifo2"}
+    fifo_entry = result.entries["dev/fifo"]
+    assert fifo_entry.type == tarfile.FIFOTYPE
+    assert fifo_entry.mode == 0o644  # a+r, no execute
+    assert (fifo_entry.uid, fifo_entry.gid, fifo_entry.mtime) == (0, 0, MTIME)
+    assert result.entries["dev/fifo2"].type == tarfile.LNKTYPE
+    assert result.entries["dev/fifo2"].linkname == "dev/fifo"
+    assert result.stats.devices_dropped == 3
+    assert (result.stats.fifos, result.stats.hardlinks, result.stats.devices) == (1, 1, 0)
+
+
+def test_fifos_are_kept_by_both_strategies(tmp_path: Path) -> None:
+    members = [
+        dir_("run/"),
+        fifo("run/p"),
+        hardlink("run/q", "run/p"),
+        chardev("run/null"),
+        reg("run/f", b"data"),
+    ]
+    one, two = _both(tmp_path, members)
+    assert one.entries == two.entries
+    one.stats.layers_with_data = two.stats.layers_with_data = []  # the one pass keeps none
+    assert one.stats == two.stats
+    assert two.entries["run/p"].type == tarfile.FIFOTYPE
+    assert two.entries["run/q"].linkname == "run/p"
+    assert "run/null" not in two.entries
+    assert (two.stats.fifos, two.stats.devices_dropped) == (1, 1)
 
 
 def test_devices_can_be_kept(tmp_path: Path) -> None:
@@ -748,7 +815,32 @@ def test_devices_can_be_kept(tmp_path: Path) -> None:
     )
     assert result.entries["null"].type == tarfile.CHRTYPE
     assert result.entries["p"].type == tarfile.FIFOTYPE
-    assert result.stats.devices == 2
+    assert (result.stats.devices, result.stats.fifos) == (1, 1)
+
+
+@pytest.mark.skipif(
+    shutil.which("tar2sqfs") is None or shutil.which("unsquashfs") is None,
+    reason="needs squashfs-tools-ng and squashfs-tools",
+)
+@pytest.mark.parametrize("layers", [1, 2], ids=["one pass", "two passes"])
+def test_fifos_reach_the_squashfs(tmp_path: Path, layers: int) -> None:
+    """tar2sqfs (``--no-skip``) takes a FIFO, and the image holds it as a FIFO."""
+    members = [dir_("run/"), fifo("run/p", mode=0o640), hardlink("run/q", "run/p")]
+    paths = []
+    for index, layer in enumerate([members, [reg("f", b"x")]][:layers]):
+        paths.append(tmp_path / f"layer{index}")
+        paths[-1].write_bytes(compress(tar_bytes(layer), "gzip"))
+    image = tmp_path / "image.sqfs"
+    layers_to_squashfs(paths, image, spool_dir=tmp_path)
+    listing = subprocess.run(
+        ["unsquashfs", "-lln", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    fifos = {
+        line.split()[-1].removeprefix("squashfs-root/"): line.split()[0]
+        for line in listing.splitlines()
+        if line.startswith("p")
+    }
+    assert fifos == {"run/p": "prw-r--r--", "run/q": "prw-r--r--"}
 
 
 def test_xattrs_are_dropped(tmp_path: Path) -> None:
@@ -980,8 +1072,6 @@ def test_random_layers_match_the_model(layers: list[list[tuple]], kinds: list[st
 
 def test_gnu_sparse_file_is_written_expanded(tmp_path: Path) -> None:
     import gzip
-    import shutil
-    import subprocess
 
     if shutil.which("tar") is None:
         pytest.skip("needs GNU tar")

@@ -29,7 +29,7 @@ never to file sizes; each layer decompressed once):
    a. every directory, root (``./``) first, then sorted by path, so parents come before their
       children (metadata from the last layer that declared the directory; directories no
       layer declares are emitted as mode 0755, uid/gid 0, mtime 0, as ``tar2sqfs`` does);
-   b. inodes without data (symlinks, empty files, devices when kept), sorted by path;
+   b. inodes without data (symlinks, empty files, FIFOs, devices when kept), sorted by path;
    c. regular files with data, in layer order and offset order inside a layer; the kernel
       copies the data from the spool files to the output (``sendfile``) when the output is
       a pipe or a file.
@@ -48,7 +48,9 @@ Semantics (matching ``umoci unpack`` where the spec leaves room):
   of ``DIR``.  Both affect only what lower layers put there: entries of the same layer (and
   directories that are ancestors of them) that were applied before the whiteout survive.
   Whiteouts never appear in the output; whiteouts of missing paths are no-ops; aufs metadata
-  (``.wh..wh.*`` other than the opaque marker, and anything below it) is ignored.
+  (``.wh..wh.*`` other than the opaque marker, and anything below it) is ignored.  A whiteout
+  with an empty name (a member whose base name is exactly ``.wh.``) refuses the layer, as in
+  umoci; ``.wh..`` and ``.wh...`` are ignored with a warning.
 - A non-directory replaces whatever was at its path (a directory with its whole subtree); a
   directory replaces a non-directory; a directory entry for an existing directory only
   updates its metadata and keeps its children.  Parents that a member needs but no layer
@@ -65,13 +67,16 @@ Semantics (matching ``umoci unpack`` where the spec leaves room):
 Policy (DESIGN.md item 2; :class:`.policy.FlattenPolicy`): contents, types, modes, numeric
 uid/gid and mtimes (including fractions of a second, in PAX records) are kept, user and group
 names are not; setuid, setgid and sticky bits are kept (the runtime mounts every image
-``nosuid`` and sets ``no_new_privs``); device nodes and FIFOs are dropped and counted,
-hardlinks to them too; every extended attribute (PAX ``SCHILY.xattr.*``, hence file
+``nosuid`` and sets ``no_new_privs``); FIFOs are kept (they are not devices: written like any
+other inode without data, hardlinks to them too); char and block device nodes are dropped and
+counted, hardlinks to them too; every extended attribute (PAX ``SCHILY.xattr.*``, hence file
 capabilities) and every other PAX record is dropped; every entry gets ``a+rX`` (read for all;
 execute/search for all on directories and on files with any execute bit).
 
 Errors: a layer that is missing, compressed otherwise (xz, bzip2, lz4), corrupt or truncated
 (bad header checksum or partial header in the middle of the tar, a gzip or zstd stream cut
 short or failing its checksum) raises :class:`.spool.FlattenError` naming the layer;
-``tarfile`` and python-zstandard would otherwise end such a layer early without a word.
+``tarfile`` and python-zstandard would otherwise end such a layer early without a word.  So
+does a whiteout with an empty name, naming the layer (from 1) and the member, in either
+strategy.
 """

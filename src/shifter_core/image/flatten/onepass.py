@@ -20,6 +20,7 @@ from ..limits import UnpackBudget
 from .policy import (
     DEV,
     DIR,
+    FIFO,
     LINK,
     REG,
     SYM,
@@ -178,6 +179,11 @@ def _write_member(
         writer.add(info)
         seen[path], primaries[path] = SYM, info
         stats.symlinks += 1
+    elif kind == FIFO:
+        info = header(path, meta, policy)
+        writer.add(info)
+        seen[path], primaries[path] = FIFO, info
+        stats.fifos += 1
     elif policy.keeps(DEV):
         info = header(path, meta, policy)
         writer.add(info)

@@ -1,11 +1,12 @@
 """What each tar member becomes: the one member policy of both passes.
 
 Paths are normalised (a member or hardlink target that leaves the root is dropped and counted);
-whiteouts are told apart (opaque, a name, aufs metadata, invalid); a member's kind decides what
-it becomes (unsupported types are dropped and counted); a hardlink must name a file already in
-the tree; the metadata written is the member's after :class:`FlattenPolicy` (modes, xattrs,
-devices). :mod:`.tree` (two passes) and :mod:`.onepass` apply these functions in the layer's
-order, so the two passes drop, count and log the same members the same way.
+whiteouts are told apart (opaque, a name, aufs metadata, invalid; one with an empty name
+refuses the layer); a member's kind decides what it becomes (unsupported types are dropped and
+counted; FIFOs are kept like files, devices only if the policy says so); a hardlink must name a
+file already in the tree; the metadata written is the member's after :class:`FlattenPolicy`
+(modes, xattrs, devices). :mod:`.tree` (two passes) and :mod:`.onepass` apply these functions
+in the layer's order, so the two passes drop, count and log the same members the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .spool import FlattenError
+
 LOG = logging.getLogger(__name__)
 
 WHITEOUT_PREFIX = ".wh."
@@ -23,24 +26,24 @@ WHITEOUT_OPAQUE = ".wh..wh..opq"
 
 _XATTR_PREFIX = "SCHILY.xattr."
 
-DEVICE_TYPES = (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE)
+DEVICE_TYPES = (tarfile.CHRTYPE, tarfile.BLKTYPE)  # a FIFO is not a device: it is kept
 REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
 
 # Member kinds (what the tree and the one-pass writer record for a path).
-DIR, LINK, REG, SYM, DEV = "dir", "link", "reg", "sym", "dev"
+DIR, LINK, REG, SYM, FIFO, DEV = "dir", "link", "reg", "sym", "fifo", "dev"
 
 
 @dataclass(frozen=True)
 class FlattenPolicy:
     """What survives flattening.  The defaults are Shifter's policy (DESIGN.md item 2)."""
 
-    keep_devices: bool = False  # char/block devices and FIFOs
+    keep_devices: bool = False  # char/block devices (FIFOs are always kept)
     keep_xattrs: bool = False  # PAX SCHILY.xattr.* records (file capabilities among them)
     world_readable: bool = True  # a+rX on every entry
     keep_setid: bool = True  # setuid/setgid bits (the runtime mounts nosuid)
 
     def keeps(self, kind: str) -> bool:
-        """Whether a non-directory of *kind* is written (devices and FIFOs only if kept)."""
+        """Whether a non-directory of *kind* is written (devices only if kept)."""
         return kind != DEV or self.keep_devices
 
 
@@ -50,9 +53,10 @@ class FlattenStats:
 
     ``files`` counts regular-file inodes written with their content (a hardlinked file
     counts once, its other names count in ``hardlinks``); ``dirs`` includes the root.
-    ``devices_dropped`` counts names of devices and FIFOs in the final tree that were not
-    written; ``escaping_dropped`` counts members (and hardlinks) whose path or link target
-    leaves the root; ``whiteouts`` counts whiteout entries applied (opaque ones included);
+    ``fifos`` counts FIFO inodes written (like files: other names count in ``hardlinks``);
+    ``devices_dropped`` counts names of devices in the final tree that were not written;
+    ``escaping_dropped`` counts members (and hardlinks) whose path or link target leaves the
+    root; ``whiteouts`` counts whiteout entries applied (opaque ones included);
     ``other_dropped`` counts hardlinks to missing targets or directories and members of
     unsupported types.
     """
@@ -62,7 +66,8 @@ class FlattenStats:
     dirs: int = 0
     symlinks: int = 0
     hardlinks: int = 0
-    devices: int = 0  # devices and FIFOs written (only with FlattenPolicy.keep_devices)
+    fifos: int = 0
+    devices: int = 0  # devices written (only with FlattenPolicy.keep_devices)
     bytes: int = 0
     devices_dropped: int = 0
     escaping_dropped: int = 0
@@ -147,8 +152,11 @@ def below_aufs_metadata(path: str) -> bool:
 
 def hidden_name(layer: int, member: tarfile.TarInfo, path: str, stats: FlattenStats) -> str | None:
     """What the whiteout at *path* hides in its directory: a name, :data:`WHITEOUT_OPAQUE` for
-    every child, or None for aufs metadata and invalid whiteouts (the latter counted and
-    logged). A whiteout that hides something counts in ``stats.whiteouts``."""
+    every child, or None for aufs metadata and invalid whiteouts (``.wh..`` and ``.wh...``:
+    counted and logged). A whiteout that hides something counts in ``stats.whiteouts``.
+
+    A whiteout with an empty name (``.wh.``) refuses the layer, as umoci does: ``FlattenError``
+    naming the layer (from 1) and the member."""
     base = path.rpartition("/")[2]
     if base == WHITEOUT_OPAQUE:
         stats.whiteouts += 1
@@ -156,7 +164,12 @@ def hidden_name(layer: int, member: tarfile.TarInfo, path: str, stats: FlattenSt
     if base.startswith(WHITEOUT_META_PREFIX):
         return None  # aufs metadata (.wh..wh.plnk, .wh..wh.aufs, ...): not a whiteout
     name = base[len(WHITEOUT_PREFIX) :]
-    if name in ("", ".", ".."):
+    if not name:
+        raise FlattenError(
+            f"layer {layer + 1}: the whiteout {member.name!r} has an empty name",
+            "the layer is invalid (umoci refuses it too); rebuild the image without it",
+        )
+    if name in (".", ".."):
         stats.other_dropped += 1
         LOG.warning("layer %d: ignoring invalid whiteout %r", layer + 1, member.name)
         return None
@@ -165,8 +178,9 @@ def hidden_name(layer: int, member: tarfile.TarInfo, path: str, stats: FlattenSt
 
 
 def member_kind(layer: int, member: tarfile.TarInfo, stats: FlattenStats) -> str | None:
-    """:data:`DIR`, :data:`LINK`, :data:`REG`, :data:`SYM` or :data:`DEV` (devices and FIFOs);
-    None for any other type: then the member is dropped, counted and logged."""
+    """:data:`DIR`, :data:`LINK`, :data:`REG`, :data:`SYM`, :data:`FIFO` or :data:`DEV`
+    (char/block devices); None for any other type: then the member is dropped, counted and
+    logged."""
     if member.isdir():
         return DIR
     if member.islnk():
@@ -175,6 +189,8 @@ def member_kind(layer: int, member: tarfile.TarInfo, stats: FlattenStats) -> str
         return REG
     if member.issym():
         return SYM
+    if member.isfifo():
+        return FIFO
     if member.type in DEVICE_TYPES:
         return DEV
     stats.other_dropped += 1

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..limits import UnpackBudget
-from .policy import REG, SYM, FlattenPolicy, FlattenStats, header, link_header
+from .policy import FIFO, REG, SYM, FlattenPolicy, FlattenStats, header, link_header
 from .spool import LayerSource
 from .tree import Inode, Tree
 from .writer import TarWriter
@@ -105,6 +105,9 @@ def _emit(
                 writer.add(primary)
         elif inode.kind == SYM:
             stats.symlinks += 1
+            writer.add(primary)
+        elif inode.kind == FIFO:
+            stats.fifos += 1
             writer.add(primary)
         else:
             stats.devices += 1
