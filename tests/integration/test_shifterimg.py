@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from shifter_core.cli.shifterimg import _human_size
+from shifter_core.gateway.models import ImageEntry
 from tests.integration.slurm import OTHER_USER, USER, run_as
 
 pytestmark = pytest.mark.usefixtures("box")
@@ -27,15 +30,24 @@ def test_pull_busybox_then_images_lists_it_ready(box) -> None:
     images = run_as(["shifterimg", "images"])
     assert images.returncode == 0, images.stderr
     line = (
-        rf"^READY\s+{image_id[:12]}\s+\S+\s+no\s+linux/amd64\s+docker\.io/library/busybox:latest$"
+        rf"^READY\s+{image_id[:12]}\s+\S+\s+(\S+)\s+no\s+linux/amd64\s+"
+        r"docker\.io/library/busybox:latest$"
     )
-    assert re.search(line, images.stdout, re.M), images.stdout
+    listed = re.search(line, images.stdout, re.M)
+    assert listed, images.stdout
     for user in (USER, OTHER_USER):
         lookup = run_as(["shifterimg", "lookup", "busybox"], user=user)
         assert lookup.returncode == 0 and lookup.stdout.strip() == image_id, lookup.stderr
     squashfs = Path(box.image_path) / f"{image_id}.squashfs"
     st = squashfs.stat()
     assert st.st_size > 0 and st.st_mode & 0o777 == 0o644
+    # The listing's size is the squashfs's, in the table (like ls -h) and, exactly, in JSON.
+    assert listed.group(1) == _human_size(st.st_size), images.stdout
+    as_json = run_as(["shifterimg", "images", "--json"])
+    assert as_json.returncode == 0, as_json.stderr
+    entries = [e for e in json.loads(as_json.stdout) if e["id"] == image_id]
+    assert entries and all(e["size"] == st.st_size for e in entries), as_json.stdout
+    assert all(set(e) == set(ImageEntry._fields) for e in entries), as_json.stdout
     assert pwd.getpwuid(st.st_uid).pw_name == "shifter"
     assert (Path(box.image_path) / f"{image_id}.json").exists()
 

@@ -70,6 +70,16 @@ class FakeClient:
                 "private": True,
                 "platform": "linux/amd64",
                 "reference": "docker.io/library/busybox:latest",
+                "size": 1_258_291,  # 1.2 MiB
+            },
+            {
+                "status": "READY",
+                "id": "cd" * 32,
+                "pulled": 0,
+                "private": False,
+                "platform": "linux/amd64",
+                "reference": "docker.io/library/ubuntu:22.04",
+                "size": 1_181_116_006,  # 1.1 GiB
             },
             {
                 "status": "PULLING",
@@ -78,6 +88,7 @@ class FakeClient:
                 "private": False,
                 "platform": "linux/arm64/v8",
                 "reference": "docker.io/library/debian:12",
+                "job": "j7",
             },
         ]
         return [ImageEntry.from_dict(i) for i in listed]
@@ -155,15 +166,48 @@ def test_errors_exit_1(fake, capsys, monkeypatch) -> None:
     assert "invalid image reference" in capsys.readouterr().err
 
 
-def test_images_table_and_json(fake, capsys) -> None:
+def test_images_table_has_a_size_column(fake, capsys) -> None:
     assert shifterimg.main(["images"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["STATUS", "ID", "PULLED", "PRIVATE", "PLATFORM", "REFERENCE"]
+    header = ["STATUS", "ID", "PULLED", "SIZE", "PRIVATE", "PLATFORM", "REFERENCE"]
+    assert lines[0].split() == header
     assert lines[1].split()[:2] == ["READY", IMAGE_ID[:12]]
-    assert lines[1].split()[3:] == ["yes", "linux/amd64", "docker.io/library/busybox:latest"]
-    assert lines[2].split()[:2] == ["PULLING", "-"]
+    busybox = ["1.2M", "yes", "linux/amd64", "docker.io/library/busybox:latest"]
+    assert lines[1].split()[3:] == busybox
+    assert lines[2].split()[3] == "1.1G"
+    assert lines[3].split()[:2] == ["PULLING", "-"]
+    assert lines[3].split()[3] == "-"  # a pull in progress has no size yet
+    # The SIZE column is right-aligned, under its header.
+    end = lines[0].index("SIZE") + len("SIZE")
+    assert [line[:end].rstrip()[-4:] for line in lines[1:]] == ["1.2M", "1.1G", "   -"]
+
+
+def test_images_json_carries_every_field_of_the_gateways_entries(fake, capsys) -> None:
     assert shifterimg.main(["images", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["id"] == IMAGE_ID
+    listed = json.loads(capsys.readouterr().out)
+    assert [ImageEntry.from_dict(item) for item in listed] == fake.images()
+    for item in listed:  # the same keys for every image, none left out
+        assert set(item) == set(ImageEntry._fields)
+    assert listed[0]["size"] == 1_258_291 and listed[0]["job"] is None
+    assert listed[2]["job"] == "j7" and listed[2]["size"] == 0
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        (0, "0B"),
+        (1023, "1023B"),
+        (1024, "1.0K"),
+        (1_258_291, "1.2M"),
+        (10 * 1024**2 - 1, "10M"),
+        (120 * 1024**2, "120M"),
+        (1024**3 - 1, "1.0G"),
+        (1_181_116_006, "1.1G"),
+        (3 * 1024**4, "3.0T"),
+    ],
+)
+def test_human_sizes(size: int, text: str) -> None:
+    assert shifterimg._human_size(size) == text
 
 
 def test_lookup_prints_the_id(fake, capsys) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ..errors import ShifterError
-from ..gateway.models import FINAL_STATES, JobState
+from ..gateway.models import FINAL_STATES, ImageEntry, JobState
 
 if TYPE_CHECKING:
     from ..client import GatewayClient
@@ -55,6 +55,20 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"  # pragma: no cover
+
+
+def _human_size(n: int) -> str:
+    """``n`` bytes as ``ls -h`` shows them: powers of 1024, one decimal below 10 (``1.2M``),
+    none above (``120M``); bytes as ``512B``."""
+    if n < 1024:
+        return f"{n}B"
+    value = float(n)
+    for unit in "KMGTPE":
+        value /= 1024
+        text = f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
+        if float(text) < 1024 or unit == "E":
+            return text + unit
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _when(ts: float | None) -> str:
@@ -241,27 +255,40 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_fields(image: ImageEntry) -> dict[str, Any]:
+    """Every field of the gateway's entry, the same keys for every image (``job`` is null
+    for a READY image, where the wire form leaves it out)."""
+    return {**dict.fromkeys(ImageEntry._fields), **image.to_dict()}
+
+
 def cmd_images(args: argparse.Namespace) -> int:
+    """The images the caller may use (and pulls in progress): a table, or ``--json``."""
     with _client(args) as client:
         images = client.images()
     if args.json:
-        _out(json.dumps([i.to_dict() for i in images], indent=2, sort_keys=True))
+        _out(json.dumps([_image_fields(i) for i in images], indent=2, sort_keys=True))
         return 0
-    rows = [("STATUS", "ID", "PULLED", "PRIVATE", "PLATFORM", "REFERENCE")]
+    rows = [("STATUS", "ID", "PULLED", "SIZE", "PRIVATE", "PLATFORM", "REFERENCE")]
     for image in images:
         rows.append(
             (
                 image.status.value,
                 (image.id or "-")[:12],
                 _when(image.pulled),
+                _human_size(image.size) if image.size else "-",  # a pull in progress: none yet
                 "yes" if image.private else "no",
                 image.platform or "-",
                 image.reference,
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    size = rows[0].index("SIZE")
     for row in rows:
-        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+        cells = [
+            c.rjust(w) if i == size else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        _out("  ".join(cells) + "  " + row[-1])
     return 0
 
 
