@@ -129,10 +129,11 @@ def snapshot(root: Path) -> Tree:
 
 
 def apply_policy(tree: Tree) -> Tree:
-    """DESIGN.md's policy applied to an unpacked tree: no devices/FIFOs, no xattrs, a+rX."""
+    """DESIGN.md's policy applied to an unpacked tree: no devices (FIFOs are kept), no
+    xattrs, a+rX."""
     out: Tree = {}
     for path, node in tree.items():
-        if node.kind in ("char", "block", "fifo", "socket"):
+        if node.kind in ("char", "block", "socket"):
             continue
         mode = node.mode
         if mode is not None:
@@ -225,7 +226,8 @@ def test_full_variant_flattens_to_the_same_stream(flattened: dict) -> None:
 def test_stats(flattened: dict) -> None:
     _, stats = flattened["outputs"]["full"]
     assert stats.layers == 5
-    assert stats.devices_dropped == 4  # null, loop0, fifo and the hardlink to null
+    assert stats.devices_dropped == 3  # null, loop0 and the hardlink to null
+    assert stats.fifos == 1
     assert stats.whiteouts == 6
     assert stats.other_dropped == 0
     assert stats.layers_with_data == [0, 1, 2, 4]  # the layers holding surviving data
