@@ -23,11 +23,15 @@
  */
 /* _GNU_SOURCE (for dladdr) comes from Python.h, included first by cffi. */
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <slurm/spank.h>
 
@@ -231,12 +235,72 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
 }
 
 /*
- * The epilog runs for every job (the steps of a job without --image may have made roots of
- * their own) and always succeeds: Slurm drains a node whose epilog fails, and nothing a
- * job did may do that. Python logs what it could not remove.
+ * Whether the job surely left nothing on this node, told without Python: Python (as root)
+ * writes a hint beside the configuration, ".NAME.shim" (config_file.shim_hint): the
+ * file's identity and the run directory. When that hint is root's, unwritable by others
+ * and matches the file, and RUN_DIR/NODE/JOB does not exist, there is nothing to remove.
+ * Anything unsure (no config= argument, no hint, a changed file) answers 0: Python looks.
+ */
+static int job_left_nothing(spank_t sp, int ac, char **av)
+{
+    const char *config = NULL, *node = getenv("SLURMD_NODENAME");
+    char hint[4096], data[8192], identity[160], run_dir[4096], path[8192];
+    struct stat st;
+    uint32_t job = 0;
+    int i, fd;
+    ssize_t n;
+
+    for (i = 0; i < ac; i++)
+        if (strncmp(av[i], "config=", 7) == 0)
+            config = av[i] + 7;
+    if (!config || *config != '/' || !node || !*node || strchr(node, '/') || node[0] == '.')
+        return 0;
+    if (spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
+        return 0;
+    const char *base = strrchr(config, '/') + 1;
+    if (snprintf(hint, sizeof hint, "%.*s.%s.shim", (int)(base - config), config, base) >=
+        (int)sizeof hint)
+        return 0;
+    fd = open(hint, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != 0 || (st.st_mode & 022)) {
+        close(fd);
+        return 0;
+    }
+    n = read(fd, data, sizeof data - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    data[n] = 0;
+    if (stat(config, &st) != 0)
+        return 0;
+    snprintf(identity, sizeof identity, "identity %llu:%llu:%llu:%llu:%llu\n",
+             (unsigned long long)st.st_dev, (unsigned long long)st.st_ino,
+             (unsigned long long)st.st_size,
+             (unsigned long long)st.st_mtim.tv_sec * 1000000000ULL + st.st_mtim.tv_nsec,
+             (unsigned long long)st.st_ctim.tv_sec * 1000000000ULL + st.st_ctim.tv_nsec);
+    if (strncmp(data, identity, strlen(identity)) != 0)
+        return 0;
+    const char *line = data + strlen(identity), *end;
+    if (strncmp(line, "run_dir /", 9) != 0 || !(end = strchr(line, '\n')))
+        return 0;
+    snprintf(run_dir, sizeof run_dir, "%.*s", (int)(end - line - 8), line + 8);
+    if (snprintf(path, sizeof path, "%s/%s/%u", run_dir, node, job) >= (int)sizeof path)
+        return 0;
+    return lstat(path, &st) != 0 && errno == ENOENT;
+}
+
+/*
+ * The epilog runs for every job (the steps of a job without --image may have made roots
+ * for it) and always succeeds: Slurm drains a node whose epilog fails, and nothing a job
+ * did may do that. Python starts unless the job surely left nothing here; it logs what it
+ * could not remove.
  */
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 {
+    if (!getenv("SPANK_SHIFTER_IMAGEREQUEST") && job_left_nothing(sp, ac, av))
+        return 0;
     shifter_used = 1;
     if (hook("job_epilog", sp, ac, av) != 0)
         slurm_error("shifter: job_epilog: see the errors above (the epilog still succeeds)");
@@ -253,4 +317,3 @@ TRAMPOLINE(init_post_opt)
 TRAMPOLINE(user_init)
 TRAMPOLINE(task_init_privileged)
 TRAMPOLINE(task_init)
-TRAMPOLINE(exit)

@@ -1,5 +1,9 @@
 """The configuration file: where it is, whether root may trust it, and its validated cache.
 
+Beside the cache, root also writes the SPANK shim's hint (``.<name>.shim``): the one value
+the C shim reads without starting Python (the run directory, to tell whether a job left
+anything on a node), with the file's identity, so a changed file voids it.
+
 Parsing YAML and building the typed schema costs tens of milliseconds, too much for every
 ``srun --image`` and every job step. Root processes that have validated the file write
 its values next to it (``.<name>.cache``, marshal format, root-owned, 0644) keyed by the
@@ -50,6 +54,19 @@ def cache_path(path: str) -> str:
     """Where the cache of configuration file ``path`` lives."""
     directory, name = os.path.split(path)
     return os.path.join(directory, f".{name}.cache")
+
+
+def shim_hint_path(path: str) -> str:
+    """Where the SPANK shim finds what it needs of configuration ``path`` without Python."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.shim")
+
+
+def shim_hint(path: str, run_dir: str) -> bytes:
+    """The shim's hint: the file's identity (as the shim computes it: device, inode, size,
+    mtime in ns, ctime in ns) and the run directory; one ``NAME VALUE`` per line."""
+    identity = ":".join(str(n) for n in _identity(os.stat(path)))
+    return f"identity {identity}\nrun_dir {run_dir}\n".encode()
 
 
 def check_privileged_file(path: str) -> None:
@@ -119,5 +136,8 @@ def write(path: str, values: dict[str, object]) -> None:
             {"identity": _identity(os.stat(path)), "schema": _schema_version(), "values": values}
         )
         atomic_write(cache_path(path), data, mode=0o644)
+        runtime = values.get("runtime")
+        if isinstance(runtime, dict) and isinstance(runtime.get("run_dir"), str):
+            atomic_write(shim_hint_path(path), shim_hint(path, runtime["run_dir"]), mode=0o644)
     except (OSError, ValueError):
         pass  # the partial file is gone; the next reader parses the file itself

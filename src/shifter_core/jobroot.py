@@ -10,7 +10,10 @@ propagates to other mount namespaces)::
         userns                    the job's user namespace, pinned (:mod:`.runtime.userns`)
         job.marshal               the record (below), written by root once the root is
                                   complete, or with the job's error when it could not be
-        steps/STEP/root           the root of a step whose request differs from the job's
+        roots/KEY/root            a root for steps whose request differs from the job's,
+        roots/KEY/job.marshal     made by the first such step on the node and kept for the
+                                  later ones until the job's epilog (``KEY``: a digest of
+                                  :func:`root_key`)
 
 ``NODE`` is slurmd's ``SLURMD_NODENAME`` (several slurmd may share a host) and ``JOB`` the
 job id. The record (:class:`JobRecord`, marshal: the step path must not import json) holds
@@ -50,7 +53,7 @@ RECORD_FILE = "job.marshal"
 RECORD_VERSION = 2
 USERNS_FILE = "userns"  # the user namespace pinned for the job (a bind mount of nsfs)
 ROOT_DIR = "root"
-STEPS_DIR = "steps"
+ROOTS_DIR = "roots"
 ENV_NODE = "SLURMD_NODENAME"
 ENV_JOB = "SLURM_JOB_ID"
 _MAX_RECORD = 4 << 20
@@ -130,9 +133,14 @@ def make_job_dir(directory: str, uid: int) -> bool:
     return True
 
 
-def step_dir(directory: str, step: str) -> str:
-    """``RUN_DIR/NODE/JOB/steps/STEP``: where a step's own root lives."""
-    return os.path.join(directory, STEPS_DIR, check_name("step id", step))
+def shared_root_dir(directory: str, key: tuple[int, int, str, str, str, bool]) -> str:
+    """``RUN_DIR/NODE/JOB/roots/KEY``: where the job's steps that ask for ``key`` (and not
+    for the job's own request) find their root. The name only finds it: the record in it
+    decides (:meth:`JobRecord.serves`)."""
+    from hashlib import blake2b
+
+    name = blake2b(repr(key).encode(), digest_size=12).hexdigest()
+    return os.path.join(directory, ROOTS_DIR, name)
 
 
 def current_job(environ: Mapping[str, str]) -> tuple[str, str] | None:
@@ -156,6 +164,13 @@ def root_key(
     volumes; the parsed module names joined by ``,``; "" for none), as the submission side
     exports them and ``shifter`` computes them."""
     return (uid, gid, image_id, volume, module, writable)
+
+
+def key_fields(key: tuple[int, int, str, str, str, bool]) -> dict[str, object]:
+    """The fields of a record that say which request its root serves."""
+    uid, gid, image_id, volume, module, writable = key
+    return {"uid": uid, "gid": gid, "image_id": image_id, "volume": volume, "module": module,
+            "writable": writable}  # fmt: skip
 
 
 class JobRecord:
@@ -276,18 +291,3 @@ def remove(directory: str) -> list[str]:
 
     record = read_record(directory)
     return teardown_tree(directory, record.loop_devices if record else [])
-
-
-def remove_step(directory: str, step: str) -> list[str]:
-    """Remove a step's own root, then the job's directory if that left it empty (a job
-    without --image has no root of its own and no prolog record)."""
-    try:
-        problems = remove(step_dir(directory, step))
-    except JobDirectoryError as err:
-        return [str(err)]
-    for empty in (os.path.join(directory, STEPS_DIR), directory):
-        try:
-            os.rmdir(empty)
-        except OSError:
-            break
-    return problems

@@ -186,7 +186,16 @@ def test_shifter_in_a_job_is_replayed_by_the_launcher(user_tmp):
     assert not any(str(job) in item for item in leftovers())
 
 
-def test_steps_with_another_image_or_volume_get_a_root_of_their_own(user_tmp):
+def _shared_roots_prepared(job: str) -> list[tuple[str, str]]:
+    """(step, node) of every step of ``job`` that prepared a shared root (slurmd's logs)."""
+    pattern = rf"step {job}\.(\d+) on (n\d): prepared a root for the job's steps"
+    return sorted(re.findall(pattern, slurmd_logs()))
+
+
+def test_steps_with_another_image_or_volume_share_roots_of_the_job(user_tmp):
+    """Steps asking for something else than the job share one root per request and node:
+    the first prepares it, later steps with the same request enter it; the epilog removes
+    them all."""
     (user_tmp / "data.txt").write_text("from the host\n")
     (user_tmp / "data.txt").chmod(0o644)
     name = unique_name("steps")
@@ -194,15 +203,28 @@ def test_steps_with_another_image_or_volume_get_a_root_of_their_own(user_tmp):
         "srun -N2 --image=mpich-hello cat /etc/shifter-test-image\n"
         f"srun -N2 --image=busybox --volume={user_tmp}:/data cat /data/data.txt\n"
         "srun -N2 --image=busybox cat /etc/shifter-test-image\n"
+        "srun -N2 --image=mpich-hello cat /etc/shifter-test-image\n"
+        f"srun -N2 --image=busybox --volume={user_tmp}:/data cat /data/data.txt\n"
     )
     output = sbatch(script, "-J", name, "-N2", "--image=busybox", output=user_tmp / "out")
-    assert (
-        output.splitlines()
-        == ["shifter mpi test image"] * 2 + ["from the host"] * 2 + [BUSYBOX_TEXT] * 2
-    )
+    mpi, data = ["shifter mpi test image"] * 2, ["from the host"] * 2
+    assert output.splitlines() == mpi + data + [BUSYBOX_TEXT] * 2 + mpi + data
     (job,) = jobs_named(name)
-    own = re.findall(rf"step {job}\.(\d+) on (n\d): prepared a root of its own", slurmd_logs())
-    assert sorted(step for step, _ in own) == ["0", "0", "1", "1"]  # not step 2: the job's
+    # steps 0 and 1 prepared them; 2 entered the job's root; 3 and 4 reused 0's and 1's
+    assert [step for step, _ in _shared_roots_prepared(job)] == ["0", "0", "1", "1"]
+    wait_for_idle_cluster()
+    assert not any(str(job) in item for item in leftovers())
+
+
+def test_an_allocation_without_image_prepares_each_request_once_per_node(user_tmp):
+    """In an allocation made without --image, `srun --image` steps cost a root once per
+    request and node; the epilog, which the job's options do not announce, removes them."""
+    name = unique_name("noimage")
+    script = "for i in 1 2 3 4; do srun -N3 --image=busybox cat /etc/shifter-test-image; done\n"
+    output = sbatch(script, "-J", name, "-N3", output=user_tmp / "out")
+    assert output.splitlines() == [BUSYBOX_TEXT] * 12
+    (job,) = jobs_named(name)
+    assert _shared_roots_prepared(job) == [("0", "n1"), ("0", "n2"), ("0", "n3")]
     wait_for_idle_cluster()
     assert not any(str(job) in item for item in leftovers())
 

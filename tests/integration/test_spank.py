@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -154,8 +156,8 @@ def test_plugin_logs_its_hooks_on_every_node():
 
 
 def test_fifty_steps_in_one_allocation_do_not_hang():
-    """... and leave nothing: the allocation has no --image, so no prolog or epilog of ours
-    runs for it; each step's teardown removes its root and the directories it made."""
+    """... and leave nothing: the allocation has no --image, so no prolog of ours runs for
+    it; the steps share one root per node, which the epilog removes."""
     script = (
         "echo $SLURM_JOB_ID; "
         "for i in $(seq 50); do timeout 60 srun -N3 -n6 --image=busybox true || exit $i; done"
@@ -168,6 +170,31 @@ def test_fifty_steps_in_one_allocation_do_not_hang():
     while (left := list(Path("/run/shifter-box").glob(f"*/{job}"))) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == []  # below runtime.run_dir of the box
+
+
+def _plain_job_epilogs(hint: bool) -> list[str]:
+    """Run a job without Shifter options on three nodes, with or without the shim's hint
+    beside the configuration; the nodes whose epilog started Python for it."""
+    hint_file = SHIFTER_CONFIG.with_name(f".{SHIFTER_CONFIG.name}.shim")
+    if not hint:
+        hint_file.unlink(missing_ok=True)
+    else:  # any root-side load writes it
+        subprocess.run([sys.executable, "-c", "from shifter_core.config import load; "
+                        f"load('{SHIFTER_CONFIG}', privileged=True)"], check=True)  # fmt: skip
+        assert hint_file.exists()
+    result = run_as(["sbatch", "--parsable", "-N3", "-o", "/dev/null", "--wrap", "true"])
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    wait_for_idle_cluster()
+    return re.findall(rf"epilog: job {job} on node (n\d): nothing of it here", slurmd_logs())
+
+
+def test_the_epilog_of_a_job_without_shifter_starts_no_python():
+    """The shim tells from the hint Python left beside the configuration that a job left
+    nothing on a node, and starts no interpreter for its epilog; without the hint, Python
+    looks (and writes the hint again)."""
+    assert sorted(_plain_job_epilogs(hint=False)) == ["n1", "n2", "n3"]
+    assert _plain_job_epilogs(hint=True) == []
 
 
 @pytest.fixture

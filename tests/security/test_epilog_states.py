@@ -2,7 +2,7 @@
 prolog, step or earlier epilog can leave (a hypothesis state machine over real mounts).
 
 Each rule adds to one job's directory what a real crash leaves there: a prolog
-(:func:`prepare_job`) or a step root (:func:`prepare_step_root`) killed at its N-th mount
+(:func:`prepare_job`) or a shared root (:func:`prepare_step_root`) killed at its N-th mount
 (``os._exit`` in a forked child, so no clean-up of its own runs), an epilog killed at its
 N-th unmount, a user's volume still bind-mounted, links that point out of the directory,
 files root never wrote. At the end the real epilog runs: it must return no problem, leave
@@ -75,6 +75,10 @@ class EpilogStates(RuleBasedStateMachine):
         self.cfg = config_module.load(str(rt.config))
         self.job = f"{next(_jobs)}{uuid.uuid4().hex[:4]}"
         self.directory = Path(self.cfg.runtime.run_dir) / NODE / self.job
+        # Nothing of a job is ever mounted below the run directory before it is a private
+        # mount (every root is built after ensure_private_run_dir): a volume left mounted
+        # is left there afterwards, not shadowed by that bind mount.
+        privileged.ensure_private_run_dir(self.cfg.runtime.run_dir)
         self.sentinel = Path(rt.base) / f"sentinel-{self.job}"
         self.sentinel.mkdir(mode=0o755)
         (self.sentinel / "precious").write_text("the user's data\n")
@@ -97,13 +101,14 @@ class EpilogStates(RuleBasedStateMachine):
             lambda: privileged.prepare_job(self.plan, self.cfg.runtime.run_dir, NODE, self.job),
         )
 
-    @rule(mounts=st.integers(min_value=0, max_value=24), step=st.sampled_from(["0", "1"]))
-    def step_root_killed(self, mounts: int, step: str) -> None:
+    @rule(mounts=st.integers(min_value=0, max_value=24), volume=st.booleans())
+    def shared_root_killed(self, mounts: int, volume: bool) -> None:
+        request = {**self.request, "volume": self.request["volume"] if volume else ""}
         _crash_at(
             "mount",
             mounts,
             lambda: steps.prepare_step_root(
-                str(self.rt.config), NODE, self.job, step, self.request, ALICE, ALICE
+                str(self.rt.config), NODE, self.job, request, ALICE, ALICE
             ),
         )
 
@@ -111,13 +116,13 @@ class EpilogStates(RuleBasedStateMachine):
     def epilog_killed(self, unmounts: int) -> None:
         _crash_at("umount2", unmounts, lambda: prolog.epilog(self.cfg, NODE, self.job))
 
-    @rule(where=st.sampled_from(["vol", "steps/7/root/data", "root.staging/x"]))
+    @rule(where=st.sampled_from(["vol", "roots/7/root/data", "root.staging/x"]))
     def volume_left_mounted(self, where: str) -> None:
         target = self.directory / where
         target.mkdir(parents=True, exist_ok=True)
         syscalls.mount(str(self.sentinel), str(target), None, syscalls.MS_BIND)
 
-    @rule(where=st.sampled_from(["out", "steps/out", "steps/3"]))
+    @rule(where=st.sampled_from(["out", "roots/out", "roots/3"]))
     def link_out(self, where: str) -> None:
         link = self.directory / where
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +130,7 @@ class EpilogStates(RuleBasedStateMachine):
             os.symlink(self.sentinel, link)
 
     @rule(
-        name=st.sampled_from(["state.json", "step.marshal", "error", "steps/2/junk", "x/y/z"]),
+        name=st.sampled_from(["state.json", "step.marshal", "error", "roots/2/junk", "x/y/z"]),
         data=st.binary(max_size=64),
         owner=st.sampled_from([0, ALICE]),
     )

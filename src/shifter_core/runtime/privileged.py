@@ -7,7 +7,7 @@
 - :func:`teardown` unmounts everything below the root deepest first, waits for the loop
   devices to detach, removes the directories; idempotent, and safe after a partial prepare.
 
-:func:`prepare_job`, :func:`prepare_step` and :func:`teardown_job` do the same in the job
+:func:`prepare_job`, :func:`shared_root` and :func:`teardown_job` do the same in the job
 directories :mod:`shifter_core.jobroot` owns (a job's directory also holds the user
 namespace pinned for the user's own ``shifter``, :mod:`.userns`).
 """
@@ -25,9 +25,11 @@ from ..jobroot import (
     ROOT_DIR,
     USERNS_FILE,
     job_dir,
+    key_fields,
     make_job_dir,
+    read_record,
     remove,
-    step_dir,
+    shared_root_dir,
     write_record,
 )
 from ..mounts import mounts_under, read_mounts, unmount_below, wait_detached_all
@@ -195,18 +197,12 @@ def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoo
     except ContainerError as err:
         log.warning("%s (shifter in the job will show only the user's primary group)", err)
         pinned = None
-    uid, gid, image_id, volume, module, writable = plan.root_key()
     write_record(
         directory,
         job_id=job_id,
         node=node,
-        uid=uid,
-        gid=gid,
-        image_id=image_id,
+        **key_fields(plan.root_key()),
         image_request=plan.image_request,
-        volume=volume,
-        module=module,
-        writable=writable,
         root=prepared.root,
         env=[list(kv) for kv in plan.env],
         loop_devices=prepared.loop_devices,
@@ -215,24 +211,35 @@ def prepare_job(plan: Plan, run_dir: str, node: str, job_id: str) -> PreparedRoo
     return prepared
 
 
-def prepare_step(plan: Plan, run_dir: str, node: str, job_id: str, step: str) -> PreparedRoot:
-    """Prepare a root of the step's own at ``RUN_DIR/NODE/JOB/STEP/root``, with a record in
-    the step's directory for its removal (:func:`shifter_core.jobroot.remove_step`)."""
-    _require_root("preparing a step's root")
+def shared_root(plan: Plan, run_dir: str, node: str, job_id: str) -> tuple[str, list[list[str]]]:
+    """The root serving ``plan``'s request among the job's shared roots
+    (``RUN_DIR/NODE/JOB/roots/KEY``, :func:`shifter_core.jobroot.shared_root_dir`): the one a
+    step made earlier, else prepared now and recorded for the job's later steps (the
+    epilog removes it). Steps that start together wait for one another (a lock on the
+    root's directory); what a crashed step left there is torn down first.
+    (root, container environment)."""
+    _require_root("preparing a job's shared root")
     ensure_private_run_dir(run_dir)
     directory = job_dir(run_dir, node, job_id)
-    own = step_dir(directory, step)
-    for attempt in range(3):  # another step's teardown may remove empty parents meanwhile
-        try:
-            make_job_dir(directory, plan.user.uid)
-            os.makedirs(own, mode=0o700, exist_ok=True)
-            break
-        except FileNotFoundError:
-            if attempt == 2:
-                raise
-    prepared = prepare(plan, os.path.join(own, ROOT_DIR))
-    write_record(own, root=prepared.root, loop_devices=prepared.loop_devices)
-    return prepared
+    make_job_dir(directory, plan.user.uid)
+    key = plan.root_key()
+    shared = shared_root_dir(directory, key)
+    os.makedirs(shared, mode=0o700, exist_ok=True)
+    lock = os.open(shared, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = read_record(shared)
+        if record is not None and record.serves(key) and os.path.isdir(record.root):
+            return record.root, record.env
+        for problem in teardown(os.path.join(shared, ROOT_DIR)):
+            log.warning("stale shared root in %s: %s", shared, problem)
+        prepared = prepare(plan, os.path.join(shared, ROOT_DIR))
+        env = [list(kv) for kv in plan.env]
+        write_record(shared, **key_fields(key), image_request=plan.image_request,
+                     root=prepared.root, env=env, loop_devices=prepared.loop_devices)  # fmt: skip
+        return prepared.root, env
+    finally:
+        os.close(lock)
 
 
 def teardown_job(run_dir: str, node: str, job_id: str) -> list[str]:

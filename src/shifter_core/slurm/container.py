@@ -17,7 +17,7 @@ from ..image.store import ImageMetadata, ImageStore, check_image_id
 from ..options import parse_modules, parse_size, parse_volumes
 from ..reference import ImageRequest
 from ..runtime.plan import Plan, RunRequest, User, build_plan
-from ..runtime.privileged import PreparedRoot, prepare_job, prepare_step
+from ..runtime.privileged import prepare_job, shared_root
 
 
 def node_cache(config: Config, node: str) -> NodeCache:
@@ -35,25 +35,27 @@ def prepare_container(
     *,
     node: str,
     job: str,
-    step: str | None = None,
-) -> tuple[Plan, PreparedRoot]:
+    shared: bool = False,
+) -> tuple[str, list[list[str]]]:
     """Build the container ``request`` asks for, for the prolog (the job's root) or, with
-    ``step``, for a step that needs a root of its own: the request parsed again as root, its
-    image found and visible to ``user`` before anything is staged or mounted, staged into
-    the node cache for a job's root (``slurm.stage_images``), planned, built and recorded
-    (:func:`.privileged.prepare_job`, :func:`.privileged.prepare_step`). Errors are the
-    job's, except a :class:`~shifter_core.errors.NodeFault`."""
+    ``shared``, for steps that ask for something else than the job: the request parsed
+    again as root, its image found and visible to ``user`` before anything is staged or
+    mounted, staged into the node cache (``slurm.stage_images``), planned,
+    built and recorded (:func:`.privileged.prepare_job`, :func:`.privileged.shared_root`).
+    (root, container environment). Errors are the job's, except a
+    :class:`~shifter_core.errors.NodeFault`."""
     image, store = checked_image(config, request, user)
     image_file = str(store.image_file(image.id))
-    if step is None and config.slurm.stage_images:
+    if config.slurm.stage_images:
         staged = node_cache(config, node).stage(image.id, store.image_file(image.id),
                                                 image.sha256, job)  # fmt: skip
         image_file = str(staged)
     plan = container_plan(config, request, image, image_file, user)
     run_dir = config.runtime.run_dir
-    if step is None:
-        return plan, prepare_job(plan, run_dir, node, job)
-    return plan, prepare_step(plan, run_dir, node, job, step)
+    if shared:
+        return shared_root(plan, run_dir, node, job)
+    prepared = prepare_job(plan, run_dir, node, job)
+    return prepared.root, [list(kv) for kv in plan.env]
 
 
 def check_request(request: Mapping[str, str], default_type: str) -> None:

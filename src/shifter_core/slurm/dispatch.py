@@ -27,7 +27,6 @@ HOOKS: dict[str, tuple[str, str]] = {
     "user_init": ("stepd", "hook_user_init"),
     "task_init_privileged": ("stepd", "hook_task_init_privileged"),
     "task_init": ("stepd", "hook_task_init"),
-    "exit": ("stepd", "hook_exit"),
     "job_prolog": ("jobscript", "hook_job_prolog"),
     "job_epilog": ("jobscript", "hook_job_epilog"),
 }

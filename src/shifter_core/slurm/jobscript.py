@@ -165,6 +165,8 @@ def _job_script(what: str) -> None:
         if shifter_job or os.path.lexists(job_dir(config.runtime.run_dir, node, job)):
             api.log(api.INFO, f"epilog: job {job} on node {node}")
             epilog(config, node, job)
+        else:  # the shim could not tell by itself (config_file.shim_hint)
+            api.log(api.INFO, f"epilog: job {job} on node {node}: nothing of it here")
         return
     request = os.environ[PROLOG_PREFIX + ENV_IMAGEREQUEST]
     api.log(api.INFO, f"prolog: job {job} on node {node}: image {request}")

@@ -23,7 +23,6 @@ class PluginState:
         self.step_root: str | None = None
         self.step_env: list[list[str]] = []
         self.step_error: str | None = None
-        self.step_own_root: tuple[str, str] | None = None  # (job directory, step) to remove
 
     @property
     def site(self) -> Config:

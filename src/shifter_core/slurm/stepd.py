@@ -4,8 +4,10 @@ The prolog prepared ``RUN_DIR/NODE/JOB/root`` once for the job and recorded what
 (:mod:`shifter_core.jobroot`). A step whose request has the same key enters that root; each
 task, in its own mount namespace, pivots into it before slurmstepd drops to the user and
 execs the command, so tasks stay children of slurmstepd (signals, accounting and PMI keep
-working). A step with another image, volumes or modules gets a root of its own, prepared
-once per node for the step (:func:`prepare_step_root`) and removed when the step ends.
+working). A step with another image, volumes or modules enters one of the job's shared
+roots (``RUN_DIR/NODE/JOB/roots/KEY``): the first step on the node that asks for it prepares
+it (:func:`prepare_step_root`), the later ones find it by the same key, and the job's epilog
+removes it. That holds in allocations made without ``--image`` too.
 
 The request comes from the job's environment, which the user's srun sent: it decides only
 which root to look for; a root of the step's own is built from a request checked again as
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ShifterError
-from .api import ERROR, INFO, Spank, log, log_exception
+from .api import INFO, Spank, log, log_exception
 from .names import (
     ENV_CONTAINER_STEP,
     ENV_IMAGE,
@@ -109,15 +111,18 @@ def _find_step_root(spank: Spank, job: str, step: str, node: str) -> None:
             raise ShifterError(f"the container of this job could not be set up: {record.error}")
         else:
             euid = os.geteuid()
-            os.seteuid(0)
-            state.step_own_root = (directory, step)  # removed at exit, even if it fails
+            os.seteuid(0)  # the shared roots are root's alone (0700)
             try:
-                found = prepare_step_root(
-                    state.args.get("config"), node, job, step, request, uid, gid
-                )
+                shared = jobroot.read_record(jobroot.shared_root_dir(directory, key))
+                if shared is not None and shared.serves(key) and os.path.isdir(shared.root):
+                    found = (shared.root, shared.env)
+                else:
+                    found = prepare_step_root(
+                        state.args.get("config"), node, job, request, uid, gid
+                    )
+                    log(INFO, f"step {job}.{step} on {node}: prepared a root for the job's steps")
             finally:
                 os.seteuid(euid)
-            log(INFO, f"step {job}.{step} on {node}: prepared a root of its own")
         state.step_root, state.step_env = found
         from ..runtime import enter  # noqa: F401 - once here, not in every forked task
     except ShifterError as err:
@@ -149,34 +154,21 @@ def hook_task_init(spank: Spank) -> None:
         set_no_new_privs()
 
 
-def hook_exit(spank: Spank) -> None:
-    """slurmstepd is done with the step: remove a root the step made for itself."""
-    if state.step_own_root is None or spank.context != "remote":
-        return
-    from ..jobroot import remove_step
-
-    directory, step = state.step_own_root
-    state.step_own_root = None
-    for problem in remove_step(directory, step):
-        log(ERROR, f"step {step}: {problem}")
-
-
 def prepare_step_root(
     config_path: str | None,
     node: str,
     job: str,
-    step: str,
     request: Mapping[str, str],
     uid: int,
     gid: int,
 ) -> tuple[str, list[list[str]]]:
-    """A root of the step's own (another image, volumes or modules than the job's), with a
-    record in its directory (for its removal); (root, container environment)."""
+    """The job's shared root for a request other than the job's (another image, volumes or
+    modules), prepared by the first step on this node that asks for it and kept for the
+    later ones until the epilog; (root, container environment)."""
     from ..config_cache import load
     from ..runtime.plan import User
     from .container import prepare_container
 
     config = load(config_path, privileged=True)
     user = User.from_uid(uid, gid)
-    plan, prepared = prepare_container(config, request, user, node=node, job=job, step=step)
-    return prepared.root, [list(kv) for kv in plan.env]
+    return prepare_container(config, request, user, node=node, job=job, shared=True)
