@@ -1,9 +1,10 @@
 """Docker Hub's naming rules: the one place they are written.
 
-``ubuntu`` is ``docker.io/library/ubuntu:latest``; a first component with a dot, a colon or
-an upper-case letter, or ``localhost``, names a registry; Docker Hub's aliases are
-``docker.io``. Imports nothing: every ``srun`` applies these rules (:mod:`.slurm.submit`),
-and :class:`.reference.DockerReference` applies them after its grammar has checked the text.
+``ubuntu`` is ``docker.io/library/ubuntu:latest``; a first component with a dot, a colon (a
+port, or an IPv6 address in brackets: ``[2001:db8::1]:5000``) or an upper-case letter, or
+``localhost``, names a registry; Docker Hub's aliases are ``docker.io``. Imports nothing:
+every ``srun`` applies these rules (:mod:`.slurm.submit`), and
+:class:`.reference.DockerReference` applies them after its grammar has checked the text.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def split_name(name: str) -> tuple[str, str]:
 
 def canonical(text: str) -> str:
     """``REGISTRY/REPOSITORY[:TAG][@DIGEST]`` of a reference the grammar accepts, as
-    ``str(DockerReference.parse(text))`` gives it (``:latest`` when neither is given)."""
+    ``str(DockerReference.parse(text))`` gives it (``:latest`` when neither is given).
+
+    A tag is after the last ``:`` that follows the last ``/``, so the colons of an IPv6
+    registry (``[::1]:5000/a``) never read as one."""
     name_tag, at, digest = text.partition("@")
     slash, colon = name_tag.rfind("/"), name_tag.rfind(":")
     name, tag = (name_tag[:colon], name_tag[colon + 1 :]) if colon > slash else (name_tag, "")

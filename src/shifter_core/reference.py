@@ -7,10 +7,19 @@ Two layers:
 - :class:`DockerReference` is a parsed Docker/OCI reference with Docker Hub's naming
   rules applied (``ubuntu`` is ``docker.io/library/ubuntu:latest``).
 
-The grammar follows the distribution project's reference grammar; anything else is
-refused with a message that says what was wrong. Bounds (checked first, also by root on the
-nodes): a whole request at most :data:`MAX_REFERENCE_LENGTH` characters, the name at most
-:data:`MAX_NAME_LENGTH` (Docker's limit), a tag at most 128; only printable ASCII.
+The grammar is distribution/reference's (``regexp.go``, ``reference.go`` and
+``normalize.go`` as they are today): registry hosts are DNS-like names, IPv4 addresses or
+IPv6 addresses in brackets (``[2001:db8::1]:5000/repo``); a digest's algorithm must be one
+Shifter pulls (sha256: 64, sha512: 128 lower-case hexadecimal digits; others are refused as
+go-digest refuses an unregistered algorithm); a bare 64-digit hexadecimal string is an image
+id, not a name (``docker`` refuses it too), so it is refused with a hint to write ``id:HEX``.
+Anything else is refused with a message that says what was wrong.
+
+Bounds (checked first, also by root on the nodes): a whole request at most
+:data:`MAX_REFERENCE_LENGTH` characters; the repository path at most
+:data:`MAX_NAME_LENGTH` characters, counted as distribution/reference counts it since its
+PR #9 (2024): without the registry, after Docker Hub's normalisation (``ubuntu`` counts as
+``library/ubuntu``); a tag at most 128; only printable ASCII.
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ IMAGE_TYPES = ("docker", "id")
 UNSUPPORTED_TYPES = ("custom", "local")
 
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_DOMAIN_NAME = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
+_IPV6_ADDRESS = r"\[[a-fA-F0-9:]+\]"  # no zone (RFC 6874), as distribution/reference
+_DOMAIN = rf"(?:{_DOMAIN_NAME}|{_IPV6_ADDRESS})(?::[0-9]+)?"
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
@@ -36,9 +47,15 @@ _REFERENCE_RE = re.compile(
     re.ASCII,
 )
 _ID_RE = re.compile(r"^(?:sha256:)?(?P<hex>[0-9a-f]{12,64})$", re.ASCII)
+_IDENTIFIER_RE = re.compile(r"[a-f0-9]{64}", re.ASCII)  # fullmatch: an image id, not a name
+_DIGEST_HEX_RE = re.compile(r"[a-f0-9]+", re.ASCII)  # fullmatch
+# The algorithms Shifter pulls (image.oci checks the same two); go-digest also registers
+# sha384, which no registry serves in practice and Shifter's registry client refuses.
+DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 MAX_NAME_LENGTH = 255
-# name (255) + ":" + tag (128) + "@sha512:" + 128 hex digits = 520; round to what
-# registries accept in practice (the full form of a sha256 pin is 455 characters).
+# A bound of our own, against hostile input: path (255) + ":" + tag (128) + "@sha256:" +
+# 64 hex digits = 455, which leaves 57 characters for a registry (a bracketed IPv6 address
+# and port is at most 47); a tag and a sha512 pin together may need more than this.
 MAX_REFERENCE_LENGTH = 512
 
 
@@ -66,23 +83,32 @@ class DockerReference(_DockerReference):
     def parse(cls, text: str) -> DockerReference:
         """Parse ``[registry/]repo[:tag][@digest]``; Docker Hub rules apply."""
         _check_length(text)
+        if _IDENTIFIER_RE.fullmatch(text):
+            raise OptionError(
+                f"invalid image reference {shown(text)}: 64 hexadecimal digits are an image "
+                "id, not an image name",
+                hint=f"write id:{text} to use the image with this id",
+            )
         match = _REFERENCE_RE.fullmatch(text)
         if match is None:
+            hint = "expected [REGISTRY/]NAME[:TAG][@DIGEST] with a lower-case NAME, e.g. "
+            hint += "ubuntu:22.04"
+            if "@" in text:
+                hint += "; a digest is sha256: and 64 lower-case hexadecimal digits"
+            raise OptionError(f"invalid image reference {shown(text)}", hint=hint)
+        registry, repository = split_name(match.group("name"))
+        if len(repository) > MAX_NAME_LENGTH:
             raise OptionError(
-                f"invalid image reference {shown(text)}",
-                hint="expected [REGISTRY/]NAME[:TAG][@sha256:DIGEST] with a lower-case NAME, "
-                "e.g. ubuntu:22.04",
+                f"invalid image reference {shown(text)}: the repository path "
+                f"{shown(repository, 40)} is {len(repository)} characters long, longer than "
+                f"{MAX_NAME_LENGTH}",
+                hint="registries limit the path (without the registry; Docker Hub's official "
+                "images count 'library/') to 255 characters",
             )
-        name = match.group("name")
-        if len(name) > MAX_NAME_LENGTH:
-            raise OptionError(
-                f"invalid image reference {shown(text)}: name longer than "
-                f"{MAX_NAME_LENGTH} characters",
-                hint="Docker limits image names (with the registry) to 255 characters",
-            )
-        registry, repository = split_name(name)
         tag = match.group("tag")
         digest = match.group("digest")
+        if digest is not None:
+            _check_digest(text, digest)
         if tag is None and digest is None:
             tag = DEFAULT_TAG
         return cls(registry=registry, repository=repository, tag=tag, digest=digest)
@@ -101,11 +127,29 @@ class DockerReference(_DockerReference):
         return text
 
 
+def _check_digest(text: str, digest: str) -> None:
+    """Refuse a digest Shifter cannot pull, as go-digest's ``Digest.Validate`` does: an
+    algorithm that is not registered, or a hex part of the wrong length or case."""
+    algorithm, _, encoded = digest.partition(":")
+    length = DIGEST_HEX_LENGTHS.get(algorithm)
+    if length is None:
+        raise OptionError(
+            f"invalid image reference {shown(text)}: unsupported digest algorithm {algorithm!r}",
+            hint="use the image's sha256 digest (sha256: and 64 lower-case hexadecimal digits)",
+        )
+    if len(encoded) != length or not _DIGEST_HEX_RE.fullmatch(encoded):
+        raise OptionError(
+            f"invalid image reference {shown(text)}: a {algorithm} digest is {length} lower-case "
+            f"hexadecimal digits, got {len(encoded)} characters: {shown(encoded, 16)}",
+            hint="copy the whole digest, e.g. from shifterimg images or the registry",
+        )
+
+
 def _check_length(text: str) -> None:
     if len(text) > MAX_REFERENCE_LENGTH:
         raise OptionError(
             f"invalid image reference {shown(text)}: longer than {MAX_REFERENCE_LENGTH} characters",
-            hint="image names have at most 255 characters and tags at most 128",
+            hint="repository paths have at most 255 characters and tags at most 128",
         )
 
 

@@ -123,10 +123,16 @@ def test_over_long_references_are_refused_at_once_with_a_cut_message():
 
 
 def test_name_and_tag_limits():
-    name = "a" * 255
+    # distribution/reference counts the repository path without the registry (since
+    # distribution/reference#9), after Docker Hub's normalisation: "library/" counts.
+    name = "a" * 247
     assert ImageRequest.parse(name).docker.repository == "library/" + name
     with pytest.raises(OptionError, match="255"):
-        ImageRequest.parse("a" * 256)
+        ImageRequest.parse("a" * 248)
+    path = "a" * 255
+    assert DockerReference.parse(f"registry.example.org:5000/{path}").repository == path
+    with pytest.raises(OptionError, match="255"):
+        DockerReference.parse(f"registry.example.org:5000/{path}a")
     assert ImageRequest.parse("a:" + "t" * 128).docker.tag == "t" * 128
     with pytest.raises(OptionError, match="invalid image reference"):
         ImageRequest.parse("a:" + "t" * 129)
@@ -152,8 +158,11 @@ def test_image_request_parser_gives_a_request_or_an_option_error(text):
 
 
 _COMPONENT = st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True)
-_HOST = st.sampled_from(
-    ["", "docker.io/", "index.docker.io/", "localhost/", "Reg/", "r.example:5000/", "a.b/"]
+_HOST = st.one_of(
+    st.sampled_from(
+        ["", "docker.io/", "index.docker.io/", "localhost/", "Reg/", "r.example:5000/", "a.b/"]
+    ),
+    st.from_regex(r"\[[a-fA-F0-9:]{1,16}\](?::[0-9]{1,5})?/", fullmatch=True),
 )
 
 
@@ -161,7 +170,7 @@ _HOST = st.sampled_from(
     _HOST,
     st.lists(_COMPONENT, min_size=1, max_size=3),
     st.sampled_from(["", ":v1", ":latest"]),
-    st.sampled_from(["", "@sha256:" + "ab" * 32]),
+    st.sampled_from(["", "@sha256:" + "ab" * 32, "@sha512:" + "cd" * 64]),
 )
 def test_the_submission_names_an_image_as_the_parser_does(host, parts, tag, digest):
     """``hubnames.canonical`` (srun's check of a job's image, no regex) gives what the
@@ -170,3 +179,78 @@ def test_the_submission_names_an_image_as_the_parser_does(host, parts, tag, dige
 
     text = host + "/".join(parts) + tag + digest
     assert canonical(text) == str(DockerReference.parse(text))
+
+
+# -- the distribution/reference grammar, as it is today (issue 11) --------------------------
+
+
+@pytest.mark.parametrize(
+    "text, registry, repository",
+    [
+        ("[2001:db8::1]:5000/repo", "[2001:db8::1]:5000", "repo"),
+        ("[::1]/a/b:v1", "[::1]", "a/b"),
+        ("[fe80::1:2]:443/x", "[fe80::1:2]:443", "x"),
+        ("[2001:DB8::1]/nersc/app", "[2001:DB8::1]", "nersc/app"),
+    ],
+)
+def test_ipv6_registry_hosts(text, registry, repository):
+    from shifter_core.hubnames import canonical
+
+    ref = DockerReference.parse(text)
+    assert (ref.registry, ref.repository) == (registry, repository)
+    assert DockerReference.parse(str(ref)) == ref
+    assert canonical(text) == str(ref)
+    assert ImageRequest.parse(text).docker == ref
+
+
+@pytest.mark.parametrize(
+    "text", ["[2001:db8::1%eth0]/a", "[]/a", "[::1]", "[::1]:/a", "[g::1]/a", "2001:db8::1/a"]
+)
+def test_malformed_ipv6_hosts_are_refused(text):
+    with pytest.raises(OptionError, match="invalid image reference"):
+        DockerReference.parse(text)
+
+
+@pytest.mark.parametrize("digest", ["sha256:" + "0f" * 32, "sha512:" + "0f" * 64])
+def test_supported_digests(digest):
+    assert DockerReference.parse(f"a/b@{digest}").digest == digest
+    assert DockerReference.parse(f"a/b:t@{digest}").digest == digest
+
+
+@pytest.mark.parametrize(
+    "digest, message",
+    [
+        ("sha256:" + "0f" * 31, "64 lower-case hexadecimal digits"),
+        ("sha256:" + "0f" * 33, "64 lower-case hexadecimal digits"),
+        ("sha256:" + "0F" * 32, "64 lower-case hexadecimal digits"),
+        ("sha512:" + "0f" * 32, "128 lower-case hexadecimal digits"),
+        ("md5:" + "0f" * 16, "unsupported digest algorithm 'md5'"),
+        ("sha256+b64:" + "0f" * 32, "unsupported digest algorithm 'sha256+b64'"),
+        ("SHA256:" + "0f" * 32, "unsupported digest algorithm 'SHA256'"),
+    ],
+)
+def test_digests_are_checked_for_algorithm_and_length(digest, message):
+    with pytest.raises(OptionError, match="invalid image reference") as info:
+        DockerReference.parse(f"a/b@{digest}")
+    assert message in str(info.value)
+    assert info.value.hint
+
+
+def test_a_short_digest_says_what_a_digest_is():
+    with pytest.raises(OptionError, match="invalid image reference") as info:
+        DockerReference.parse("ubuntu@sha256:abc")
+    assert "sha256:" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize("text", [HEX, "docker:" + HEX])
+def test_a_bare_image_id_is_refused_with_a_hint(text):
+    with pytest.raises(OptionError, match="image id") as info:
+        ImageRequest.parse(text)
+    assert f"id:{HEX}" in (info.value.hint or "")
+
+
+def test_hex_names_that_are_not_an_id_are_names():
+    # distribution refuses exactly 64 lower-case hex digits, nothing else
+    for text in ("a" * 63, "a" * 65, HEX + ":v1", "x/" + HEX):
+        assert ImageRequest.parse(text).type == "docker"
+    assert ImageRequest.parse("id:" + HEX).tag == HEX
