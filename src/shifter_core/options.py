@@ -19,7 +19,7 @@ split or matched, and every error shows the offending value escaped and cut shor
   surrogates (bytes of a name that is not UTF-8).
 - ``--module``: at most :data:`MAX_MODULES` names of ASCII letters, digits, ``.``, ``_``
   and ``-``, each at most 64 characters.
-- sizes: at most :data:`MAX_SIZE` bytes.
+- sizes: at most :data:`MAX_SIZE_TEXT` characters and :data:`MAX_SIZE` bytes.
 """
 
 from __future__ import annotations
@@ -43,8 +43,19 @@ MAX_MODULE_TEXT = MAX_MODULES * 65
 MAX_SIZE = 1 << 60  # bytes (1 EiB): far beyond any disk, small enough to stay sane
 SHOWN_LENGTH = 72  # characters of an offending value shown in an error
 _MODULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)  # fullmatch
-_SIZE_RE = re.compile(r"(?P<num>[1-9][0-9]{0,15})(?P<unit>[kKmMgGtT]?)", re.ASCII)  # fullmatch
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_SIZE_TEXT = 32  # characters of a size; longer ones are refused before they are read
+# Shifter's parseBytes (VolumeMap.c): a decimal number (strtod), then one letter of
+# "bkmgtpe" in any case, each a power of 1024. Shifter ignores what follows the letter;
+# here only an optional "B" or "iB" may follow it (10G, 10GB, 10GiB), anything else is a typo.
+_SIZE_RE = re.compile(
+    r"(?P<int>[0-9]*)(?:\.(?P<frac>[0-9]*))?(?:(?P<unit>[kmgtpe])(?:i?b)?|b)?",
+    re.ASCII | re.IGNORECASE,
+)  # fullmatch
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+SIZE_HINT = (
+    "a number (decimals allowed) and an optional unit k, M, G, T, P or E, powers of 1024, "
+    "in any case, with or without B: e.g. 512, 500KB, 1.5G, 4T; at most 1E"
+)
 VOLUME_FLAGS = ("ro", "rw", "perNodeCache=size=N")
 
 
@@ -75,14 +86,23 @@ def shown(value: object, limit: int = SHOWN_LENGTH) -> str:
 
 
 def parse_size(text: str) -> int:
-    """``512``, ``10k``, ``200M``, ``1G``, ``2T`` → bytes (at most :data:`MAX_SIZE`)."""
-    match = _SIZE_RE.fullmatch(text) if len(text) <= 32 else None
-    size = int(match.group("num")) * _SIZE_UNITS[match.group("unit").lower()] if match else 0
-    if not 0 < size <= MAX_SIZE:
-        raise OptionError(
-            f"invalid size {shown(text)}",
-            hint="use a number with an optional k, M, G or T, at most 1024T",
+    """Bytes of a size as Shifter reads one (``512``, ``500KB``, ``1.5g``, ``4T``, ``1E``):
+    units are powers of 1024, a fraction of a byte is dropped; at most :data:`MAX_SIZE`."""
+    match = _SIZE_RE.fullmatch(text) if len(text) <= MAX_SIZE_TEXT else None
+    size = 0
+    if match and (match.group("int") or match.group("frac")):
+        shift = _SIZE_SHIFT[(match.group("unit") or "").lower()]
+        frac = match.group("frac") or ""
+        # exact: int(number * 2**shift), without floats (1.1G is not 1181116006.4 bytes)
+        size = (int(match.group("int") or "0") << shift) + (int(frac or "0") << shift) // (
+            10 ** len(frac)
         )
+    if size > MAX_SIZE:
+        raise OptionError(
+            f"invalid size {shown(text)}: larger than 1E ({MAX_SIZE} bytes)", hint=SIZE_HINT
+        )
+    if size <= 0:
+        raise OptionError(f"invalid size {shown(text)}", hint=SIZE_HINT)
     return size
 
 

@@ -63,9 +63,48 @@ def test_sizes():
     assert parse_size("2k") == 2048
     assert parse_size("3M") == 3 << 20
     assert parse_size("1T") == 1 << 40
-    for bad in ("0", "-1", "1.5G", "G", "1P", ""):
-        with pytest.raises(OptionError):
+    for bad in ("0", "-1", "G", "1X", "", "0.0001", "1e3", "0x10", " 1G", "1G ", "+1G"):
+        with pytest.raises(OptionError, match="invalid size"):
             parse_size(bad)
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        # Shifter's parseBytes (VolumeMap.c): a number, then a unit letter of b, k, m, g,
+        # t, p, e in any case (powers of 1024); what follows the letter is not read
+        ("500KB", 500 << 10),
+        ("500kb", 500 << 10),
+        ("500Kb", 500 << 10),
+        ("4T", 4 << 40),
+        ("4tb", 4 << 40),
+        ("10G", 10 << 30),
+        ("10g", 10 << 30),
+        ("10GiB", 10 << 30),
+        ("1M", 1 << 20),
+        ("1mB", 1 << 20),
+        ("2GB", 2 << 30),
+        ("512B", 512),
+        ("512b", 512),
+        ("2P", 2 << 50),
+        ("1E", 1 << 60),
+        ("1.5G", 3 << 29),  # a decimal number, as strtod reads it; bytes are truncated
+        ("0.5k", 512),
+        (".5k", 512),
+        ("1.0000001k", 1024),
+        ("0010M", 10 << 20),
+    ],
+)
+def test_shifter_size_suffixes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["10Gfoo", "10GBB", "10BB", "10iB", "10KiBs", "1.2.3G", "1,5G"])
+def test_sizes_with_trailing_text_are_refused(text):
+    # Shifter ignores what follows the unit letter; a typo here is refused instead
+    with pytest.raises(OptionError, match="invalid size") as info:
+        parse_size(text)
+    assert "500KB" in (info.value.hint or "")
 
 
 def test_modules():
@@ -113,6 +152,7 @@ def test_volume_parser_never_crashes(text):
 from shifter_core.options import (  # noqa: E402
     MAX_MODULES,
     MAX_PER_NODE_CACHE_VOLUMES,
+    MAX_SIZE,
     MAX_VOLUME_TEXT,
     MAX_VOLUMES,
     NAME_MAX,
@@ -191,6 +231,12 @@ def test_sizes_are_bounded():
     with pytest.raises(OptionError, match="invalid size"):
         parse_size("9" * 16 + "T")  # 10**16 TiB: refused, not an astronomic int
     assert parse_size("1024T") == 1 << 50
+    assert parse_size("1E") == MAX_SIZE
+    with pytest.raises(OptionError, match="larger than 1E"):
+        parse_size("1.001E")
+    with pytest.raises(OptionError, match="invalid size") as info:
+        parse_size("1" * 100_000 + "G")  # refused before any arithmetic
+    assert len(str(info.value)) < 400
 
 
 def test_module_lists_are_bounded():
