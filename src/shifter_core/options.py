@@ -56,23 +56,73 @@ SIZE_HINT = (
     "a number (decimals allowed) and an optional unit k, M, G, T, P or E, powers of 1024, "
     "in any case, with or without B: e.g. 512, 500KB, 1.5G, 4T; at most 1E"
 )
-VOLUME_FLAGS = ("ro", "rw", "perNodeCache=size=N")
+VOLUME_FLAGS = ("ro", "rw", "perNodeCache=size=SIZE[,bs=SIZE][,method=loop][,fs=xfs|ext4]")
+PER_NODE_CACHE_METHODS = ("loop",)
+PER_NODE_CACHE_FS = ("xfs", "ext4")
+PER_NODE_CACHE_BLOCK_SIZE = 1 << 20  # Shifter's default bs
+_PER_NODE_CACHE_HINT = (
+    "perNodeCache takes size=SIZE (required), bs=SIZE (default 1M), method=loop and "
+    "fs=xfs or ext4 (default: the site's choice), e.g. perNodeCache=size=10G,fs=xfs"
+)
+
+
+class PerNodeCache(
+    namedtuple(
+        "_PerNodeCache",
+        "size block_size method fs",
+        defaults=(PER_NODE_CACHE_BLOCK_SIZE, "loop", None),
+    )
+):
+    """A ``perNodeCache=`` volume: a fresh file system on each node, as Shifter's keys
+    ``size``, ``bs``, ``method`` and ``fs`` give it.
+
+    ``size: int`` (bytes), ``block_size: int`` (bytes, Shifter's ``bs``, default 1M),
+    ``method: str`` (``loop``, the only one), ``fs: str | None`` (``xfs`` or ``ext4``;
+    None: the site's choice, ``runtime.per_node_cache_fs``). Immutable (a named tuple).
+    """
+
+    __slots__ = ()
+    # For the type checker only (annotations without values create no attribute).
+    size: int
+    block_size: int
+    method: str
+    fs: str | None
+
+    def __str__(self) -> str:
+        """``size=N[,bs=N][,fs=FS]``: what differs from the defaults."""
+        text = f"size={self.size}"
+        if self.block_size != PER_NODE_CACHE_BLOCK_SIZE:
+            text += f",bs={self.block_size}"
+        if self.method != "loop":
+            text += f",method={self.method}"
+        if self.fs is not None:
+            text += f",fs={self.fs}"
+        return text
 
 
 class Volume(
-    namedtuple("_Volume", "source target read_only per_node_cache_bytes", defaults=(False, None))
+    namedtuple("_Volume", "source target read_only per_node_cache", defaults=(False, None))
 ):
     """One bind (or per-node cache) into the container.
 
     ``source`` and ``target`` (absolute, normalised), ``read_only: bool``,
-    ``per_node_cache_bytes: int | None``. A named tuple: see :mod:`shifter_core.reference`.
+    ``per_node_cache: PerNodeCache | None``. A named tuple: see :mod:`shifter_core.reference`.
     """
 
     __slots__ = ()
+    source: str
+    target: str
+    read_only: bool
+    per_node_cache: PerNodeCache | None
+
+    @property
+    def per_node_cache_bytes(self) -> int | None:
+        """The perNodeCache size in bytes, or None for a bind."""
+        return None if self.per_node_cache is None else self.per_node_cache.size
 
     def __str__(self) -> str:
-        if self.per_node_cache_bytes is not None:
-            return f"{self.source}:{self.target}:perNodeCache=size={self.per_node_cache_bytes}"
+        if self.per_node_cache is not None:
+            return f"{self.source}:{self.target}:perNodeCache={self.per_node_cache}"
         return f"{self.source}:{self.target}:{'ro' if self.read_only else 'rw'}"
 
 
@@ -144,20 +194,65 @@ def _check_path(spec: str, what: str, path: str) -> str:
     return posixpath.normpath(path) if path != "//" else "/"
 
 
-def _parse_flag(spec: str, flag: str) -> tuple[bool, int | None]:
+def _parse_per_node_cache(spec: str, value: str) -> PerNodeCache:
+    """``size=10G,bs=1M,method=loop,fs=xfs`` as Shifter reads it (keys and words in any
+    case); unlike Shifter, an unknown or repeated key is refused, not ignored."""
+    found: dict[str, str] = {}
+    for item in value.split(","):
+        if not item:
+            continue  # Shifter reads "size=1G," too
+        key, sep, text = item.partition("=")
+        key = key.lower()
+        if not sep:
+            raise OptionError(
+                f"invalid volume {shown(spec)}: perNodeCache option {shown(item)} is not KEY=VALUE",
+                hint=_PER_NODE_CACHE_HINT,
+            )
+        if key not in ("size", "bs", "method", "fs"):
+            raise OptionError(
+                f"invalid volume {shown(spec)}: unknown perNodeCache key {shown(key)}",
+                hint=_PER_NODE_CACHE_HINT,
+            )
+        if key in found:
+            raise OptionError(
+                f"invalid volume {shown(spec)}: perNodeCache key {key!r} is given twice",
+                hint=_PER_NODE_CACHE_HINT,
+            )
+        if not text:
+            raise OptionError(
+                f"invalid volume {shown(spec)}: perNodeCache {key}= has an empty value",
+                hint=_PER_NODE_CACHE_HINT,
+            )
+        found[key] = text
+    if "size" not in found:
+        raise OptionError(
+            f"invalid volume {shown(spec)}: perNodeCache needs a size", hint=_PER_NODE_CACHE_HINT
+        )
+    method = found.get("method", "loop").lower()
+    if method not in PER_NODE_CACHE_METHODS:
+        raise OptionError(
+            f"invalid volume {shown(spec)}: perNodeCache method {shown(method)} is not known",
+            hint="the only method is loop (a file system in a file on a loop device)",
+        )
+    fs = found["fs"].lower() if "fs" in found else None
+    if fs is not None and fs not in PER_NODE_CACHE_FS:
+        raise OptionError(
+            f"invalid volume {shown(spec)}: perNodeCache file system {shown(fs)} is not supported",
+            hint=f"use fs={' or fs='.join(PER_NODE_CACHE_FS)}, or leave fs= out for the "
+            "site's choice",
+        )
+    block_size = parse_size(found["bs"]) if "bs" in found else PER_NODE_CACHE_BLOCK_SIZE
+    return PerNodeCache(parse_size(found["size"]), block_size, method, fs)
+
+
+def _parse_flag(spec: str, flag: str) -> tuple[bool, PerNodeCache | None]:
     if flag in ("", "rw"):
         return False, None
     if flag == "ro":
         return True, None
     name, _, value = flag.partition("=")
-    if name == "perNodeCache":
-        key, _, size = value.partition("=")
-        if key != "size" or not size:
-            raise OptionError(
-                f"invalid volume {shown(spec)}: perNodeCache needs a size",
-                hint="perNodeCache=size=10G",
-            )
-        return False, parse_size(size)
+    if name.lower() == "pernodecache":
+        return False, _parse_per_node_cache(spec, value)
     raise OptionError(
         f"invalid volume {shown(spec)}: unknown flag {shown(flag)}",
         hint=f"flags are {', '.join(VOLUME_FLAGS)}",
@@ -175,7 +270,7 @@ def parse_volume(spec: str) -> Volume:
     parts = spec.split(":")
     if len(parts) < 2 or len(parts) > 3:
         raise OptionError(
-            f"invalid volume {shown(spec)}", hint="use SRC:DST[:ro|rw|perNodeCache=size=N]"
+            f"invalid volume {shown(spec)}", hint="use SRC:DST[:ro|rw|perNodeCache=size=SIZE]"
         )
     source = _check_path(spec, "source", parts[0])
     target = _check_path(spec, "target", parts[1])
@@ -210,7 +305,7 @@ def parse_volumes(values: Iterable[str]) -> list[Volume]:
             hint="bind a common parent directory instead of many of its entries",
         )
     volumes = [parse_volume(s) for s in specs]
-    caches = sum(v.per_node_cache_bytes is not None for v in volumes)
+    caches = sum(v.per_node_cache is not None for v in volumes)
     if caches > MAX_PER_NODE_CACHE_VOLUMES:
         raise OptionError(
             f"{caches} perNodeCache volumes given: at most {MAX_PER_NODE_CACHE_VOLUMES} "

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from shifter_core.errors import OptionError
 from shifter_core.options import (
+    PerNodeCache,
     Volume,
     format_volumes,
     parse_modules,
@@ -20,7 +21,7 @@ def test_volume_forms():
     assert parse_volume("/a:/b:ro") == Volume("/a", "/b", read_only=True)
     assert parse_volume("/a/:/b//c/:rw") == Volume("/a", "/b/c")
     assert parse_volume("/x:/scratch:perNodeCache=size=10G") == Volume(
-        "/x", "/scratch", per_node_cache_bytes=10 << 30
+        "/x", "/scratch", per_node_cache=PerNodeCache(10 << 30)
     )
 
 
@@ -41,8 +42,16 @@ def test_repeated_and_joined_volumes_are_all_kept():
         ("/a:b", "not an absolute path"),
         ("/a:/b/../etc", "contains '..'"),
         ("/a:/b:rox", "unknown flag"),
-        ("/a:/b:perNodeCache=10G", "needs a size"),
+        ("/a:/b:perNodeCache=10G", "is not KEY=VALUE"),
+        ("/a:/b:perNodeCache", "needs a size"),
+        ("/a:/b:perNodeCache=bs=1M", "needs a size"),
         ("/a:/b:perNodeCache=size=ten", "invalid size"),
+        ("/a:/b:perNodeCache=size=1G,bs=0", "invalid size"),
+        ("/a:/b:perNodeCache=size=1G,bs=", "empty value"),
+        ("/a:/b:perNodeCache=size=1G,method=dd", "method 'dd'"),
+        ("/a:/b:perNodeCache=size=1G,fs=btrfs", "file system 'btrfs'"),
+        ("/a:/b:perNodeCache=size=1G,fstype=xfs", "unknown perNodeCache key 'fstype'"),
+        ("/a:/b:perNodeCache=size=1G,size=2G", "given twice"),
     ],
 )
 def test_bad_volumes_name_the_spec(spec, message):
@@ -266,3 +275,49 @@ def test_volume_parser_never_crashes_on_any_text(values):
             for path in (volume.source, volume.target):
                 assert path.isprintable() and len(path.encode()) < PATH_MAX
                 assert all(len(c.encode()) <= NAME_MAX for c in path.split("/"))
+
+
+# -- perNodeCache with Shifter's keys (issue 11) -------------------------------------------
+
+
+def test_per_node_cache_keys():
+    volume = parse_volume("/tmp:/cache:perNodeCache=size=10G,bs=1M,method=loop,fs=xfs")
+    assert volume.per_node_cache == PerNodeCache(10 << 30, 1 << 20, "loop", "xfs")
+    assert volume.per_node_cache_bytes == 10 << 30  # what the runtime reads today
+    assert not volume.read_only
+    # keys and the words in any case, as Shifter compares them (strcasecmp)
+    same = parse_volume("/tmp:/cache:PERNODECACHE=Size=10g,BS=1m,Method=LOOP,FS=XFS")
+    assert same == volume
+    ext4 = parse_volume("/tmp:/cache:perNodeCache=fs=ext4,size=1T,")
+    assert ext4.per_node_cache == PerNodeCache(1 << 40, fs="ext4")
+
+
+def test_per_node_cache_defaults_are_shifters():
+    cache = parse_volume("/tmp:/c:perNodeCache=size=1G").per_node_cache
+    assert cache == PerNodeCache(size=1 << 30, block_size=1 << 20, method="loop", fs=None)
+    assert Volume("/a", "/b").per_node_cache is None
+    assert Volume("/a", "/b").per_node_cache_bytes is None
+
+
+@pytest.mark.parametrize(
+    "spec, text",
+    [
+        ("/t:/c:perNodeCache=size=10G", "/t:/c:perNodeCache=size=10737418240"),
+        (
+            "/t:/c:perNodeCache=size=1G,bs=4k,method=loop,fs=ext4",
+            "/t:/c:perNodeCache=size=1073741824,bs=4096,fs=ext4",
+        ),
+        ("/t:/c:perNodeCache=size=1G,bs=1M", "/t:/c:perNodeCache=size=1073741824"),
+    ],
+)
+def test_per_node_cache_canonical_form(spec, text):
+    volume = parse_volume(spec)
+    assert str(volume) == text  # defaults left out: older parsers read the common form
+    assert parse_volume(text) == volume
+    assert parse_volumes([format_volumes([volume])]) == [volume]
+
+
+def test_per_node_cache_errors_say_what_to_write():
+    with pytest.raises(OptionError) as info:
+        parse_volume("/a:/b:perNodeCache=size=1G,color=red")
+    assert "size=" in (info.value.hint or "") and "fs=" in (info.value.hint or "")
