@@ -62,6 +62,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "shifter_core._httpx",
             "shifter_core.access",
             "shifter_core.mounts",
+            "shifter_core.udiroot",
         ),
     ),
 )
