@@ -32,6 +32,7 @@ setup(
         "console_scripts": [
             "shifter=shifter_core.cli.shifter:main",
             "shifterimg=shifter_core.cli.shifterimg:main",
+            "shifteradm=shifter_core.cli.shifteradm:main",
             "shifter-gateway=shifter_core.gateway.server:main",
         ]
     },
