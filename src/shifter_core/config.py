@@ -389,8 +389,8 @@ class RuntimeConfig:
     launcher_name_ttl: int = field(
         default=60,
         metadata=_doc(
-            "seconds shifter's C launcher may reuse what an image name resolved to "
-            "(0: it replays only --image=id:... requests)",
+            "seconds shifter's C launcher and srun/sbatch/salloc may reuse what an image name "
+            "resolved to (0: never; the launcher then replays only --image=id:... requests)",
             check=_non_negative,
         ),
     )

@@ -21,6 +21,7 @@ import argparse
 import getpass
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -237,6 +238,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
         )
         _out(f"pulling {job.reference} ({job.platform}), job {job.id}")
         final = _wait(client, job, str(ref))
+    if final.state == JobState.READY:  # the name may mean another image now: ask again
+        from ..usercache import forget
+
+        forget(os.getuid(), os.environ)
     return _finish(final)
 
 

@@ -33,9 +33,9 @@ recipe can do nothing its user could not do with ``unshare``.
 from __future__ import annotations
 
 import os
-import stat
 import time
 
+from ..usercache import cache_directory
 from ._log import get_logger
 from .mountops import IMAGE_FLAGS, OVERLAY_FLAGS, fuse_options, mount_order
 from .paths import fd_path
@@ -97,32 +97,6 @@ def key_hash(key: str) -> str:
     for byte in key.encode():
         value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return f"{value:016x}"
-
-
-def cache_directory(uid: int, environ: Mapping[str, str], create: bool = False) -> str | None:
-    """The user's launch cache, if it is usable (created with ``create``)."""
-    xdg = environ.get("XDG_RUNTIME_DIR", "")
-    try:
-        use_xdg = xdg.startswith("/") and os.stat(xdg).st_uid == uid and os.path.isdir(xdg)
-    except OSError:
-        use_xdg = False
-    path = f"{xdg}/shifter-launch" if use_xdg else f"/tmp/shifter-launch-{uid}"
-    if any(c in path for c in _BAD_PATH_CHARS):
-        return None
-    if create:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError:
-            return None
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
-        return None
-    return path
 
 
 def file_identity(path: str) -> str:

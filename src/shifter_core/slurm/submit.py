@@ -87,77 +87,97 @@ def image_inherited() -> bool:
     return replayed is not None and state.image_values == [replayed]
 
 
+def _confirmed(claimed: str, request: str, image_path: str, uid: int, gids: set[int]) -> bool:
+    """Whether the store's own record of ``claimed`` confirms it for ``request``: a complete
+    image whose source is the request's name (or whose id the request gives) and whose ACL
+    admits the caller (:func:`shifter_core.access.visible`). Imports nothing but that rule,
+    which imports nothing: every srun pays for it."""
+    if len(claimed) != 64 or not all(c in "0123456789abcdef" for c in claimed):
+        return False
+    kind, _, text = request.partition(":")
+    if kind == "id":  # the claimed id must be the one asked for (12 digits or more)
+        prefix = text.removeprefix("sha256:")
+        wanted = None if len(prefix) >= 12 and claimed.startswith(prefix) else ""
+    else:  # what the store records as its source (a malformed text matches nothing)
+        from ..hubnames import canonical
+
+        wanted = canonical(text)
+    try:
+        with open(os.path.join(image_path, f"{claimed}.json"), encoding="utf-8") as fh:
+            raw = fh.read(1 << 20)
+        try:  # json's C parser alone: importing json compiles regexes (~15 ms a step)
+            from _json import make_scanner
+
+            class Context:
+                strict = True
+                object_hook = object_pairs_hook = parse_constant = None
+                parse_float, parse_int = float, int
+
+                def __init__(self) -> None:
+                    self.memo: dict[str, str] = {}
+
+            # the scanner takes any object with a JSONDecoder's attributes
+            scan = make_scanner(Context())  # type: ignore[arg-type]
+            record = scan(raw, 0)[0]
+        except ImportError:
+            import json
+
+            record = json.loads(raw)
+        from ..access import AclMembers, Viewer, visible  # imports nothing itself
+
+        acl = record.get("acl")
+        users, groups = (acl.get("users", ()), acl.get("groups", ())) if acl else ((), ())
+        members = None if acl is None else AclMembers(users, groups)
+        if (
+            kind in ("id", "docker")
+            and wanted != ""
+            and record.get("id") == claimed
+            and (wanted is None or record.get("source") == wanted)
+            and visible(Viewer(uid, gids), members)
+            and os.path.exists(os.path.join(image_path, f"{claimed}.squashfs"))
+        ):
+            return True
+    except (OSError, ValueError, AttributeError, TypeError, StopIteration):
+        pass  # not confirmed
+    return False
+
+
 def resolve_image(request: str) -> str:
     """The image id of ``request``, as the gateway resolves it (applying the image's ACL).
 
-    No variable of the environment stands in for that lookup. A step of a job made with
-    the same ``--image`` reuses the job's ``SHIFTER_IMAGE`` only once the store's own
-    record of that id (root- or service-owned) confirms it: a complete image whose source
-    is ``request`` and whose ACL admits the caller (:func:`shifter_core.access.visible`).
-    That check imports nothing but that rule, which imports nothing (every srun pays for
-    it); anything it cannot confirm goes to the gateway. When the gateway cannot be
-    reached, the store answers (public images for all, private ones for their ACL), with a
-    warning to the user.
+    No claim stands in for that lookup unless the store's own record of the claimed id
+    (root- or service-owned) confirms it (:func:`_confirmed`). Claims come from the job (a
+    step of a job made with the same ``--image`` has its ``SHIFTER_IMAGE``) or from the
+    user's cache of what the gateway answered for this request less than
+    ``runtime.launcher_name_ttl`` seconds ago (:mod:`shifter_core.usercache`): so the
+    steps of an allocation made without ``--image`` ask the gateway once. When the gateway
+    cannot be reached, the store answers (public images for all, private ones for their
+    ACL), with a warning to the user.
     """
+    import time
+
+    from ..usercache import claimed_id, remember
+
     image_path = state.site.image_path
     uid, gids = os.getuid(), {os.getgid(), *os.getgroups()}
-    claimed = os.environ.get(ENV_IMAGE, "")
-    if (
-        os.environ.get(ENV_IMAGEREQUEST) == request
-        and len(claimed) == 64
-        and all(c in "0123456789abcdef" for c in claimed)
-    ):
-        kind, _, text = request.partition(":")
-        if kind == "id":  # the claimed id must be the one asked for (12 digits or more)
-            prefix = text.removeprefix("sha256:")
-            wanted = None if len(prefix) >= 12 and claimed.startswith(prefix) else ""
-        else:  # what the store records as its source (a malformed text matches nothing)
-            from ..hubnames import canonical
-
-            wanted = canonical(text)
-        try:
-            with open(os.path.join(image_path, f"{claimed}.json"), encoding="utf-8") as fh:
-                raw = fh.read(1 << 20)
-            try:  # json's C parser alone: importing json compiles regexes (~15 ms a step)
-                from _json import make_scanner
-
-                class Context:
-                    strict = True
-                    object_hook = object_pairs_hook = parse_constant = None
-                    parse_float, parse_int = float, int
-
-                    def __init__(self) -> None:
-                        self.memo: dict[str, str] = {}
-
-                # the scanner takes any object with a JSONDecoder's attributes
-                scan = make_scanner(Context())  # type: ignore[arg-type]
-                record = scan(raw, 0)[0]
-            except ImportError:
-                import json
-
-                record = json.loads(raw)
-            from ..access import AclMembers, Viewer, visible  # imports nothing itself
-
-            acl = record.get("acl")
-            users, groups = (acl.get("users", ()), acl.get("groups", ())) if acl else ((), ())
-            members = None if acl is None else AclMembers(users, groups)
-            if (
-                kind in ("id", "docker")
-                and wanted != ""
-                and record.get("id") == claimed
-                and (wanted is None or record.get("source") == wanted)
-                and visible(Viewer(uid, gids), members)
-                and os.path.exists(os.path.join(image_path, f"{claimed}.squashfs"))
-            ):
-                return claimed
-        except (OSError, ValueError, AttributeError, TypeError, StopIteration):
-            pass  # not confirmed: ask the gateway
+    now = time.time()
+    claims = []
+    if os.environ.get(ENV_IMAGEREQUEST) == request:
+        claims.append(os.environ.get(ENV_IMAGE, ""))
+    claims.append(claimed_id(uid, gids, os.environ, request, now) or "")
+    for claimed in claims:
+        if _confirmed(claimed, request, image_path, uid, gids):
+            return claimed
     from ..client import GatewayClient, GatewayUnreachable
 
     url = state.site.gateway.url
     try:
         with GatewayClient(url, timeout=30.0) as client:
-            return client.lookup(request).id
+            image_id = client.lookup(request).id
+        ttl = state.site.runtime.launcher_name_ttl
+        if ttl > 0:
+            remember(uid, gids, os.environ, request, image_id, now + ttl)
+        return image_id
     except GatewayUnreachable:
         pass
     from ..reference import ImageRequest
