@@ -239,18 +239,23 @@ def _absolute_list(value: list[str]) -> str | None:
     return f"holds {bad[0]!r}, which is not an absolute path" if bad else None
 
 
-def _volume_list(value: list[str]) -> str | None:
+def _volume_list(value: list[str], *, site: bool = False) -> str | None:
     from .errors import OptionError
     from .options import parse_volume
 
     for spec in value:
         try:
-            volume = parse_volume(spec)
+            volume = parse_volume(spec, site=site)
         except OptionError as err:
             return f"holds an invalid spec: {err}"
-        if volume.per_node_cache_bytes is not None:
+        if volume.per_node_cache is not None:
             return f"holds {spec!r}: perNodeCache is for user volumes only"
     return None
+
+
+def _site_volume_list(value: list[str]) -> str | None:
+    """Site volumes: Shifter's siteFs flags (rec, slave, private) are allowed."""
+    return _volume_list(value, site=True)
 
 
 def _copy_list(value: list[str]) -> str | None:
@@ -361,7 +366,10 @@ class RuntimeConfig:
     site_volumes: list[str] = field(
         default_factory=list,
         metadata=_doc(
-            "site file systems bound into every container: SRC:DST[:ro|rw]", check=_volume_list
+            "site file systems bound into every container: SRC:DST[:ro|rw][:rec]"
+            "[:slave|private] (rec: with the mounts below SRC; slave/private: their mount "
+            "propagation)",
+            check=_site_volume_list,
         ),
     )
     forbidden_targets: list[str] = field(

@@ -1,8 +1,10 @@
 """Syntax of the user options shared by ``shifter`` and the Slurm plugin.
 
 ``--image`` is parsed by :mod:`shifter_core.reference`. This module parses
-``--volume`` (``SRC:DST[:FLAG]``, several joined by ``;`` or given repeatedly) and
-``--module`` (``a,b`` or ``none``). Only syntax and bounds are checked here; whether a
+``--volume`` (``SRC:DST[:FLAG...]``, several joined by ``;`` or given repeatedly; a user's
+flags are ``ro``, ``rw`` and ``perNodeCache=...``, a site volume's also Shifter's ``rec``,
+``slave`` and ``private``), sizes as Shifter writes them, and ``--module`` (``a,b`` or
+``none``). Only syntax and bounds are checked here; whether a
 source is readable by the user or a target is allowed is decided by the runtime, as the user.
 
 Everything here is also run by root on the nodes (the prolog re-parses what the submitting
@@ -57,6 +59,12 @@ SIZE_HINT = (
     "in any case, with or without B: e.g. 512, 500KB, 1.5G, 4T; at most 1E"
 )
 VOLUME_FLAGS = ("ro", "rw", "perNodeCache=size=SIZE[,bs=SIZE][,method=loop][,fs=xfs|ext4]")
+# Shifter's flags that only its siteFs (udiRoot.conf) may give (VolumeMap.c,
+# validateVolumeMap_siteRequest): rec, a recursive bind (the mounts below the source come
+# along); slave and private, the bind's mount propagation (slave: mounts made later below
+# the source on the host appear in the container, none go back; private: none either way).
+SITE_VOLUME_FLAGS = ("rec", "slave", "private")
+PROPAGATIONS = ("slave", "private")
 PER_NODE_CACHE_METHODS = ("loop",)
 PER_NODE_CACHE_FS = ("xfs", "ext4")
 PER_NODE_CACHE_BLOCK_SIZE = 1 << 20  # Shifter's default bs
@@ -101,12 +109,19 @@ class PerNodeCache(
 
 
 class Volume(
-    namedtuple("_Volume", "source target read_only per_node_cache", defaults=(False, None))
+    namedtuple(
+        "_Volume",
+        "source target read_only per_node_cache recursive propagation",
+        defaults=(False, None, False, None),
+    )
 ):
     """One bind (or per-node cache) into the container.
 
     ``source`` and ``target`` (absolute, normalised), ``read_only: bool``,
-    ``per_node_cache: PerNodeCache | None``. A named tuple: see :mod:`shifter_core.reference`.
+    ``per_node_cache: PerNodeCache | None``; of site volumes only (``site=True``):
+    ``recursive: bool`` (Shifter's ``rec`` was given) and ``propagation: str | None``
+    (``slave``, ``private``, or None when neither was given). A named tuple: see
+    :mod:`shifter_core.reference`.
     """
 
     __slots__ = ()
@@ -114,6 +129,8 @@ class Volume(
     target: str
     read_only: bool
     per_node_cache: PerNodeCache | None
+    recursive: bool
+    propagation: str | None
 
     @property
     def per_node_cache_bytes(self) -> int | None:
@@ -123,7 +140,12 @@ class Volume(
     def __str__(self) -> str:
         if self.per_node_cache is not None:
             return f"{self.source}:{self.target}:perNodeCache={self.per_node_cache}"
-        return f"{self.source}:{self.target}:{'ro' if self.read_only else 'rw'}"
+        text = f"{self.source}:{self.target}:{'ro' if self.read_only else 'rw'}"
+        if self.recursive:
+            text += ":rec"
+        if self.propagation:
+            text += f":{self.propagation}"
+        return text
 
 
 def shown(value: object, limit: int = SHOWN_LENGTH) -> str:
@@ -245,22 +267,69 @@ def _parse_per_node_cache(spec: str, value: str) -> PerNodeCache:
     return PerNodeCache(parse_size(found["size"]), block_size, method, fs)
 
 
-def _parse_flag(spec: str, flag: str) -> tuple[bool, PerNodeCache | None]:
-    if flag in ("", "rw"):
-        return False, None
-    if flag == "ro":
-        return True, None
-    name, _, value = flag.partition("=")
-    if name.lower() == "pernodecache":
-        return False, _parse_per_node_cache(spec, value)
-    raise OptionError(
-        f"invalid volume {shown(spec)}: unknown flag {shown(flag)}",
-        hint=f"flags are {', '.join(VOLUME_FLAGS)}",
-    )
+def _parse_flags(
+    spec: str, flags: list[str], site: bool
+) -> tuple[bool, PerNodeCache | None, bool, str | None]:
+    """``(read_only, per_node_cache, recursive, propagation)`` of a volume's ``flags``
+    (names in any case, as Shifter reads them; an empty flag is ignored, as by Shifter)."""
+    read_only, recursive = False, False
+    cache: PerNodeCache | None = None
+    propagation: str | None = None
+    seen: list[str] = []
+    for flag in flags:
+        if not flag:
+            continue
+        name, sep, value = flag.partition("=")
+        name = name.lower()
+        if name == "pernodecache":
+            cache = _parse_per_node_cache(spec, value)
+        elif name in ("ro", "rw", *SITE_VOLUME_FLAGS):
+            if sep:
+                raise OptionError(
+                    f"invalid volume {shown(spec)}: the flag {name!r} takes no value",
+                    hint=f"write :{name}",
+                )
+            if name in SITE_VOLUME_FLAGS and not site:
+                raise OptionError(
+                    f"invalid volume {shown(spec)}: the flag {name!r} is for site volumes "
+                    "only (runtime.site_volumes of the site's configuration)",
+                    hint=f"user volumes take the flags {', '.join(VOLUME_FLAGS)}",
+                )
+            if name == "ro":
+                read_only = True
+            elif name == "rec":
+                recursive = True
+            elif name in PROPAGATIONS:
+                propagation = name
+        else:
+            flags_known = (*VOLUME_FLAGS, *SITE_VOLUME_FLAGS) if site else VOLUME_FLAGS
+            raise OptionError(
+                f"invalid volume {shown(spec)}: unknown flag {shown(flag)}",
+                hint=f"flags are {', '.join(flags_known)}",
+            )
+        if name in seen:
+            raise OptionError(f"invalid volume {shown(spec)}: the flag {name!r} is given twice")
+        seen.append(name)
+    for pair in (("ro", "rw"), PROPAGATIONS):
+        if all(p in seen for p in pair):
+            raise OptionError(
+                f"invalid volume {shown(spec)}: both {pair[0]} and {pair[1]} are given",
+                hint="keep one of them",
+            )
+    if "pernodecache" in seen and len(seen) > 1:
+        raise OptionError(
+            f"invalid volume {shown(spec)}: perNodeCache takes no other flag",
+            hint="a perNodeCache volume is a fresh file system, writable by its user",
+        )
+    return read_only, cache, recursive, propagation
 
 
-def parse_volume(spec: str) -> Volume:
-    """Parse one ``SRC:DST[:FLAG]`` (the bounds of the module docstring apply)."""
+def parse_volume(spec: str, *, site: bool = False) -> Volume:
+    """Parse one ``SRC:DST[:FLAG...]`` (the bounds of the module docstring apply).
+
+    ``site``: a site volume, which may also take Shifter's siteFs flags ``rec``, ``slave``
+    and ``private`` (:data:`SITE_VOLUME_FLAGS`); a user's volume takes ``ro``, ``rw`` or
+    ``perNodeCache=...`` only."""
     if len(spec) > 2 * PATH_MAX + 64:
         raise OptionError(
             f"invalid volume {shown(spec)}: longer than {2 * PATH_MAX + 64} characters",
@@ -268,21 +337,20 @@ def parse_volume(spec: str) -> Volume:
         )
     _check_characters("volume", spec)
     parts = spec.split(":")
-    if len(parts) < 2 or len(parts) > 3:
+    if len(parts) < 2:
         raise OptionError(
             f"invalid volume {shown(spec)}", hint="use SRC:DST[:ro|rw|perNodeCache=size=SIZE]"
         )
     source = _check_path(spec, "source", parts[0])
     target = _check_path(spec, "target", parts[1])
-    read_only, cache = _parse_flag(spec, parts[2] if len(parts) == 3 else "")
-    return Volume(source, target, read_only, cache)
+    return Volume(source, target, *_parse_flags(spec, parts[2:], site))
 
 
-def parse_volumes(values: Iterable[str]) -> list[Volume]:
+def parse_volumes(values: Iterable[str], *, site: bool = False) -> list[Volume]:
     """Parse every ``--volume`` value given; each may hold several specs joined by ``;``.
 
     Bounded as the module docstring says; the total length and the number of volumes are
-    checked before any spec is parsed.
+    checked before any spec is parsed. ``site``: as for :func:`parse_volume`.
     """
     values = list(values)
     total = sum(len(v) + 1 for v in values)
@@ -304,7 +372,7 @@ def parse_volumes(values: Iterable[str]) -> list[Volume]:
             f"{len(specs)} volumes given: more than {MAX_VOLUMES} volumes",
             hint="bind a common parent directory instead of many of its entries",
         )
-    volumes = [parse_volume(s) for s in specs]
+    volumes = [parse_volume(s, site=site) for s in specs]
     caches = sum(v.per_node_cache is not None for v in volumes)
     if caches > MAX_PER_NODE_CACHE_VOLUMES:
         raise OptionError(

@@ -108,3 +108,39 @@ def test_random_documents_parse_or_fail_cleanly(document):
     else:
         assert set(document) <= {k for k, _ in config.documented_keys()}
         assert cfg.source == "h.yaml"
+
+
+# -- site volumes (issue 11) ----------------------------------------------------------------
+
+
+def test_site_volumes_take_shifters_site_flags():
+    from shifter_core.options import parse_volumes
+
+    cfg = config.parse(
+        "runtime:\n  site_volumes: ['/global:/global:rec:slave', '/scratch:/scratch:ro:private']\n"
+    )
+    volumes = parse_volumes(cfg.runtime.site_volumes, site=True)
+    assert [(v.recursive, v.propagation, v.read_only) for v in volumes] == [
+        (True, "slave", False),
+        (False, "private", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("/a:/b:slave:private", "both slave and private"),
+        ("/a:/b:shared", "unknown flag"),
+        ("/a:/b:perNodeCache=size=1G", "perNodeCache is for user volumes only"),
+    ],
+)
+def test_bad_site_volume_flags_are_refused_at_load(spec, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        config.parse(f"runtime:\n  site_volumes: ['{spec}']\n", "s.yaml")
+    assert "s.yaml, line 2: runtime.site_volumes" in str(info.value)
+
+
+def test_module_binds_keep_the_user_flags():
+    # the runtime parses module binds as user volumes (runtime.assemble)
+    with pytest.raises(ConfigError, match="site volumes only"):
+        config.parse("modules:\n  m:\n    binds: ['/a:/b:rec']\n")

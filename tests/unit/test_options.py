@@ -36,6 +36,7 @@ def test_repeated_and_joined_volumes_are_all_kept():
     [
         ("/a", "invalid volume"),
         ("/a:/b:ro:x", "invalid volume"),
+        ("/a:/b:ro:rw:x", "invalid volume"),
         (":/b", "empty source"),
         ("/a:", "empty target"),
         ("a:/b", "not an absolute path"),
@@ -321,3 +322,83 @@ def test_per_node_cache_errors_say_what_to_write():
     with pytest.raises(OptionError) as info:
         parse_volume("/a:/b:perNodeCache=size=1G,color=red")
     assert "size=" in (info.value.hint or "") and "fs=" in (info.value.hint or "")
+
+
+# -- site-volume flags, as Shifter's siteFs spells them (issue 11) -------------------------
+
+
+def test_site_volume_flags():
+    volume = parse_volume("/global/u1:/global/u1:ro:rec:slave", site=True)
+    assert volume == Volume(
+        "/global/u1", "/global/u1", read_only=True, recursive=True, propagation="slave"
+    )
+    assert parse_volume("/a:/b:private", site=True).propagation == "private"
+    assert parse_volume("/a:/b:REC:Private", site=True) == Volume(
+        "/a", "/b", recursive=True, propagation="private"
+    )  # flag names in any case, as Shifter compares them
+    plain = parse_volume("/a:/b", site=True)
+    assert (plain.recursive, plain.propagation) == (False, None)
+    assert parse_volumes(["/a:/a:rec;/b:/b:slave"], site=True)[1].propagation == "slave"
+
+
+@pytest.mark.parametrize(
+    "spec, text",
+    [
+        ("/a:/b:rec", "/a:/b:rw:rec"),
+        ("/a:/b:slave:ro", "/a:/b:ro:slave"),
+        ("/a:/b:private:rec:ro", "/a:/b:ro:rec:private"),
+    ],
+)
+def test_site_volume_canonical_form(spec, text):
+    volume = parse_volume(spec, site=True)
+    assert str(volume) == text
+    assert parse_volume(text, site=True) == volume
+
+
+@pytest.mark.parametrize("flag", ["rec", "slave", "private", "REC"])
+def test_site_flags_are_refused_in_user_volumes(flag):
+    with pytest.raises(OptionError, match="site volumes only") as info:
+        parse_volume(f"/a:/b:{flag}")
+    assert "ro" in (info.value.hint or "")
+    with pytest.raises(OptionError, match="site volumes only"):
+        parse_volumes([f"/a:/b:ro:{flag}"])
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("/a:/b:slave:private", "both slave and private"),
+        ("/a:/b:ro:rw", "both ro and rw"),
+        ("/a:/b:ro:ro", "given twice"),
+        ("/a:/b:rec:REC", "given twice"),
+        ("/a:/b:rec=1", "takes no value"),
+        ("/a:/b:shared", "unknown flag"),
+        ("/a:/b:ro:perNodeCache=size=1G", "perNodeCache takes no other flag"),
+    ],
+)
+def test_bad_flag_combinations_are_refused(spec, message):
+    with pytest.raises(OptionError, match=message):
+        parse_volume(spec, site=True)
+
+
+def test_user_volumes_may_combine_their_flags_as_before():
+    assert parse_volume("/a:/b:ro").read_only
+    assert parse_volume("/a:/b:").read_only is False  # an empty flag is ignored, as Shifter
+    assert parse_volume("/a:/b:RO").read_only  # any case, as Shifter
+    with pytest.raises(OptionError, match="unknown flag"):
+        parse_volume("/a:/b:ro:x")
+
+
+@given(
+    _path,
+    _path,
+    st.sampled_from(["", ":ro", ":rw"]),
+    st.sampled_from(["", ":rec"]),
+    st.sampled_from(["", ":slave", ":private"]),
+)
+def test_site_volume_round_trip(source, target, access, rec, propagation):
+    volume = parse_volume(f"{source}:{target}{access}{rec}{propagation}", site=True)
+    assert volume.read_only == (access == ":ro")
+    assert volume.recursive == bool(rec)
+    assert volume.propagation == (propagation[1:] or None)
+    assert parse_volume(str(volume), site=True) == volume
