@@ -137,10 +137,9 @@ def shared_root_dir(directory: str, key: tuple[int, int, str, str, str, bool]) -
     """``RUN_DIR/NODE/JOB/roots/KEY``: where the job's steps that ask for ``key`` (and not
     for the job's own request) find their root. The name only finds it: the record in it
     decides (:meth:`JobRecord.serves`)."""
-    from hashlib import blake2b
+    from .fnv import fnv1a_hex
 
-    name = blake2b(repr(key).encode(), digest_size=12).hexdigest()
-    return os.path.join(directory, ROOTS_DIR, name)
+    return os.path.join(directory, ROOTS_DIR, fnv1a_hex(repr(key).encode()))
 
 
 def current_job(environ: Mapping[str, str]) -> tuple[str, str] | None:

@@ -18,6 +18,8 @@ import contextlib
 import os
 import stat
 
+from .fnv import fnv1a_hex
+
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -54,12 +56,10 @@ def cache_directory(uid: int, environ: Mapping[str, str], create: bool = False) 
 
 
 def _name_file(directory: str, request: str, gids: Iterable[int]) -> str:
-    """One file per request and set of groups (FNV-1a of both: the file holds the request
-    too, which is compared)."""
-    value = 0xCBF29CE484222325
-    for byte in f"{sorted(gids)}\n{request}".encode():
-        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{directory}/{NAMES_DIR}/{value:016x}"
+    """One file per request and set of groups (the file holds the request too, which is
+    compared)."""
+    name = fnv1a_hex(f"{sorted(gids)}\n{request}".encode())
+    return f"{directory}/{NAMES_DIR}/{name}"
 
 
 def claimed_id(uid: int, gids: Iterable[int], environ: Mapping[str, str], request: str,

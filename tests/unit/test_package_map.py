@@ -9,8 +9,9 @@ its client (``client``, ``gateway.models``, ``gateway.errors``, ``gateway.transp
 ``runtime``, ``slurm`` and ``cli`` reach the gateway through it, and its models read image
 records, so it sits between ``jobroot`` and ``image``. ``base`` is the package's ``__init__``
 (its version), ``config``, ``config_file``, ``config_cache``, ``syscalls``, ``errors``,
-``fsutil``, ``options``, ``reference``, ``hubnames``, ``munge``, ``access`` (the visibility rule),
-``mounts`` (the mount table) and the compiled helpers. A module belongs to the layer of its
+``fsutil``, ``options``, ``reference``, ``hubnames``, ``usercache``, ``fnv``, ``munge``,
+``access`` (the visibility rule), ``mounts`` (the mount table), ``udiroot`` and the
+compiled helpers. A module belongs to the layer of its
 longest matching prefix. Every import counts: at module level, in a function, or under
 ``TYPE_CHECKING``. Inside ``image`` the dependencies point one way too (:data:`IMAGE_RANKS`).
 
@@ -57,6 +58,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "shifter_core.options",
             "shifter_core.reference",
             "shifter_core.hubnames",
+            "shifter_core.usercache",
+            "shifter_core.fnv",
             "shifter_core.munge",
             "shifter_core._munge_cffi",
             "shifter_core._httpx",

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import time
 
+from ..fnv import fnv1a_hex
 from ..usercache import cache_directory
 from ._log import get_logger
 from .mountops import IMAGE_FLAGS, OVERLAY_FLAGS, fuse_options, mount_order
@@ -92,11 +93,8 @@ def launch_key(
 
 
 def key_hash(key: str) -> str:
-    """FNV-1a, 64 bits, as hex: the recipe's directory name (the key itself is compared)."""
-    value = 0xCBF29CE484222325
-    for byte in key.encode():
-        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{value:016x}"
+    """The recipe's directory name (the key itself is compared), as the launcher names it."""
+    return fnv1a_hex(key.encode())
 
 
 def file_identity(path: str) -> str:
