@@ -213,7 +213,9 @@ def _check_path(spec: str, what: str, path: str) -> str:
                 f"{shown(component)} longer than {NAME_MAX} bytes",
                 hint="file names are limited to NAME_MAX (255 bytes)",
             )
-    return posixpath.normpath(path) if path != "//" else "/"
+    # normpath keeps exactly two leading slashes (POSIX leaves "//" to the system; Linux
+    # reads it as "/"): one, so that checks comparing targets as text see "/etc"
+    return "/" + posixpath.normpath(path).lstrip("/")
 
 
 def _parse_per_node_cache(spec: str, value: str) -> PerNodeCache:

@@ -402,3 +402,12 @@ def test_site_volume_round_trip(source, target, access, rec, propagation):
     assert volume.recursive == bool(rec)
     assert volume.propagation == (propagation[1:] or None)
     assert parse_volume(str(volume), site=True) == volume
+
+
+@pytest.mark.parametrize("target", ["//etc", "//etc/", "///etc", "//./etc/."])
+def test_two_leading_slashes_are_one(target):
+    # posixpath.normpath keeps exactly two leading slashes (POSIX leaves "//" to the
+    # implementation); on Linux "//etc" is "/etc", and checks on targets compare strings
+    assert parse_volume(f"/a:{target}").target == "/etc"
+    assert parse_volume(f"/{target}:/b").source == "/etc"
+    assert parse_volume("/a://").target == "/"
