@@ -253,9 +253,57 @@ def _volume_list(value: list[str], *, site: bool = False) -> str | None:
     return None
 
 
+# Trees the runtime mounts fresh (a tmpfs): targets below them are made inside that tmpfs,
+# where the runtime mounts nested targets (below /tmp only when runtime.tmp is private; with
+# the host's /tmp a site volume below /tmp fails at start anyway, for another reason).
+_FRESH_TREES = ("/dev", "/tmp")
+
+
+def _strictly_below(path: str, prefix: str) -> bool:
+    return path != prefix and (prefix == "/" or path.startswith(prefix + "/"))
+
+
 def _site_volume_list(value: list[str]) -> str | None:
-    """Site volumes: Shifter's siteFs flags (rec, slave, private) are allowed."""
-    return _volume_list(value, site=True)
+    """Site volumes: Shifter's siteFs flags (rec, slave, private) are allowed; what would
+    make every container fail at start is refused: a target given twice
+    (``runtime.plan`` parses site volumes with :func:`~.options.parse_volumes`), a target
+    inside another one (``runtime.assemble`` refuses a mount inside another, unless both
+    are made inside a fresh /dev or /tmp), more volumes than a container may have."""
+    from .errors import OptionError
+    from .options import parse_volume, parse_volumes
+
+    problem = _volume_list(value, site=True)
+    if problem:
+        return problem
+    seen: list[tuple[str, str]] = []  # (target, spec as written)
+    for spec in value:
+        target = parse_volume(spec, site=True).target
+        for other_target, other in seen:
+            if target == other_target:
+                return (
+                    f"holds {other!r} and {spec!r}, both with the target {target}: every "
+                    "container would fail to start; keep one of them"
+                )
+            for (inner, inner_spec), (outer, outer_spec) in (
+                ((target, spec), (other_target, other)),
+                ((other_target, other), (target, spec)),
+            ):
+                if _strictly_below(inner, outer) and not any(
+                    _strictly_below(inner, tree) for tree in _FRESH_TREES
+                ):
+                    return (
+                        f"holds {outer_spec!r} and {inner_spec!r}: the target {inner} is "
+                        f"inside {outer}, and the runtime refuses a mount inside another "
+                        "one, so every container would fail to start; bind the outer one "
+                        "alone (with :rec for the mounts below its source), or choose "
+                        "targets side by side"
+                    )
+        seen.append((target, spec))
+    try:
+        parse_volumes(value, site=True)  # the bounds runtime.plan applies at start
+    except OptionError as err:
+        return f"holds too much: {err}"  # str(err) ends with its hint
+    return None
 
 
 def _copy_list(value: list[str]) -> str | None:

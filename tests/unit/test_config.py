@@ -144,3 +144,61 @@ def test_module_binds_keep_the_user_flags():
     # the runtime parses module binds as user volumes (runtime.assemble)
     with pytest.raises(ConfigError, match="site volumes only"):
         config.parse("modules:\n  m:\n    binds: ['/a:/b:rec']\n")
+
+
+def _site(*specs: str) -> str:
+    return "runtime:\n  site_volumes:\n" + "".join(f"    - '{s}'\n" for s in specs)
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [("/a:/x", "/b:/x"), ("/a:/x", "/c:/y", "/b:/x/:ro"), ("/a:/x:rec", "/b://x:slave")],
+)
+def test_a_duplicate_site_volume_target_is_refused_at_load_naming_both(specs):
+    # runtime.plan parses site volumes with parse_volumes, which refuses a target given
+    # twice: every container would fail at start
+    with pytest.raises(ConfigError, match="both with the target /x") as info:
+        config.parse(_site(*specs), "d.yaml")
+    message = str(info.value)
+    assert "d.yaml, line 3: runtime.site_volumes" in message  # where the list starts
+    first, *_, last = [s for s in specs if s.split(":")[1].rstrip("/").lstrip("/") == "x"]
+    assert repr(first) in message and repr(last) in message
+
+
+@pytest.mark.parametrize(
+    "specs, inner, outer",
+    [
+        (("/g:/global", "/h:/global/homes"), "/global/homes", "/global"),
+        (("/h:/global/homes", "/g:/global"), "/global/homes", "/global"),
+        (("/a:/a", "/b:/b", "/c:/a/b/c:ro"), "/a/b/c", "/a"),
+    ],
+)
+def test_a_site_volume_inside_another_is_refused_at_load(specs, inner, outer):
+    # runtime.assemble._plan_targets refuses a mount inside another (as resolved in the
+    # image), so with an image without a symlink there, every container fails at start
+    with pytest.raises(ConfigError, match=f"the target {inner} is inside {outer}") as info:
+        config.parse(_site(*specs), "n.yaml")
+    message = str(info.value)
+    assert all(repr(s) in message for s in specs if s.split(":")[1] in (inner, outer))
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        ("/a:/a", "/ab:/ab", "/a2:/b/a"),  # a common prefix is not nesting
+        ("/d:/dev/infiniband", "/e:/dev/infiniband/uverbs0"),  # made inside the fresh /dev
+        ("/t:/tmp/a", "/u:/tmp/a/b"),  # inside a private /tmp (else /tmp fails anyway)
+    ],
+)
+def test_site_volumes_the_runtime_can_mount_still_load(specs):
+    cfg = config.parse(_site(*specs))
+    assert cfg.runtime.site_volumes == list(specs)
+
+
+def test_site_volumes_are_bounded_at_load_as_at_start():
+    from shifter_core.options import MAX_VOLUMES
+
+    specs = [f"/s{i}:/t{i}" for i in range(MAX_VOLUMES + 1)]
+    with pytest.raises(ConfigError, match=f"more than {MAX_VOLUMES} volumes"):
+        config.parse(_site(*specs))
+    assert len(config.parse(_site(*specs[:-1])).runtime.site_volumes) == MAX_VOLUMES
