@@ -169,11 +169,11 @@ class Problem:
 class _Volume:
     source: str
     target: str
-    read_only: bool
+    flags: list[str]  # ro or rw first, then rec and slave or private (site volumes only)
     origin: Setting
 
     def spec(self) -> str:
-        return f"{self.source}:{self.target}:{'ro' if self.read_only else 'rw'}"
+        return ":".join([self.source, self.target, *self.flags])
 
 
 @dataclass
@@ -460,8 +460,12 @@ class _Converter:
             return drop(f"Shifter refuses the target {paths[1]} (and the file)")
         if not all(p.startswith("/") for p in paths):
             return drop("its paths must be absolute")
+        # Site volumes keep Shifter's rec, slave and private; module binds take ro or rw only.
+        kept = ["ro" if "ro" in flags else "rw"]
+        if module is None:
+            kept += [f for f in ("rec", "slave", "private") if f in flags]
         try:
-            parsed = parse_volume(f"{paths[0]}:{paths[1]}")
+            parsed = parse_volume(":".join([*paths, *kept]), site=module is None)
         except OptionError as err:
             return drop(str(err))
         source, target = parsed.source, parsed.target
@@ -470,12 +474,12 @@ class _Converter:
                 f"the runtime mounts {target} itself and refuses a mount there or inside it",
                 "choose another target",
             )
-        if "slave" in flags:
+        if module is not None and "slave" in flags:
             self.note(
                 s,
-                "mount propagation is private: mounts made on the host later do not "
-                "appear in containers",
-                "nothing to do",
+                "a module's bind has private mount propagation: mounts made on the host "
+                "later do not appear in containers",
+                "bind it in runtime.site_volumes with :slave if every container needs it",
                 entry,
             )
         if _below(source, "/dev") and module is not None and source == target:
@@ -492,7 +496,7 @@ class _Converter:
                 "list device nodes in a module's devices (bound at their own path)",
                 entry,
             )
-        return _Volume(source, target, "ro" in flags, s)
+        return _Volume(source, target, kept, s)
 
     def unique(self, volumes: list[_Volume], taken: list[_Volume]) -> list[_Volume]:
         """``volumes`` without those the runtime would refuse next to ``taken`` and each
@@ -584,7 +588,12 @@ class _Converter:
 
     def propagation(self, s: Setting) -> None:
         if s.value == "slave":
-            self.report(s, "mounts in containers are always private", "nothing to do")
+            self.report(
+                s,
+                "there is no mount propagation for a whole container: each site volume "
+                "takes :slave or :private",
+                "add :slave to the runtime.site_volumes that need it",
+            )
         elif s.value != "private":
             self.report(s, "it is neither private nor slave (Shifter refuses the file)", _REMOVE)
 

@@ -54,9 +54,9 @@ def test_sample_carries_site_volumes_with_their_flags(sample):
     cfg, _ = sample
     assert cfg.runtime.site_volumes == [
         "/home:/home:rw",
-        "/global/project:/global/project:rw",
+        "/global/project:/global/project:rw:rec",
         "/global/common:/global/common:ro",
-        "/var/opt/cray/alps:/var/opt/cray/alps:rw",
+        "/var/opt/cray/alps:/var/opt/cray/alps:rw:rec:slave",
         "/etc/opt/cray/wlm_detect:/etc/opt/cray/wlm_detect:rw",
     ]
 
@@ -123,7 +123,6 @@ def test_sample_reports_every_setting_not_carried_over(sample):
 def test_sample_reports_what_behaves_differently(sample):
     _, problems = sample
     assert reported(problems, changed=True) == [
-        ("siteFs", "/var/opt/cray/alps:/var/opt/cray/alps:rec:slave"),
         ("imageGateway", "https://imagegw.mycluster.example.org:5000"),
         ("defaultModules", "mpich"),
         ("module_mpich_userhook", "/opt/udiImage/modules/mpich/bin/init.sh"),
@@ -228,8 +227,9 @@ def test_lists_accumulate_over_repeated_keys():
         ("/a", "/a:/a:rw"),
         ("/a:/b", "/a:/b:rw"),
         ('"/a:/b:ro"', "/a:/b:ro"),
-        ("/a:/b:RO:rec", "/a:/b:ro"),
-        ("/a:/b:private", "/a:/b:rw"),
+        ("/a:/b:RO:rec", "/a:/b:ro:rec"),
+        ("/a:/b:private:rec", "/a:/b:rw:rec:private"),
+        ("/a:/b::Slave", "/a:/b:rw:slave"),
         ("/a/:/b//c/", "/a:/b/c:rw"),
     ],
 )
@@ -351,20 +351,21 @@ def test_module_settings():
         "module_a_siteEnv=Y=2\n"  # replaces the previous line, as in Shifter
         "module_a_conflict=b c a\n"
         "module_b_enabled=1\n"
-        "module_b_siteFs=/opt/b:/opt/b\n"
+        "module_b_siteFs=/opt/b:/opt/b:ro:rec:slave\n"
         "module_b_siteFs=/dev/b0:/dev/b0;/dev/b1:/dev/other\n"
         "module_b_copyPath=/srv/b/\n"
     )
     a, b = cfg.modules["a"], cfg.modules["b"]
     assert a.env.set == {"Y": "2"}
     assert a.conflicts == ["b"]
-    assert b.binds == ["/opt/b:/opt/b:rw", "/dev/b1:/dev/other:rw"]
+    assert b.binds == ["/opt/b:/opt/b:ro", "/dev/b1:/dev/other:rw"]
     assert b.devices == ["/dev/b0"]
     assert b.copies == ["/srv/b:/opt/udiImage/modules/b"]
     assert [(p.key, p.value, p.changed) for p in problems] == [
         ("module_a_siteEnv", "X=1", False),
         ("module_a_conflict", "c", False),
         ("module_a_conflict", "a", False),
+        ("module_b_siteFs", "/opt/b:/opt/b:ro:rec:slave", True),
         ("module_b_siteFs", "/dev/b0:/dev/b0", True),
         ("module_b_siteFs", "/dev/b1:/dev/other", True),
     ]
