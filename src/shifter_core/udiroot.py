@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, OptionError, escape
-from .options import MAX_VOLUMES, MODULE_NONE, parse_modules, parse_size, parse_volume
+from .options import (
+    MAX_VOLUME_TEXT,
+    MAX_VOLUMES,
+    MODULE_NONE,
+    parse_modules,
+    parse_size,
+    parse_volume,
+)
 
 MAX_TEXT = 1 << 20  # characters: NERSC's own udiRoot.conf is about 3 kB
 MODULE_COPY_ROOT = "/opt/udiImage/modules"  # where Shifter put module_<name>_copyPath
@@ -500,8 +507,10 @@ class _Converter:
 
     def unique(self, volumes: list[_Volume], taken: list[_Volume]) -> list[_Volume]:
         """``volumes`` without those the runtime would refuse next to ``taken`` and each
-        other: the same target twice, a target inside another, more than MAX_VOLUMES."""
+        other: the same target twice, a target inside another, more than MAX_VOLUMES (or
+        MAX_VOLUME_TEXT characters)."""
         kept: list[_Volume] = []
+        size = sum(len(v.spec()) + 1 for v in taken)
         for volume in volumes:
             other = next((v for v in (*taken, *kept) if _nested(volume.target, v.target)), None)
             if other is not None:
@@ -512,15 +521,18 @@ class _Converter:
                     "keep one of them",
                     volume.spec(),
                 )
-            elif len(taken) + len(kept) >= MAX_VOLUMES:
+            elif len(taken) + len(kept) >= MAX_VOLUMES or (
+                size + len(volume.spec()) + 1 > MAX_VOLUME_TEXT
+            ):
                 self.report(
                     volume.origin,
-                    f"more than {MAX_VOLUMES} volumes",
+                    f"more than {MAX_VOLUMES} volumes or {MAX_VOLUME_TEXT} characters of them",
                     "bind a common parent directory",
                     volume.spec(),
                 )
             else:
                 kept.append(volume)
+                size += len(volume.spec()) + 1
         return kept
 
     # -- the end: scalars, modules, values ------------------------------------------------------

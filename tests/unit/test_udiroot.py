@@ -277,6 +277,18 @@ def test_site_fs_targets_the_runtime_would_refuse_together():
     assert all("nests with" in p.reason for p in problems)
 
 
+def test_site_volumes_stay_within_the_runtimes_bounds():
+    many = ";".join(f"/s{i}:/t{i}" for i in range(70))
+    cfg, problems = convert(f"siteFs={many}\n")
+    assert len(cfg.runtime.site_volumes) == 64
+    assert [p.value for p in problems] == [f"/s{i}:/t{i}:rw" for i in range(64, 70)]
+    deep = "/" + "/".join(["d" * 250] * 6)  # 1507 characters
+    cfg, problems = convert("siteFs=" + ";".join(f"/s{i}:{deep}{i}" for i in range(60)) + "\n")
+    assert sum(len(v) + 1 for v in cfg.runtime.site_volumes) <= 64 * 1024
+    assert len(cfg.runtime.site_volumes) == 64 * 1024 // 1520
+    assert problems and all("or 65536 characters of them" in p.reason for p in problems)
+
+
 def test_site_fs_under_dev_is_a_bind_with_a_warning():
     cfg, problems = convert("siteFs=/dev/infiniband\n")
     assert cfg.runtime.site_volumes == ["/dev/infiniband:/dev/infiniband:rw"]
