@@ -10,10 +10,14 @@ from shifter_core.image.store import ImageMetadata
 from shifter_core.runtime.errors import ModuleError, PrivilegeError, VolumeError
 from shifter_core.runtime.modules import select_modules
 from shifter_core.runtime.plan import (
+    MAX_ENV_FILE,
+    EnvImage,
     RunRequest,
     User,
     apply_env_changes,
     build_plan,
+    check_env_options,
+    image_from_env,
     request_from_env,
 )
 
@@ -140,6 +144,98 @@ def test_module_environment_applies_in_load_order():
     assert "DROP" not in env
 
 
+# ---- how --env-file, --env and -E combine (issue 11) ---------------------------------------
+
+
+def test_env_files_then_env_options_each_in_order(tmp_path):
+    """Files in the order given, then every --env in the order given: the last one wins."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_text("A=first\nB=first\nC=first\n")
+    second.write_text("B=second\nC=second\n")
+    request = RunRequest(
+        image="b", env_files=(str(first), str(second)), env=("C=env1", "C=env2", "D=")
+    )
+    env = plan_for(request).environ()
+    assert (env["A"], env["B"], env["C"], env["D"]) == ("first", "second", "env2", "")
+
+
+def test_clearenv_keeps_image_files_options_modules_and_site(tmp_path):
+    path = tmp_path / "vars"
+    path.write_text("FILE=1\n")
+    text = (
+        "modules:\n  m: {default: true, env: {set: {MOD: '1'}}}\nruntime:\n  env: {set: {S: '1'}}\n"
+    )
+    request = RunRequest(image="b", clearenv=True, env_files=(str(path),), env=("OPT=1", "HOME"))
+    env = plan_for(request, text, caller_env={"HOME": "/home/alice", "OTHER": "x"}).environ()
+    assert env == {
+        "PATH": "/usr/bin:/bin", "FROM_IMAGE": "image", "FILE": "1", "OPT": "1",
+        "HOME": "/home/alice", "MOD": "1", "S": "1", "SHIFTER_IMAGE": IMAGE_ID,
+        "SHIFTER_IMAGEREQUEST": "b", "SHIFTER_RUNTIME": "1",
+    }  # fmt: skip
+
+
+def test_env_values_are_literal(tmp_path):
+    path = tmp_path / "vars"
+    path.write_text('Q="quoted"\nS=a b  \nE=$HOME\nEQ=a=b\n  export   X=1\n')
+    env = plan_for(RunRequest(image="b", env_files=(str(path),)), caller_env={}).environ()
+    assert (env["Q"], env["S"], env["E"], env["EQ"], env["X"]) == (
+        '"quoted"',
+        "a b",
+        "$HOME",
+        "a=b",
+        "1",
+    )
+
+
+def test_env_file_lines_end_only_at_newlines(tmp_path):
+    path = tmp_path / "vars"
+    path.write_bytes("A=x\fy\x1cz\u2028w\r\nB=2".encode())
+    env = plan_for(RunRequest(image="b", env_files=(str(path),))).environ()
+    assert (env["A"], env["B"]) == ("x\fy\x1cz\u2028w", "2")
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("=x", "the name before '=' is empty"),
+        ("9LIVES=1", "the name '9LIVES' starts with a digit"),
+        ("MY-VAR=1", "the name 'MY-VAR' has characters other than letters, digits and _"),
+        ("A=b\0c", "the value contains a NUL byte"),
+        ("A\0=1", "the name 'A\\x00' has characters other than"),
+    ],
+)
+def test_a_bad_env_file_line_names_the_file_and_line(tmp_path, line, problem):
+    path = tmp_path / "vars"
+    path.write_text(f"# vars\nGOOD=1\n{line}\n")
+    with pytest.raises(OptionError) as caught:
+        plan_for(RunRequest(image="b", env_files=(str(path),)))
+    assert f"in --env-file {path}, line 3: {problem}" in str(caught.value)
+
+
+def test_env_file_limits(tmp_path):
+    big = tmp_path / "big"
+    big.write_bytes(b"A=" + b"x" * MAX_ENV_FILE)
+    with pytest.raises(OptionError, match="is larger than 1 MiB"):
+        plan_for(RunRequest(image="b", env_files=(str(big),)))
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"A=\xff\n")
+    with pytest.raises(OptionError, match="is not UTF-8 text"):
+        plan_for(RunRequest(image="b", env_files=(str(binary),)))
+    with pytest.raises(OptionError, match=r"cannot read --env-file .*: Is a directory"):
+        plan_for(RunRequest(image="b", env_files=(str(tmp_path),)))
+
+
+@pytest.mark.parametrize("good", ["A=1", "_=x", "a_b9=", "LONG_NAME_1=a=b", "HOME", "x=\n"])
+def test_good_env_options_pass_the_early_check(good):
+    check_env_options([good])
+
+
+@pytest.mark.parametrize("bad", ["=x", "", "1A=x", "A-B=1", "A.B=1", "A B=1", "\u00c4=1"])
+def test_bad_env_options_fail_the_early_check(bad):
+    with pytest.raises(OptionError, match=r"invalid environment variable .* in --env: "):
+        check_env_options(["OK=1", bad])
+
+
 # ---- command and working directory ---------------------------------------------------------
 
 
@@ -150,7 +246,7 @@ def test_module_environment_applies_in_load_order():
         (None, (), ("/bin/zsh",)),  # the caller's $SHELL
         ("", (), ("/entry", "--flag", "default", "args")),
         ("", ("x",), ("/entry", "--flag", "x")),
-        ("/other", (), ("/other", "default", "args")),
+        ("/other", (), ("/other",)),  # the image's CMD is its ENTRYPOINT's, not PROG's
         ("/other", ("y",), ("/other", "y")),
     ],
 )
@@ -312,6 +408,77 @@ def test_request_from_job_environment():
     only_request = request_from_env({"SHIFTER_IMAGEREQUEST": "docker:busybox"})
     assert only_request.image == "docker:busybox"
     assert request_from_env({}).image is None
+
+
+# ---- the image from the environment (issue 11) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        # NERSC Shifter's pair
+        ({"SHIFTER_IMAGETYPE": "docker", "SHIFTER_IMAGE": "ubuntu:22.04"},
+         EnvImage("docker:ubuntu:22.04", None, False)),
+        ({"SHIFTER_IMAGETYPE": "Docker ", "SHIFTER_IMAGE": " docker:ubuntu:22.04"},
+         EnvImage("docker:ubuntu:22.04", None, False)),
+        ({"SHIFTER_IMAGETYPE": "id", "SHIFTER_IMAGE": IMAGE_ID},
+         EnvImage(f"id:{IMAGE_ID}", None, True)),
+        # the pair wins over a job's request (NERSC's plugin exports the pair in jobs)
+        ({"SHIFTER_IMAGETYPE": "docker", "SHIFTER_IMAGE": "centos:7",
+          "SHIFTER_IMAGEREQUEST": "docker:busybox:latest"},
+         EnvImage("docker:centos:7", None, False)),
+        # a Slurm job made with --image: the id, and what was asked for
+        ({"SHIFTER_IMAGE": IMAGE_ID, "SHIFTER_IMAGEREQUEST": "docker:busybox:latest"},
+         EnvImage(f"id:{IMAGE_ID}", "docker:busybox:latest", True)),
+        ({"SHIFTER_IMAGE": f"sha256:{IMAGE_ID}"}, EnvImage(f"id:{IMAGE_ID}", None, True)),
+        ({"SHIFTER_IMAGEREQUEST": "docker:busybox"}, EnvImage("docker:busybox", None, True)),
+        # a type without an image is ignored, as Shifter ignores it
+        ({"SHIFTER_IMAGETYPE": "docker", "SHIFTER_IMAGEREQUEST": "docker:busybox"},
+         EnvImage("docker:busybox", None, True)),
+        ({"SHIFTER_IMAGETYPE": "docker", "SHIFTER_IMAGE": " "}, None),
+        ({"SHIFTER_IMAGETYPE": "", "SHIFTER_IMAGE": ""}, None),
+        ({}, None),
+    ],
+)  # fmt: skip
+def test_image_from_the_environment(environ, expected):
+    assert image_from_env(environ) == expected
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"SHIFTER_IMAGETYPE": "custom", "SHIFTER_IMAGE": "x"},
+         "SHIFTER_IMAGETYPE='custom' is not an image type; use one of docker, id"),
+        ({"SHIFTER_IMAGETYPE": "id", "SHIFTER_IMAGE": "ubuntu"},
+         "SHIFTER_IMAGETYPE=id SHIFTER_IMAGE='ubuntu': invalid image id 'ubuntu'"),
+        ({"SHIFTER_IMAGETYPE": "docker", "SHIFTER_IMAGE": "Bad Name"},
+         "SHIFTER_IMAGETYPE=docker SHIFTER_IMAGE='Bad Name': invalid image reference"),
+        ({"SHIFTER_IMAGE": "ubuntu:22.04"},
+         "SHIFTER_IMAGE='ubuntu:22.04' is not an image id (a job made with --image has one "
+         "there); name the image with --image, or set SHIFTER_IMAGETYPE too"),
+    ],
+)  # fmt: skip
+def test_a_bad_image_in_the_environment_names_the_variables(environ, message):
+    with pytest.raises(OptionError) as caught:
+        image_from_env(environ)
+    assert message in str(caught.value)
+
+
+def test_an_image_from_the_environment_comes_with_the_jobs_volumes_and_modules():
+    environ = {
+        "SHIFTER_IMAGETYPE": "docker",
+        "SHIFTER_IMAGE": "ubuntu:22.04",
+        "SHIFTER_VOLUME": "/a:/b",
+        "SHIFTER_MODULE": "gpu",
+    }
+    request = request_from_env(environ, RunRequest(command=("true",)))
+    assert (request.image, request.volumes, request.modules) == (
+        "docker:ubuntu:22.04", ("/a:/b",), "gpu"
+    )  # fmt: skip
+    own = request_from_env(environ, RunRequest(volumes=("/x:/y",), modules="none"))
+    assert (own.image, own.volumes, own.modules) == ("docker:ubuntu:22.04", ("/x:/y",), "none")
+    explicit = request_from_env(environ, RunRequest(image="centos:7"))
+    assert (explicit.image, explicit.volumes, explicit.modules) == ("centos:7", (), None)
 
 
 def test_root_key_ignores_environment_and_command():

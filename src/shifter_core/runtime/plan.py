@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 ENV_IMAGE = "SHIFTER_IMAGE"
+ENV_IMAGETYPE = "SHIFTER_IMAGETYPE"
 ENV_IMAGEREQUEST = "SHIFTER_IMAGEREQUEST"
 ENV_VOLUME = "SHIFTER_VOLUME"
 ENV_MODULE = "SHIFTER_MODULE"
@@ -108,23 +109,84 @@ class RunRequest(_RunRequest):
     __slots__ = ()
 
 
+_EnvImage = namedtuple("_EnvImage", "image request keyed")
+
+
+class EnvImage(_EnvImage):
+    """The image the environment names: ``image`` (``TYPE:NAME``), ``request`` (what
+    ``SHIFTER_IMAGEREQUEST`` says in the container; None: ``image`` itself) and ``keyed``
+    (every variable it came from is in the C launcher's cache key, so a recipe may be left)."""
+
+    __slots__ = ()
+
+
+def image_from_env(environ: Mapping[str, str]) -> EnvImage | None:
+    """The image ``shifter`` runs without ``--image``, first found:
+
+    1. ``SHIFTER_IMAGETYPE`` and ``SHIFTER_IMAGE`` together, as NERSC Shifter reads them
+       (``docker`` and ``ubuntu:22.04``; ``id`` and an image id);
+    2. ``SHIFTER_IMAGE`` alone: the image id a Slurm job made with ``--image`` has
+       (``SHIFTER_IMAGEREQUEST`` holds what was asked for);
+    3. ``SHIFTER_IMAGEREQUEST`` alone.
+
+    A type without an image is ignored, as Shifter ignores it. OptionError names the
+    variable when a value is not an image.
+    """
+    from ..reference import IMAGE_TYPES, ImageRequest
+
+    value = environ.get(ENV_IMAGE, "").strip()
+    image_type = environ.get(ENV_IMAGETYPE, "").strip().lower()
+    if image_type and value:
+        if image_type not in IMAGE_TYPES:
+            raise OptionError(
+                f"{ENV_IMAGETYPE}={shown(image_type)} is not an image type",
+                hint=f"use one of {', '.join(IMAGE_TYPES)} "
+                f"(e.g. {ENV_IMAGETYPE}=docker {ENV_IMAGE}=ubuntu:22.04), or --image",
+            )
+        if value.startswith(image_type + ":"):  # the type given twice, as Shifter allows
+            value = value[len(image_type) + 1 :]
+        text = f"{image_type}:{value}"
+        try:
+            request = ImageRequest.parse(text)
+        except OptionError as err:
+            raise OptionError(
+                f"{ENV_IMAGETYPE}={image_type} {ENV_IMAGE}={shown(value)}: {err.message}",
+                hint=err.hint,
+            ) from None
+        return EnvImage(str(request), None, request.type == "id")
+    if value:
+        try:
+            request = ImageRequest.parse(f"id:{value}")
+        except OptionError:
+            raise OptionError(
+                f"{ENV_IMAGE}={shown(value)} is not an image id (a job made with --image "
+                "has one there)",
+                hint=f"name the image with --image, or set {ENV_IMAGETYPE} too (e.g. "
+                f"{ENV_IMAGETYPE}=docker {ENV_IMAGE}=ubuntu:22.04)",
+            ) from None
+        return EnvImage(str(request), environ.get(ENV_IMAGEREQUEST, "").strip() or None, True)
+    text = environ.get(ENV_IMAGEREQUEST, "").strip()
+    return EnvImage(text, None, True) if text else None
+
+
 def request_from_env(environ: Mapping[str, str], base: RunRequest | None = None) -> RunRequest:
-    """Fill in the job's image, volumes and modules (``SHIFTER_*``) when ``base`` has no image.
+    """Fill in the image the environment names (:func:`image_from_env`) when ``base`` has
+    none, with the job's volumes and modules (``SHIFTER_VOLUME``, ``SHIFTER_MODULE``) unless
+    ``base`` has its own.
 
     An explicit ``--image`` means a different container: the job's values are then ignored.
     """
     base = base or RunRequest()
     if base.image is not None:
         return base
-    image_id = environ.get(ENV_IMAGE, "").strip()
-    image = f"id:{image_id}" if image_id else environ.get(ENV_IMAGEREQUEST, "").strip() or None
-    if image is None:
+    found = image_from_env(environ)
+    if found is None:
         return base
     volumes = base.volumes
     if not volumes and environ.get(ENV_VOLUME):
         volumes = (environ[ENV_VOLUME],)
     modules = base.modules if base.modules is not None else environ.get(ENV_MODULE) or None
-    return base._replace(image=image, volumes=volumes, modules=modules)
+    return base._replace(image=found.image, volumes=volumes, modules=modules)
 
 
 _Plan = namedtuple(
@@ -175,28 +237,60 @@ class Plan(_Plan):
         )
 
 
+ENV_NAME_RULE = "a name is letters, digits and _, and does not start with a digit"
+MAX_ENV_FILE = 1 << 20  # bytes of one --env-file
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an environment variable's name (None: it can)."""
+    if not name:
+        return "the name before '=' is empty"
+    if not name.isascii() or not all(c.isalnum() or c == "_" for c in name):
+        return f"the name {shown(name, 64)} has characters other than letters, digits and _"
+    if name[0].isdigit():
+        return f"the name {shown(name, 64)} starts with a digit"
+    return None
+
+
 def parse_env_assignment(
     text: str, where: str, caller: Mapping[str, str]
 ) -> tuple[str, str] | None:
-    """``K=V`` → (K, V); a bare ``K`` takes the caller's value (None when it has none)."""
+    """``NAME=VALUE`` → (NAME, VALUE); a bare ``NAME`` takes the caller's value (None when it
+    has none). OptionError says what is wrong with anything else."""
     name, sep, value = text.partition("=")
-    if not name or "\0" in text or any(c.isspace() for c in name):
+    problem = "it is empty" if not text else env_name_problem(name)
+    if problem is None and "\0" in value:
+        problem = "the value contains a NUL byte"
+    if problem is not None:
         raise OptionError(
-            f"invalid environment variable {text!r} in {where}", hint="use NAME=VALUE"
+            f"invalid environment variable {shown(text, 80)} in {where}: {problem}",
+            hint=ENV_NAME_RULE if name else "use NAME=VALUE (e.g. OMP_NUM_THREADS=4)",
         )
     if not sep:
         return (name, caller[name]) if name in caller else None
     return name, value
 
 
+def check_env_options(texts: Iterable[str]) -> None:
+    """Refuse a malformed ``--env`` (OptionError) before anything else is done."""
+    for text in texts:
+        parse_env_assignment(text, "--env", {})
+
+
 def read_env_file(path: str, caller: Mapping[str, str]) -> list[tuple[str, str]]:
-    """``--env-file``: ``NAME=VALUE`` lines; blank lines and ``#`` comments are skipped; a
-    bare ``NAME`` copies the caller's value. Values are taken literally (no quotes)."""
+    """``--env-file``: ``NAME=VALUE`` lines (``export NAME=VALUE`` too); blank lines and ``#``
+    comments are skipped; a bare ``NAME`` copies the caller's value. Values are taken
+    literally (no quotes, no expansion). Read on the host, as the caller, at most
+    :data:`MAX_ENV_FILE` bytes."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_ENV_FILE + 1)
     except OSError as err:
         raise OptionError(f"cannot read --env-file {path}: {err.strerror}") from None
+    if len(data) > MAX_ENV_FILE:
+        raise OptionError(f"--env-file {path} is larger than {MAX_ENV_FILE >> 20} MiB")
+    try:
+        lines = data.decode("utf-8").split("\n")  # not splitlines: a value may hold \f, \x1c
     except UnicodeDecodeError:
         raise OptionError(f"--env-file {path} is not UTF-8 text") from None
     out = []
@@ -206,7 +300,7 @@ def read_env_file(path: str, caller: Mapping[str, str]) -> list[tuple[str, str]]
             continue
         if text.startswith("export "):
             text = text[len("export ") :].lstrip()
-        item = parse_env_assignment(text, f"{path}, line {number}", caller)
+        item = parse_env_assignment(text, f"--env-file {path}, line {number}", caller)
         if item is not None:
             out.append(item)
     return out
@@ -278,12 +372,15 @@ def env_operations(
 def build_argv(
     request: RunRequest, image: ImageMetadata, caller: Mapping[str, str], user: User
 ) -> tuple[str, ...]:
-    """``--entrypoint``: ENTRYPOINT (or the given program) + the command or the image's CMD.
-    Without it: the command, else the caller's ``$SHELL`` (then the user's login shell)."""
+    """``--entrypoint``: the image's ENTRYPOINT + the command, else + the image's CMD (no
+    ENTRYPOINT: the CMD alone); ``--entrypoint=PROG``: PROG + the command (never the image's
+    CMD, which belongs to its ENTRYPOINT: as Shifter and Docker). Without it: the command,
+    else the caller's ``$SHELL`` (then the user's login shell)."""
     if request.entrypoint is not None:
-        entry = (request.entrypoint,) if request.entrypoint else tuple(image.entrypoint or ())
-        rest = request.command or tuple(image.cmd or ())
-        argv = entry + rest
+        if request.entrypoint:
+            return (request.entrypoint, *request.command)
+        entry = tuple(image.entrypoint or ())
+        argv = entry + (request.command or tuple(image.cmd or ()))
         if not argv:
             raise ContainerError(
                 f"image {image.source or image.id} has no ENTRYPOINT and no CMD",
