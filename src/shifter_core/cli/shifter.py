@@ -26,34 +26,49 @@ Without COMMAND: with --entrypoint, the image's ENTRYPOINT and CMD run; otherwis
 shell ($SHELL, else your login shell) runs.
 
 options:
-  --image=[TYPE:]NAME    the image: docker:NAME[:TAG] (or just NAME) resolved by the image
-                         gateway, or id:HEX. Default: the image of the Slurm job you are in
-                         ($SHIFTER_IMAGE, with its --volume and --module)
+  -i, --image=[TYPE:]NAME
+                         the image: docker:NAME[:TAG] (or just NAME) resolved by the image
+                         gateway, or id:HEX. Without it, see "image" below
   -V, --volume=SRC:DST[:ro|:rw|:perNodeCache=size=N]
                          bind SRC of the host at DST in the container (rw unless :ro);
                          repeat it or join several with ';'. SRC must be readable by you.
                          DST may not be /, /etc, /var, /proc, /sys, /dev, /opt/udiImage or
                          below them (site-configurable); missing directories are created.
                          perNodeCache (node-local scratch) works in Slurm jobs only
-  --entrypoint[=CMD]     run the image's ENTRYPOINT (or CMD) with COMMAND as its arguments
-                         (the image's CMD when no COMMAND is given)
-  -w, --workdir[=DIR]    start in DIR; alone: the image's WORKDIR. Default: the current
+  --entrypoint[=PROG]    run the image's ENTRYPOINT with COMMAND as its arguments (the
+                         image's CMD when no COMMAND is given; no ENTRYPOINT: the CMD);
+                         =PROG runs PROG instead, with COMMAND only
+  -w, --workdir[=DIR]    start in DIR; alone: the image's WORKDIR (/ if it has none). DIR
+                         only attached (-wDIR, --workdir=DIR). Default: the current
                          directory if it exists in the container, else /
-  -e, --env=NAME=VALUE   set a variable (NAME alone: copy it from your environment)
-  --env-file=FILE        variables from FILE, one NAME=VALUE a line (# comments)
+  -e, --env=NAME=VALUE   set a variable (NAME alone: copy it from your environment); a name
+                         is letters, digits and _, not starting with a digit
+  --env-file=FILE        variables from FILE, one NAME=VALUE a line (# comments), read
+                         on the host
   -E, --clearenv         start from an empty environment instead of yours
   -m, --module=A[,B]     load site modules (GPU, MPI ...) besides the defaults;
                          --module=none loads none, not even the defaults
   --writable-tmpfs       let the image be written (changes vanish at exit)
   -v, --verbose          say what happens
   -h, --help             show this help
+Long options may be shortened to a unique prefix (--entry, --vol); a value may follow as
+the next argument except where it is optional ([=...]). -n is accepted and ignored, as
+NERSC Shifter does. Options end at the first argument that is not one (or at --).
 
-environment, lowest precedence first: yours (unless -E), the image's ENV, --env-file,
---env, modules, the site; then SHIFTER_IMAGE (the image id), SHIFTER_IMAGEREQUEST and
-SHIFTER_RUNTIME=1 are set.
+image, the first of: --image; SHIFTER_IMAGETYPE and SHIFTER_IMAGE together (e.g.
+SHIFTER_IMAGETYPE=docker SHIFTER_IMAGE=ubuntu:22.04, as NERSC Shifter reads them);
+SHIFTER_IMAGE alone, the image id of the Slurm job made with --image you are in
+(SHIFTER_IMAGEREQUEST says what it asked for); SHIFTER_IMAGEREQUEST. An image from the
+environment comes with SHIFTER_VOLUME and SHIFTER_MODULE (the job's) unless -V or -m are
+given; --image does not.
+
+environment, lowest precedence first: yours (unless -E), the image's ENV, --env-file (in
+order), --env (in order), modules, the site; then SHIFTER_IMAGE (the image id),
+SHIFTER_IMAGEREQUEST and SHIFTER_RUNTIME=1 are set.
 
 exit status: COMMAND's own; 125 when shifter fails, 126 when COMMAND cannot be run, 127
-when it is not found in the container.
+when it is not found in the container; 2 for a command line shifter cannot read (an
+unknown option, a missing value, no image).
 """
 
 EXIT_FAILED = 125  # 126 and 127 come with CommandError.exit_code
@@ -83,7 +98,8 @@ class Options:
         self.option_args: list[str] = []  # the options as given (the launcher's cache key)
 
 
-# long name -> (attribute, takes: "required" | "optional" | "none")
+# long name -> (attribute, takes: "required" | "optional" | "none"); Shifter's own options and
+# --writable-tmpfs. A long option may be shortened to a unique prefix, as getopt_long allows.
 _LONG = {
     "image": ("image", "required"),
     "volume": ("volumes", "required"),
@@ -97,7 +113,10 @@ _LONG = {
     "verbose": ("verbose", "none"),
     "help": ("help", "none"),
 }
+# Shifter's getopt letters (hnvV:i:e:Ew:m:); -n does nothing there and nothing here. -w's
+# value is optional, so only attached (-wDIR), as the C launcher reads it too.
 _SHORT = {
+    "i": "image",
     "V": "volume",
     "w": "workdir",
     "e": "env",
@@ -105,7 +124,21 @@ _SHORT = {
     "m": "module",
     "v": "verbose",
     "h": "help",
+    "n": None,
 }
+
+
+def _long_name(given: str) -> str:
+    """The long option ``given`` names: itself, else the one option it is a prefix of."""
+    if given in _LONG:
+        return given
+    matches = [name for name in _LONG if given and name.startswith(given)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        listed = ", ".join(f"--{name}" for name in matches)
+        raise UsageError(f"option --{given} is ambiguous: it could be {listed}")
+    raise UsageError(f"unknown option --{given}")
 
 
 def _store(options: Options, attribute: str, value: str | None) -> None:
@@ -132,9 +165,8 @@ def parse_args(argv: list[str]) -> Options:
             index += 1
             break
         if arg.startswith("--"):
-            name, sep, value = arg[2:].partition("=")
-            if name not in _LONG:
-                raise UsageError(f"unknown option --{name}")
+            given, sep, value = arg[2:].partition("=")
+            name = _long_name(given)
             attribute, takes = _LONG[name]
             if takes == "none" and sep:
                 raise UsageError(f"option --{name} takes no value")
@@ -152,7 +184,11 @@ def parse_args(argv: list[str]) -> Options:
                 letter = arg[position]
                 if letter not in _SHORT:
                     raise UsageError(f"unknown option -{letter}")
-                attribute, takes = _LONG[_SHORT[letter]]
+                long_name = _SHORT[letter]
+                if long_name is None:  # -n
+                    position += 1
+                    continue
+                attribute, takes = _LONG[long_name]
                 rest = arg[position + 1 :]
                 if takes == "none":
                     _store(options, attribute, None)
@@ -206,12 +242,13 @@ def run(options: Options) -> int:
     from ..config_cache import load as load_config
     from ..reference import ImageRequest
     from ..runtime import RunRequest, User, build_plan, request_from_env, resolve_image
-    from ..runtime.plan import ENV_IMAGEREQUEST
+    from ..runtime.plan import check_env_options, image_from_env
     from ..runtime.unprivileged import run as run_unprivileged
 
     launch_miss = os.environ.pop(MISS_VARIABLE, None)  # never into the container's environment
     for name in os.environ.pop("SHIFTER_LAUNCH_UNSET", "").split():
         os.environ.pop(name, None)  # what the launcher set only for Python itself
+    check_env_options(options.env)  # before any lookup: a typo fails at once
     config = load_config()
     user = User.current()
     request = RunRequest(
@@ -226,15 +263,16 @@ def run(options: Options) -> int:
         command=tuple(options.command),
         writable_tmpfs=options.writable_tmpfs,
     )
-    from_job = request.image is None
+    from_env = image_from_env(os.environ) if request.image is None else None
     request = request_from_env(os.environ, request)
     if request.image is None:
-        raise UsageError("no image given: use --image=NAME (or run it in a job with --image)")
+        raise UsageError(
+            "no image given: use --image=NAME (or SHIFTER_IMAGETYPE and SHIFTER_IMAGE, or run "
+            "it in a Slurm job made with --image)"
+        )
     image, image_file = resolve_image(request.image, config, user)
-    if from_job and os.environ.get(ENV_IMAGEREQUEST):
-        image_request = os.environ[ENV_IMAGEREQUEST]
-    else:
-        image_request = str(ImageRequest.parse(request.image, config.default_image_type))
+    asked = ImageRequest.parse(request.image, config.default_image_type)
+    image_request = from_env.request if from_env is not None and from_env.request else str(asked)
     try:
         cwd: str | None = os.getcwd()
     except OSError:
@@ -260,11 +298,13 @@ def run(options: Options) -> int:
         from ..runtime.launch import Recorder
 
         reason = _not_replayable(options)
+        if reason is None and from_env is not None and not from_env.keyed:
+            reason = "the image comes from SHIFTER_IMAGETYPE, which the launcher's key lacks"
         if reason:
             get_logger(PROG).debug("no launch recipe: %s", reason)
         else:
             recorder = Recorder.for_request(
-                plan, options.option_args, config_path(), by_id=_by_id(options)
+                plan, options.option_args, config_path(), by_id=asked.type == "id"
             )
     run_unprivileged(plan, recorder=recorder)  # execs or raises: never returns
 
@@ -280,13 +320,6 @@ def _not_replayable(options: Options) -> str | None:
     if options.writable_tmpfs or options.verbose:
         return "--writable-tmpfs or -v"
     return None
-
-
-def _by_id(options: Options) -> bool:
-    """The image is named by its id (--image=id:..., or the job's $SHIFTER_IMAGE)."""
-    if options.image:
-        return options.image.startswith("id:")
-    return bool(os.environ.get("SHIFTER_IMAGE"))
 
 
 def _internal_error(err: BaseException, verbose: int) -> None:
