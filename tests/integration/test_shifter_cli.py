@@ -340,3 +340,126 @@ def test_writable_tmpfs_changes_vanish(rt):
     assert result.returncode != 0  # a new container: the changes are gone
     result = shifter_as(rt, [image, "mkdir", "/newdir"])
     assert "Read-only file system" in result.stderr
+
+
+# ---- NERSC Shifter's command lines and variables (issue 11) ---------------------------------
+
+
+def _pull_busybox_as_alice(box) -> None:
+    pull = subprocess.run(
+        ["runuser", "-u", "alice", "--", "env", "-i",
+         *(f"{k}={v}" for k, v in user_env().items()),
+         str(Path(SHIFTER).parent / "shifterimg"), "pull", "busybox"],
+        capture_output=True, text=True, timeout=300, cwd="/tmp", check=False,
+    )  # fmt: skip
+    assert pull.returncode == 0, pull.stderr
+
+
+SHOW = "echo $SHIFTER_IMAGE $SHIFTER_IMAGEREQUEST ${IMG_VAR:-none}"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["-i", "id:{id}"],
+        ["-iid:{id}"],
+        ["--image", "id:{id}"],
+        ["--im=id:{id}"],
+        ["-n", "--image=id:{id}"],
+        ["-nvi", "id:{id}"],
+    ],
+)
+def test_every_form_of_shifters_image_option(rt, options):
+    args = [o.format(id=rt.testimg) for o in options]
+    result = shifter_as(rt, [*args, "sh", "-c", SHOW])
+    assert ok(result) == f"{rt.testimg} id:{rt.testimg} image\n"
+
+
+def test_the_image_from_shifter_imagetype_and_shifter_image(rt, box, tmp_path):
+    """Shifter's pair names the image when --image is absent; --image wins over it; the
+    job's SHIFTER_VOLUME comes with an image from the environment."""
+    pair = {"SHIFTER_IMAGETYPE": "id", "SHIFTER_IMAGE": rt.testimg}
+    assert ok(shifter_as(rt, ["sh", "-c", SHOW], **pair)) == f"{rt.testimg} id:{rt.testimg} image\n"
+    other = ok(shifter_as(rt, [f"--image=id:{rt.busybox}", "sh", "-c", SHOW], **pair))
+    assert other == f"{rt.busybox} id:{rt.busybox} none\n"
+    volume = rt.base / f"vol-{tmp_path.name}"
+    volume.mkdir()
+    (volume / "hello").write_text("from the job's volume\n")
+    volume.chmod(0o755)
+    out = ok(shifter_as(rt, ["cat", "/data/hello"], SHIFTER_VOLUME=f"{volume}:/data", **pair))
+    assert out == "from the job's volume\n"
+    # by name, through the gateway (the box's configuration)
+    _pull_busybox_as_alice(box)
+    named = {"SHIFTER_IMAGETYPE": "docker", "SHIFTER_IMAGE": "busybox"}
+    config = {"SHIFTER_CONFIG": str(box.shifter_config)}
+    image_id, request = ok(shifter_as(rt, ["sh", "-c", SHOW], **named, **config)).split()[:2]
+    assert request == "docker:busybox" and len(image_id) == 64
+
+
+@pytest.mark.parametrize(
+    "environ, status, message",
+    [
+        ({"SHIFTER_IMAGE": "ubuntu:22.04"}, 125,
+         "shifter: SHIFTER_IMAGE='ubuntu:22.04' is not an image id (a job made with --image has "
+         "one there); name the image with --image, or set SHIFTER_IMAGETYPE too"),
+        ({"SHIFTER_IMAGETYPE": "chos", "SHIFTER_IMAGE": "x"}, 125,
+         "shifter: SHIFTER_IMAGETYPE='chos' is not an image type; use one of docker, id"),
+        ({"SHIFTER_IMAGETYPE": "docker"}, 2,
+         "shifter: no image given: use --image=NAME (or SHIFTER_IMAGETYPE and SHIFTER_IMAGE"),
+    ],
+)  # fmt: skip
+def test_a_bad_or_missing_image_in_the_environment(rt, environ, status, message):
+    result = shifter_as(rt, ["true"], **environ)
+    assert result.returncode == status and result.stderr.startswith(message), result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "env, problem",
+    [
+        ("=x", "the name before '=' is empty"),
+        ("1A=x", "the name '1A' starts with a digit"),
+        ("A-B=1", "the name 'A-B' has characters other than letters, digits and _"),
+        ("", "it is empty"),
+    ],
+)
+def test_a_malformed_env_is_one_line_and_exit_125(rt, env, problem):
+    for args in (["-e", env], [f"--env={env}"]):
+        result = shifter_as(rt, [f"--image=id:{rt.testimg}", *args, "true"])
+        assert result.returncode == 125, result.stderr
+        assert result.stderr.startswith("shifter: invalid environment variable ")
+        assert f"in --env: {problem};" in result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_env_file_env_and_clearenv_combine(rt):
+    """Files in order, then --env in order (the last wins); -E keeps only those, the image's,
+    the modules' and the site's; a bad line names the file and line."""
+    first, second = rt.base / "first.env", rt.base / "second.env"
+    first.write_text("# first\nA=first\nB=first\nexport C=first\n")
+    second.write_text("B=second\nC=second\n")
+    for path in (first, second):
+        path.chmod(0o644)
+    image = f"--image=id:{rt.testimg}"
+    args = [image, "-E", f"--env-file={first}", "--env-file", str(second), "-e", "C=env1",
+            "-eC=env2", "-e", "HOME", "env"]  # fmt: skip
+    out = ok(shifter_as(rt, args, HOME="/home/alice", CALLER_ONLY="x"))
+    env = dict(line.split("=", 1) for line in out.splitlines())
+    assert (env["A"], env["B"], env["C"], env["HOME"]) == ("first", "second", "env2", "/home/alice")
+    assert "CALLER_ONLY" not in env and env["IMG_VAR"] == "image" and env["SITE_VAR"] == "site"
+    bad = rt.base / "bad.env"
+    bad.write_text("GOOD=1\nMY-VAR=2\n")
+    bad.chmod(0o644)
+    result = shifter_as(rt, [image, f"--env-file={bad}", "true"])
+    assert result.returncode == 125
+    assert f"in --env-file {bad}, line 2: the name 'MY-VAR' has characters" in result.stderr
+
+
+def test_entrypoint_forms(rt):
+    """--entrypoint (or Shifter's --entry): ENTRYPOINT + CMD, or + COMMAND; =PROG: PROG +
+    COMMAND, never the image's CMD."""
+    image = f"--image=id:{rt.testimg}"
+    assert ok(shifter_as(rt, [image, "--entry"])) == "entry from-cmd\n"
+    assert ok(shifter_as(rt, [image, "--entry", "x"])) == "entry x\n"
+    assert ok(shifter_as(rt, [image, "--entrypoint=/bin/echo"])) == "\n"
+    assert ok(shifter_as(rt, [image, "--entrypoint=/bin/echo", "y"])) == "y\n"
