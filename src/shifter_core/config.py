@@ -490,6 +490,13 @@ class SlurmConfig:
         default=False,
         metadata=_doc("run batch scripts of --image jobs in the container too"),
     )
+    pull_on_submit: bool = field(
+        default=True,
+        metadata=_doc(
+            "sbatch/salloc/srun --image of an image the gateway does not have pulls it and "
+            "waits (false: refuse the submission; users opt out with --image-pull=never)"
+        ),
+    )
 
 
 @dataclass(frozen=True)
