@@ -4,9 +4,9 @@
  * Everything the plugin decides is in Python (shifter_core.spank). This file does only
  * what Python cannot:
  *   - export the symbols Slurm's plugin loader looks for (SPANK_PLUGIN, slurm_spank_*);
- *   - declare the options (--image, --volume, --module) so they exist in every context,
- *     even if Python cannot start (the user then gets a clear error, not an "unrecognized
- *     option");
+ *   - declare the options (--image, --volume, --module, --image-pull) so they exist in
+ *     every context, even if Python cannot start (the user then gets a clear error, not an
+ *     "unrecognized option");
  *   - start CPython safely inside srun/sbatch/salloc/slurmstepd: libpython promoted to
  *     RTLD_GLOBAL (Slurm dlopen()s plugins RTLD_LOCAL, which breaks extension modules),
  *     an *isolated* PyConfig bound to the installed interpreter (a user's PYTHONHOME or
@@ -42,7 +42,8 @@ int py_spank_start(int ac, char **av);
 int py_spank_hook(const char *hook, spank_t sp, int ac, char **av);
 int py_spank_option(int val, const char *optarg, int remote);
 
-enum shifter_option_val { OPT_IMAGE = 0, OPT_VOLUME = 1, OPT_MODULE = 2 };
+/* Each option's val is its index in shifter_options (shifter_getopt relies on it). */
+enum shifter_option_val { OPT_IMAGE = 0, OPT_VOLUME = 1, OPT_MODULE = 2, OPT_IMAGE_PULL = 3 };
 
 static int option_cb(int val, const char *optarg, int remote);
 
@@ -56,6 +57,10 @@ static struct spank_option shifter_options[] = {
     {"module", "NAME[,NAME]",
      "Shifter: enable site modules (e.g. gpu,mpich), or 'none' to disable the defaults", 1,
      OPT_MODULE, option_cb},
+    {"image-pull", "missing|never",
+     "Shifter: pull an --image the image gateway does not have before submitting (missing, "
+     "the default where the site allows it), or refuse it (never)", 1, OPT_IMAGE_PULL,
+     option_cb},
     SPANK_OPTIONS_TABLE_END};
 
 #define N_OPTIONS ((int)(sizeof(shifter_options) / sizeof(shifter_options[0]) - 1))

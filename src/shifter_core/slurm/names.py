@@ -14,8 +14,17 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 # Option numbers, as the shim declares them (spank/shifter_spank.c: shifter_options).
-OPT_IMAGE, OPT_VOLUME, OPT_MODULE = 0, 1, 2
-OPTION_NAMES = {OPT_IMAGE: "image", OPT_VOLUME: "volume", OPT_MODULE: "module"}
+OPT_IMAGE, OPT_VOLUME, OPT_MODULE, OPT_IMAGE_PULL = 0, 1, 2, 3
+OPTION_NAMES = {
+    OPT_IMAGE: "image",
+    OPT_VOLUME: "volume",
+    OPT_MODULE: "module",
+    OPT_IMAGE_PULL: "image-pull",
+}
+# --image-pull: pull an image the gateway does not know at submission (where the site's
+# slurm.pull_on_submit allows it), or never (refuse it, as without pulls on demand).
+PULL_MISSING, PULL_NEVER = "missing", "never"
+PULL_MODES = (PULL_MISSING, PULL_NEVER)
 PLUGIN_ARGS = ("config",)
 
 ENV_IMAGE = "SHIFTER_IMAGE"

@@ -1,13 +1,14 @@
 """The submission side (``srun``, ``sbatch``, ``salloc``; runs as the user): check the
-user's option values, resolve the image, export the request to the job, its prolog and its
-steps (:mod:`.names`). A bad value fails the submission before any job exists.
+user's option values, resolve the image (pulling it first when the gateway does not have
+it, :func:`pull_image`), export the request to the job, its prolog and its steps
+(:mod:`.names`). A bad value fails the submission before any job exists.
 """
 
 from __future__ import annotations
 
 import os
 
-from ..errors import ShifterError
+from ..errors import ShifterError, escape
 from .api import ERROR, INFO, Spank, log
 from .names import (
     ENV_CONTAINER_STEP,
@@ -18,10 +19,25 @@ from .names import (
     INHERITED_OPTION,
     JOB_CONTROL_PREFIX,
     OPT_IMAGE,
+    OPT_IMAGE_PULL,
     OPT_MODULE,
     OPT_VOLUME,
+    PULL_MISSING,
+    PULL_MODES,
+    PULL_NEVER,
 )
 from .state import state
+
+TYPE_CHECKING = False  # typing costs start-up time on this path
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Any
+
+    from ..client import GatewayClient, GatewayError
+    from ..gateway.models import JobInfo
+
+# --image-pull of this submission (None: not given, the site's slurm.pull_on_submit rules).
+image_pull: str | None = None
 
 
 def handle_option(val: int, optarg: str) -> None:
@@ -57,8 +73,22 @@ def handle_option(val: int, optarg: str) -> None:
         from ..options import parse_modules
 
         state.modules = ",".join(parse_modules(optarg))
+    elif val == OPT_IMAGE_PULL:
+        global image_pull
+        image_pull = _pull_mode(optarg)
     else:
         raise ShifterError(f"unknown option number {val}")
+
+
+def _pull_mode(optarg: str) -> str:
+    """The value of ``--image-pull``: one of :data:`.names.PULL_MODES`."""
+    mode = optarg.strip().lower()
+    if mode not in PULL_MODES:
+        raise ShifterError(
+            f"unknown value {optarg[:40]!r}",
+            hint="give missing or never (never: refuse an image the gateway does not have)",
+        )
+    return mode
 
 
 def _inherited_volumes(optarg: str) -> str | None:
@@ -152,7 +182,9 @@ def resolve_image(request: str) -> str:
     ``runtime.launcher_name_ttl`` seconds ago (:mod:`shifter_core.usercache`): so the
     steps of an allocation made without ``--image`` ask the gateway once. When the gateway
     cannot be reached, the store answers (public images for all, private ones for their
-    ACL), with a warning to the user.
+    ACL), with a warning to the user. A name the gateway does not have is pulled first
+    (:func:`pull_image`) where the site (``slurm.pull_on_submit``) and the user
+    (``--image-pull``) allow it.
     """
     import time
 
@@ -168,15 +200,20 @@ def resolve_image(request: str) -> str:
     for claimed in claims:
         if _confirmed(claimed, request, image_path, uid, gids):
             return claimed
-    from ..client import GatewayClient, GatewayUnreachable
+    from ..client import GatewayClient, GatewayError, GatewayUnreachable
 
     url = state.site.gateway.url
     try:
-        with GatewayClient(url, timeout=30.0) as client:
-            image_id = client.lookup(request).id
+        with GatewayClient(url, timeout=30.0, gateway_user=state.site.gateway.user) as client:
+            try:
+                image_id = client.lookup(request).id
+            except GatewayError as err:
+                if not _pull_on_demand(request, err):
+                    raise
+                image_id = pull_image(client, request)
         ttl = state.site.runtime.launcher_name_ttl
         if ttl > 0:
-            remember(uid, gids, os.environ, request, image_id, now + ttl)
+            remember(uid, gids, os.environ, request, image_id, time.time() + ttl)
         return image_id
     except GatewayUnreachable:
         pass
@@ -197,6 +234,158 @@ def resolve_image(request: str) -> str:
         f"using image {parsed.tag} ({found.id[:12]}) from the image store",
     )
     return str(found.id)
+
+
+# -- pull on demand ------------------------------------------------------------------------
+
+
+def _pull_on_demand(request: str, err: GatewayError) -> bool:
+    """Whether the gateway's refusal ``err`` to look ``request`` up is answered with a pull:
+    a name (not an id) it does not have, where the site and the user allow pulls."""
+    if err.status != 404 or not request.startswith("docker:"):
+        return False
+    if image_pull == PULL_NEVER:
+        return False
+    if not state.site.slurm.pull_on_submit:
+        if image_pull == PULL_MISSING:
+            raise ShifterError(
+                str(err), hint="this site does not pull images at submission (slurm.pull_on_submit)"
+            )
+        return False
+    return True
+
+
+def notice(message: str) -> None:
+    """A line the user sees by default: Slurm's ``info`` (``srun: shifter: ...`` on stderr;
+    ``-Q`` hides it), escaped like :func:`.api.log`, whose ``info`` waits for ``-v`` on the
+    submission side."""
+    from . import api
+
+    lib, ffi = api._lib, api._ffi
+    if lib is None:
+        return
+    lib.slurm_info(b"%s", ffi.new("char[]", ("shifter: " + escape(message, 4000)).encode()))
+
+
+def _registry_secret(name: str) -> dict[str, str] | None:
+    """The user's stored credentials for the registry of ``name`` (``shifterimg login``), as
+    ``shifterimg pull`` sends them: the pulled image is then private to the user."""
+    from ..image.registry.credentials import CredentialStore
+    from ..reference import DockerReference
+
+    registry = DockerReference.parse(name).registry
+    creds = CredentialStore().get(registry)
+    if creds is None:
+        return None
+    return {"registry": registry, "username": creds[0], "password": creds[1]}
+
+
+class _PlainProgress:
+    """Progress as plain lines (not a terminal): one per state until the result."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.state: str | None = None
+
+    def __enter__(self) -> _PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, job: JobInfo) -> None:
+        from ..gateway.models import FINAL_STATES
+
+        if job.state != self.state and job.state not in FINAL_STATES:
+            notice(f"{self.name}: {job.state}")
+        self.state = job.state
+
+
+class _LiveProgress:
+    """Progress on a terminal (stderr): a rich bar with the state, bytes, rate and layers,
+    removed when the pull ends."""
+
+    def __init__(self, name: str, stream: Any) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn(f"{escape(name, 60)} {{task.description:<10}}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[layers]}"),
+            TimeElapsedColumn(),
+            console=Console(file=stream, highlight=False),
+            transient=True,
+        )
+        self.task = self.progress.add_task("PENDING", total=None, layers="")
+
+    def __enter__(self) -> _LiveProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.progress.stop()
+
+    def update(self, job: JobInfo) -> None:
+        from ..gateway.models import JobState
+
+        info = job.progress
+        values: dict[str, Any] = {"description": str(job.state)}
+        if info is not None and info.layers:
+            done = sum(1 for layer in info.layers if layer.complete)
+            values.update(
+                total=info.total or None,
+                completed=info.done,
+                layers=f"layers {done}/{len(info.layers)}",
+            )
+            if job.state in (JobState.CONVERTING, JobState.READY) and info.total:
+                values["completed"] = info.total
+        self.progress.update(self.task, **values)
+
+
+def pull_image(client: GatewayClient, request: str) -> str:
+    """Pull ``request`` (``docker:NAME``) through the gateway as ``shifterimg pull NAME``
+    would, wait for it and return the image's id; a failed pull is a :class:`ShifterError`
+    with the gateway's message. The gateway gives identical concurrent pulls one job, so
+    identical submissions share it. Progress goes to the user's stderr: a live bar on a
+    terminal, else a line per state."""
+    import sys
+
+    from ..gateway.models import FINAL_STATES, JobState
+
+    name = request.removeprefix("docker:")
+    job = client.pull(name, secret=_registry_secret(name))
+    notice(f"{name}: pulling {job.reference} ({job.platform}), gateway job {job.id}")
+    stream = sys.stderr
+    tty = stream is not None and stream.isatty()
+    display = _LiveProgress(name, stream) if tty else _PlainProgress(name)
+
+    def lost(err: ShifterError) -> None:
+        notice(f"{name}: {err}; retrying (the pull goes on on the gateway)")
+
+    with display:
+        display.update(job)
+        if job.state not in FINAL_STATES:
+            # Each status request waits at the gateway for a change: a state change shows
+            # at once; a terminal's bar moves every half second.
+            interval = 0.5 if tty else 10.0
+            job = client.wait(job.id, display.update, interval=interval, on_disconnect=lost)
+    if job.state != JobState.READY or not job.image_id:
+        reason = job.message or f"gateway job {job.id} ended {job.state}"
+        raise ShifterError(f"cannot pull image {name}: {reason}")
+    notice(f"image {name} pulled: {job.image_id[:12]}")
+    return job.image_id
 
 
 def hook_init_post_opt(spank: Spank) -> None:
