@@ -42,6 +42,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -60,7 +61,7 @@
 #error "build with -DSHIFTER_PYTHON=\"/path/to/python\" (make launcher)"
 #endif
 
-#define KEY_MAGIC "shifter-launch-recipe-2" /* the first line of a request's key */
+#define KEY_MAGIC "shifter-launch-recipe-3" /* the first line of a request's key */
 #define RECIPE_MAGIC "shifter-recipe"
 #define RECIPE_VERSION "2"
 #define SERVER_NAME "shifter-sqfs" /* the image server's name in ps */
@@ -132,6 +133,7 @@ static char **original_argv;
  * works. */
 static char recipe_path[3300];
 static int dry_run; /* SHIFTER_LAUNCH_DRY_RUN: print, never execute */
+static int join_fd = -1; /* the siblings' rendezvous we build for, locked until we are in */
 
 /* ---- falling back to Python ------------------------------------------------------------ */
 
@@ -209,9 +211,9 @@ static char long_kind(const char *name, size_t len)
 static char short_kind(char letter)
 {
     switch (letter) {
-    case 'V': case 'e': case 'm': return 'r';
+    case 'i': case 'V': case 'e': case 'm': return 'r';
     case 'w': return 'o';
-    case 'E': case 'v': case 'h': return 'n';
+    case 'E': case 'v': case 'h': case 'n': return 'n';
     default: return 0;
     }
 }
@@ -312,8 +314,9 @@ static void make_key(struct buf *key, int argc_options, char **options)
     buf_add(key, "config=", 7);
     buf_field(key, config ? config : "");
     /* The job and node (a root prepared for them), and the request a job passes on. */
-    static const char *context[] = {"SLURM_JOB_ID",         "SLURMD_NODENAME", "SHIFTER_IMAGE",
-                                    "SHIFTER_IMAGEREQUEST", "SHIFTER_VOLUME",  "SHIFTER_MODULE"};
+    static const char *context[] = {"SLURM_JOB_ID",         "SLURMD_NODENAME",   "SHIFTER_IMAGE",
+                                    "SHIFTER_IMAGEREQUEST", "SHIFTER_IMAGETYPE", "SHIFTER_VOLUME",
+                                    "SHIFTER_MODULE"};
     for (size_t i = 0; i < sizeof context / sizeof context[0]; i++) {
         const char *value = getenv(context[i]);
         snprintf(number, sizeof number, "%s %zu:", context[i], value ? strlen(value) : 0);
@@ -362,7 +365,7 @@ static int cache_dir(char *out, size_t size)
  * t "dir" or "file", r "", "r" or "rx") and the phase (operations come in non-decreasing
  * phase; before phase 3 the launcher may still fall back to Python). */
 enum op_code {
-    OP_KEY, OP_DEPENDS, OP_EXPIRES, OP_REQUIRE, OP_SERVE, OP_USERNS, OP_CLONE, OP_FUSE,
+    OP_KEY, OP_DEPENDS, OP_EXPIRES, OP_REQUIRE, OP_JOIN, OP_SERVE, OP_USERNS, OP_CLONE, OP_FUSE,
     OP_OVERLAY, OP_MOUNT, OP_ATTACH, OP_MKDIR, OP_MKFILE, OP_SYMLINK, OP_SETATTR, OP_PIVOT,
     OP_CHROOT, OP_DROP, OP_CHDIR, OP_CHDIR_CALLER, OP_ENV_CLEAR, OP_ENV_SET, OP_ENV_UNSET,
     OP_ENV_PREPEND, OP_ENV_APPEND, OP_EXEC, OP_COUNT
@@ -376,6 +379,7 @@ static const struct {
     [OP_DEPENDS] = {"depends", "ps", 1},
     [OP_EXPIRES] = {"expires", "n", 1},
     [OP_REQUIRE] = {"require", "ptr", 1},
+    [OP_JOIN] = {"join", "p", 2},
     [OP_SERVE] = {"serve", "p", 2},
     [OP_USERNS] = {"userns", "P", 3},
     [OP_CLONE] = {"clone", "xpca", 4},
@@ -567,8 +571,12 @@ static const char *check_order(struct order *o, int index, const struct op *op)
     if (phase < o->phase)
         return "operations out of order";
     if ((code == OP_USERNS || code == OP_SERVE || code == OP_FUSE || code == OP_OVERLAY ||
-         code == OP_DROP) && seen[code])
+         code == OP_DROP || code == OP_JOIN) && seen[code])
         return "an operation repeated";
+    if (code == OP_JOIN && seen[OP_SERVE])
+        return "join after serve";
+    if (code == OP_CHROOT && seen[OP_JOIN])
+        return "join with a prepared root";
     if (phase >= 4 && !seen[OP_USERNS])
         return "no namespaces";
     if (code == OP_FUSE && !seen[OP_SERVE])
@@ -804,6 +812,8 @@ static int start_image_server(const char *image)
         return -1;
     if (pid == 0) {
         close(sv[0]);
+        if (join_fd >= 0)
+            close(join_fd); /* the siblings' lock is the launcher's to release */
         setsid();
         if (fork() != 0)
             _exit(0);
@@ -918,6 +928,90 @@ static void drop_privileges(void)
 }
 
 
+/* ---- sharing a container among siblings (recipe.py's "join"; runtime/siblings.py) ------- */
+
+static unsigned long long own_start;    /* this process's start time (for the rendezvous) */
+
+/* The start time of process PID (field 22 of /proc/PID/stat); 0 if it is gone. */
+static int start_time(pid_t pid, unsigned long long *out)
+{
+    char path[64], text[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    text[n] = 0;
+    char *p = strrchr(text, ')');
+    for (int field = 2; p && field < 22; field++)
+        p = strchr(p + 1, ' ');
+    if (!p)
+        return -1;
+    *out = strtoull(p + 1, NULL, 10);
+    return 0;
+}
+
+/* Processes with the same parent that ask for the same container share one: the first
+ * builds it and offers it, the others join its user and mount namespaces (as MPI ranks
+ * need). They meet at DIR/.join-KEY-PPID-START, locked by the builder until it is in the
+ * root; it then holds "PID START". 1 if this process joined a live sibling's container. */
+static int join_sibling(const char *dir, const char *key_hex)
+{
+    char path[4200], text[64] = {0};
+    unsigned long long parent_start, start, now;
+    pid_t parent = getppid();
+    int pid;
+    if (start_time(parent, &parent_start) != 0 || start_time(getpid(), &own_start) != 0)
+        return 0;
+    snprintf(path, sizeof path, "%s/.join-%s-%d-%llu", dir, key_hex, (int)parent, parent_start);
+    int fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return 0;
+    if (flock(fd, LOCK_EX) != 0) {
+        close(fd);
+        return 0;
+    }
+    ssize_t n = pread(fd, text, sizeof text - 1, 0);
+    if (n > 0 && sscanf(text, "%d %llu", &pid, &start) == 2 && pid > 0 &&
+        start_time(pid, &now) == 0 && now == start) {
+        char ns[64];
+        snprintf(ns, sizeof ns, "/proc/%d/ns/user", pid);
+        int user = open(ns, O_RDONLY | O_CLOEXEC);
+        snprintf(ns, sizeof ns, "/proc/%d/ns/mnt", pid);
+        int mnt = open(ns, O_RDONLY | O_CLOEXEC);
+        if (user >= 0 && mnt >= 0 && setns(user, CLONE_NEWUSER) == 0) {
+            if (setns(mnt, CLONE_NEWNS) != 0)
+                die("cannot join the container of process %d", pid);
+            close(user);
+            close(mnt);
+            close(fd);
+            return 1;
+        }
+        if (user >= 0)
+            close(user);
+        if (mnt >= 0)
+            close(mnt);
+    }
+    join_fd = fd;
+    return 0;
+}
+
+/* In the root we built: offer it to the siblings that wait. */
+static void offer_to_siblings(void)
+{
+    char text[64];
+    if (join_fd < 0)
+        return;
+    int len = snprintf(text, sizeof text, "%d %llu\n", (int)getpid(), own_start);
+    if (ftruncate(join_fd, 0) != 0 || pwrite(join_fd, text, (size_t)len, 0) != len)
+        die("cannot offer the container to the other processes");
+    close(join_fd);
+    join_fd = -1;
+}
+
 /* ---- executing the recipe ---------------------------------------------------------------- */
 
 static int slots[MAX_SLOTS];          /* detached mounts (clone), until attached */
@@ -1012,6 +1106,8 @@ static void execute(const struct op *op, const char *key_hex, char **command)
         close(fd);
         if (*a[2] && access(a[0], R_OK | (a[2][1] ? X_OK : 0)) != 0)
             fallback("a path the recipe needs is not accessible", key_hex);
+        break;
+    case OP_JOIN: /* executed by main, before the others */
         break;
     case OP_SERVE:
         image_server = start_image_server(a[0]);
@@ -1115,6 +1211,7 @@ static void execute(const struct op *op, const char *key_hex, char **command)
         if (fchdir(root_fd) != 0 || syscall(SYS_pivot_root, ".", ".") != 0 ||
             umount2(".", MNT_DETACH) != 0 || chdir("/") != 0)
             die("cannot enter the container");
+        offer_to_siblings();
         for (int i = 0; i < MAX_SLOTS; i++)
             if (slots[i] >= 0)
                 close(slots[i]);
@@ -1217,7 +1314,13 @@ int main(int argc, char **argv)
     snprintf(recipe_path, sizeof recipe_path, "%s", path);
     for (int i = 0; i < MAX_SLOTS; i++)
         slots[i] = -1;
-    for (int i = 0; i < recipe.count; i++)
-        execute(&recipe.ops[i], key_hex, argv + command);
+    int joined = 0;
+    for (int i = 0; i < recipe.count; i++) {
+        const struct op *op = &recipe.ops[i];
+        if (op->code == OP_JOIN)
+            joined = join_sibling(op->arg[0], key_hex);
+        else if (!joined || op_defs[op->code].phase >= op_defs[OP_DROP].phase)
+            execute(op, key_hex, argv + command);
+    }
     die("the recipe ends without exec"); /* parse_recipe refuses that */
 }

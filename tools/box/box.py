@@ -618,6 +618,29 @@ def node_states(paths: BoxPaths, *, reasons: bool = False) -> dict[str, str]:
     return states
 
 
+HOSTS_FILE = Path("/etc/hosts")
+HOSTS_MARK = "# shifter-box"
+
+
+def ensure_node_names() -> None:
+    """The nodes' host names resolve (to 127.0.0.1): each slurmd has its node's name as its
+    host name (:func:`start_slurm`) and resolves it when it starts."""
+    line = f"127.0.0.1 {' '.join(NODES)} {HOSTS_MARK}"
+    text = HOSTS_FILE.read_text()
+    if line in text.splitlines():
+        return
+    kept = [ln for ln in text.splitlines() if not ln.endswith(HOSTS_MARK)]
+    HOSTS_FILE.write_text("\n".join([*kept, line]) + "\n")
+
+
+def remove_node_names() -> None:
+    """Take the nodes' names out of /etc/hosts again."""
+    text = HOSTS_FILE.read_text()
+    kept = [ln for ln in text.splitlines() if not ln.endswith(HOSTS_MARK)]
+    if len(kept) != len(text.splitlines()):
+        HOSTS_FILE.write_text("\n".join(kept) + "\n")
+
+
 def start_slurm(paths: BoxPaths, changed: set[str]) -> None:
     """Start slurmctld and the three slurmd unless they run; apply changed configuration."""
     env = slurm_env(paths)
@@ -642,8 +665,18 @@ def start_slurm(paths: BoxPaths, changed: set[str]) -> None:
             log.info("slurmd %s is running (pid %d)", node, running[daemon.name])
             continue
         (paths.spool / f"slurmd-{node}").mkdir(mode=0o755, exist_ok=True)
-        log.info("starting slurmd -N %s", node)
-        spawn_daemon(["slurmd", "-N", node], env, paths.log / f"slurmd-{node}.start.log")
+        log.info("starting slurmd -N %s (host name %s, UTS and IPC namespaces of its own)",
+                 node, node)  # fmt: skip
+        # One host, three "nodes": with a host name and System V IPC of its own, each node's
+        # tasks are another host to MPI, as on a real cluster (Open MPI and MPICH take ranks
+        # with the same host name for neighbours; UCX takes peers with the same boot id and
+        # IPC namespace for ones it can reach through shared memory).
+        in_namespaces = f"hostname {node} && exec slurmd -N {node}"
+        spawn_daemon(
+            ["unshare", "--uts", "--ipc", "--", "sh", "-c", in_namespaces],
+            env,
+            paths.log / f"slurmd-{node}.start.log",
+        )
         wait_pid(daemon, paths.log / f"slurmd-{node}.log")
 
 
@@ -1155,6 +1188,7 @@ def up(paths: BoxPaths = PATHS, *, plugin: bool = True) -> None:
     ensure_service_user()
     ensure_fuse_for_users()
     start_munge(paths)
+    ensure_node_names()
     start_slurm(paths, changed)
     start_registry(paths, changed)
     failed = seed_images(paths)
@@ -1196,6 +1230,7 @@ def down(paths: BoxPaths = PATHS) -> None:
     for d in (*slurm_daemons(paths), reg, push, gateway):
         d.pidfile.unlink(missing_ok=True)
     wait_reaped(stopped)
+    remove_node_names()
     left = leftovers(paths)
     if left:
         raise BoxError("box-down left behind: " + "; ".join(left))
@@ -1220,6 +1255,8 @@ def leftovers(paths: BoxPaths) -> list[str]:
     left += [f"{name} (pid {pid})" for name, pid in box_stepds(paths).items()]
     left += [f"mount {point}" for root in (paths.root, RUN_DIR) for point in box_mounts(root)]
     left += [f"loop device {dev} ({file})" for dev, file in box_loop_devices(paths.root).items()]
+    left += [f"{HOSTS_FILE}: {ln}" for ln in HOSTS_FILE.read_text().splitlines()
+             if ln.endswith(HOSTS_MARK)]  # fmt: skip
     return left
 
 

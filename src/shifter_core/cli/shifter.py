@@ -306,7 +306,13 @@ def run(options: Options) -> int:
             recorder = Recorder.for_request(
                 plan, options.option_args, config_path(), by_id=asked.type == "id"
             )
-    run_unprivileged(plan, recorder=recorder)  # execs or raises: never returns
+    share = launch_miss  # the launcher's key of the request, which siblings share
+    if not share:
+        from ..runtime.launch import key_hash, launch_key
+
+        share = key_hash(launch_key(user.uid, user.gid, os.getgroups(), os.environ,
+                                    options.option_args))  # fmt: skip
+    run_unprivileged(plan, recorder=recorder, share=share)  # execs or raises: never returns
 
 
 def _not_replayable(options: Options) -> str | None:

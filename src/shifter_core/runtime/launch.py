@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-MAGIC = "shifter-launch-recipe-2"  # the key's first line (recipe.VERSION is the format's)
+MAGIC = "shifter-launch-recipe-3"  # the key's first line (recipe.VERSION is the format's)
 MAX_RECIPES = 64  # per user; the oldest go first
 HOST_DEPENDENCIES = ("/etc/passwd", "/etc/group", "/etc/hosts", "/etc/resolv.conf")
 _BAD_PATH_CHARS = (",", ":", "\\", "\n")
@@ -66,6 +66,7 @@ KEY_VARIABLES = (
     "SLURMD_NODENAME",
     "SHIFTER_IMAGE",
     "SHIFTER_IMAGEREQUEST",
+    "SHIFTER_IMAGETYPE",
     "SHIFTER_VOLUME",
     "SHIFTER_MODULE",
 )
@@ -128,13 +129,16 @@ def private_root_ops(
     directory: str,
     uid: int,
     gid: int,
+    rendezvous: str | None = None,
 ) -> list[Op]:
     """The recipe of a private root: the container operations the Python build ran for
     ``specs`` (``ran``, :attr:`.assemble.RootBuilder.ops`), each host source named by
     ``source_of`` instead of the build's open file, staged as the launcher stages a root:
     the image served at ``directory/lower``, under the copy of the build's upper layer
-    (``directory/upper``), as the overlay ``directory/root``. RecipeError when an operation
-    cannot be replayed without privilege (a fresh /proc, a perNodeCache)."""
+    (``directory/upper``), as the overlay ``directory/root``; with ``rendezvous`` (a
+    directory) shared with the siblings that ask for the same (:mod:`.siblings`).
+    RecipeError when an operation cannot be replayed without privilege (a fresh /proc, a
+    perNodeCache)."""
     upper, lower, root = (f"{directory}/{name}" for name in ("upper", "lower", "root"))
     by_source = {fd_path(s.source_fd): s for s in specs if s.source_fd is not None}
     ops: list[Op] = []
@@ -145,6 +149,8 @@ def private_root_ops(
             ops.append(Op("require", source_of(spec), kind, access))
     ops.append(Op("require", image, "file", "r"))
     ops += [Op("require", path, "dir", "") for path in (upper, lower, root)]
+    if rendezvous is not None:
+        ops.append(Op("join", rendezvous))
     ops += [Op("serve", image), Op("userns", "")]
     trees: list[Op] = []
     others: list[Op] = []
@@ -267,6 +273,7 @@ class Recorder:
             directory=directory,
             uid=plan.user.uid,
             gid=plan.user.gid,
+            rendezvous=None if plan.writable else self.cache_path,
         )
         return [*self._head(), *ops, *self._tail()]
 

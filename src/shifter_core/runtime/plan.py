@@ -430,7 +430,9 @@ def build_plan(
     volumes = tuple(parse_volumes(request.volumes)) if request.volumes else ()
     check_volume_specs(volumes, config.runtime)
     site_volumes = (
-        tuple(parse_volumes(config.runtime.site_volumes)) if config.runtime.site_volumes else ()
+        tuple(parse_volumes(config.runtime.site_volumes, site=True))
+        if config.runtime.site_volumes
+        else ()
     )
     site_targets = {v.target for v in site_volumes}
     for volume in volumes:

@@ -51,6 +51,7 @@ OPERATIONS: dict[str, tuple[str, int]] = {
     "depends": ("ps", 1),  # a file and its identity (dev:ino:size:mtime_ns)
     "expires": ("n", 1),  # epoch seconds from which the recipe no longer holds
     "require": ("ptr", 1),  # PATH exists, is a dir/file, is accessible so
+    "join": ("p", 2),  # share a sibling's container, meeting in DIR (runtime/siblings.py)
     "serve": ("p", 2),  # start the image server (libsquashfuse) for this squashfs file
     "userns": ("P", 3),  # join the user namespace pinned at PATH, else make one; new mount ns
     "clone": ("xpca", 4),  # SLOT := a detached copy of host SOURCE, with mount attributes
@@ -230,8 +231,12 @@ class _Order:
             raise RecipeError("the recipe must start with its key")
         if phase < self.phase:
             raise RecipeError("operations out of order")
-        if name in ("userns", "serve", "fuse", "overlay", "drop") and name in seen:
+        if name in ("userns", "serve", "fuse", "overlay", "drop", "join") and name in seen:
             raise RecipeError("an operation repeated")
+        if name == "join" and "serve" in seen:
+            raise RecipeError("join after serve")
+        if name == "chroot" and "join" in seen:
+            raise RecipeError("join with a prepared root")
         if phase >= 4 and "userns" not in seen:
             raise RecipeError("no namespaces")
         if name == "fuse" and "serve" not in seen:

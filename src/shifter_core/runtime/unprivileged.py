@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     from .launch import Recorder
+    from .siblings import Rendezvous
 
 log = get_logger(__name__)
 
@@ -128,9 +129,12 @@ def run(
     environ: dict[str, str] | os._Environ[str] | None = None,
     *,
     recorder: Recorder | None = None,
+    share: str | None = None,
 ) -> NoReturn:
     """Run the plan's command in a container as the calling user (never returns); a
-    ``recorder`` leaves a recipe of what it did for the C launcher (:mod:`.launch`)."""
+    ``recorder`` leaves a recipe of what it did for the C launcher (:mod:`.launch`); with
+    ``share`` (the request's launch key, as hex) a private root is shared with sibling
+    processes that ask for the same (:mod:`.siblings`)."""
     if os.geteuid() == 0 or os.getuid() == 0:
         raise PrivilegeError(
             "shifter does not run as root", hint="run it as the user the container is for"
@@ -150,7 +154,7 @@ def run(
             enter_user_namespace(plan.user.uid, plan.user.gid)
         chroot(root)
         _finish(plan)
-    _run_private(plan, recorder)
+    _run_private(plan, recorder, None if plan.writable else share)
 
 
 # ---- a private root -------------------------------------------------------------------------
@@ -233,7 +237,36 @@ def _open_fuse() -> int:
         ) from None
 
 
-def _run_private(plan: Plan, recorder: Recorder | None = None) -> NoReturn:
+def _run_private(
+    plan: Plan, recorder: Recorder | None = None, share: str | None = None
+) -> NoReturn:
+    """A private root, shared with the siblings that ask for the same (``share``)."""
+    sibling = _sibling(plan, share) if share else None
+    if sibling is not None:
+        builder_pid = sibling.builder()
+        if builder_pid is not None and sibling.join(builder_pid):
+            _finish(plan)
+    try:
+        _build_private(plan, recorder)
+    except BaseException:
+        if sibling is not None:
+            sibling.close()  # the next sibling builds its own
+        raise
+    if sibling is not None:
+        sibling.offer()
+    _finish(plan)
+
+
+def _sibling(plan: Plan, share: str) -> Rendezvous | None:
+    from ..usercache import cache_directory
+    from .siblings import Rendezvous
+
+    directory = cache_directory(plan.user.uid, os.environ, create=True)
+    return None if directory is None else Rendezvous.open(directory, share)
+
+
+def _build_private(plan: Plan, recorder: Recorder | None) -> None:
+    """Build a private root and pivot into it (still privileged in the user namespace)."""
     from .assemble import RootBuilder  # the fast path needs none
     from .mountops import IMAGE_FLAGS, STAGING_FLAGS, fuse_options
 
@@ -284,4 +317,3 @@ def _run_private(plan: Plan, recorder: Recorder | None = None) -> NoReturn:
         daemon.close()
         os.close(daemon.errors)
     pivot(f"{STAGING}/root")
-    _finish(plan)
