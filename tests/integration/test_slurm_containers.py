@@ -404,3 +404,27 @@ def test_thirty_jobs_leave_every_node_idle_and_nothing_behind(user_tmp):
     ).stdout
     assert "no longer in the image store" in shown, shown
     assert leftovers() == []
+
+
+def test_a_shifter_job_script_with_a_per_node_cache(user_tmp):
+    """A NERSC Shifter job script: perNodeCache with all of Shifter's keys, xfs as asked,
+    owned by the user, on every node; nothing left after the job."""
+    script = user_tmp / "job.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        "#SBATCH --image=docker:busybox\n"
+        "#SBATCH --volume=/tmp:/cache:perNodeCache=size=10G,bs=1M,method=loop,fs=xfs\n"
+        "srun -N2 shifter sh -c 'echo data > /cache/f && stat -f -c %T /cache && "
+        "stat -c %U /cache && df -k /cache | tail -1'\n"
+    )
+    script.chmod(0o755)
+    output = user_tmp / "out"
+    result = run_as(["sbatch", "--wait", "-N2", "-o", str(output), str(script)], timeout=300)
+    text = output.read_text() if output.exists() else ""
+    assert result.returncode == 0, result.stderr + text
+    lines = text.splitlines()
+    assert lines.count("xfs") == 2 and lines.count("alice") == 2, text
+    sizes = [int(line.split()[1]) for line in lines if line.startswith("/dev/loop")]
+    assert len(sizes) == 2 and all(9_000_000 < s <= 10 * 1024 * 1024 for s in sizes), text
+    wait_for_idle_cluster()
+    assert leftovers() == []

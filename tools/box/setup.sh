@@ -29,6 +29,8 @@ PACKAGES=(
     squashfs-tools squashfs-tools-ng squashfuse busybox-static
     python3-dev python3-venv libpython3.11-dev
     debootstrap procps psmisc gcc make
+    # perNodeCache volumes: fs=xfs (Shifter's default) and ext4
+    xfsprogs e2fsprogs
     # the launcher (launcher/shifter_launch.c) serves images with libsquashfuse, linked static
     libsquashfuse-dev libfuse3-dev zlib1g-dev liblzma-dev libzstd-dev liblz4-dev liblzo2-dev
 )

@@ -72,20 +72,28 @@ def _o_path(path: str, directory: bool = False) -> int:
     return os.open(path, flags)
 
 
-def _mkfs_program(candidates: list[str]) -> tuple[str, list[str]]:
+XFS_MIN_SIZE = 300 << 20  # mkfs.xfs refuses smaller file systems
+
+
+def _mkfs_program(candidates: list[str], size: int) -> tuple[str, list[str]]:
+    """The first of ``candidates`` whose mkfs is installed and can make ``size`` bytes."""
     import shutil
 
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     for fs in candidates:
         program = shutil.which(f"mkfs.{fs}", path=search)
-        if program:
-            if fs == "xfs":
+        if not program:
+            continue
+        if fs == "xfs":
+            if size >= XFS_MIN_SIZE:
                 return fs, [program, "-q", "-f"]
-            if fs.startswith("ext"):
-                return fs, [program, "-q", "-F", "-m", "0", "-E", "nodiscard"]
-            return fs, [program]
+            continue
+        if fs.startswith("ext"):
+            return fs, [program, "-q", "-F", "-m", "0", "-E", "nodiscard"]
+        return fs, [program]
     raise VolumeError(
-        "perNodeCache: no mkfs program found for " + ", ".join(candidates),
+        "perNodeCache: no mkfs program found for " + ", ".join(candidates)
+        + (" (xfs needs at least 300M)" if "xfs" in candidates and size < XFS_MIN_SIZE else ""),
         hint="install xfsprogs or e2fsprogs on the nodes (runtime.per_node_cache_fs)",
     )
 
@@ -206,7 +214,7 @@ class RootBuilder:
                 )
             )
         for volume in plan.volumes:
-            if volume.per_node_cache_bytes is None:
+            if volume.per_node_cache is None:
                 continue
             if not self.privileged:
                 raise VolumeError(
@@ -219,7 +227,8 @@ class RootBuilder:
                     f"volume {named(volume)}",
                     "pernode",
                     user_volume=True,
-                    size=volume.per_node_cache_bytes,
+                    size=volume.per_node_cache.size,
+                    fs=volume.per_node_cache.fs,
                 )
             )
 
@@ -492,7 +501,14 @@ class RootBuilder:
         import uuid
 
         runtime = self.plan.runtime
-        fs, mkfs = _mkfs_program(list(runtime.per_node_cache_fs))
+        allowed = list(runtime.per_node_cache_fs)
+        if spec.fs is not None and spec.fs not in allowed:
+            raise VolumeError(
+                f"{spec.what}: perNodeCache fs={spec.fs} is not offered on this site",
+                hint="use fs=" + " or fs=".join(allowed) + ", or leave fs= out",
+            )
+        # A sparse file: Shifter's bs= (the block size it wrote the file with) needs no use.
+        fs, mkfs = _mkfs_program([spec.fs] if spec.fs else allowed, spec.size or 0)
         directory = runtime.per_node_cache_dir
         os.makedirs(directory, mode=0o755, exist_ok=True)
         path = os.path.join(directory, f".shifter-pernode-{uuid.uuid4().hex}")

@@ -57,6 +57,7 @@ class MountSpec:
         recursive: bool = True,
         user_volume: bool = False,
         size: int | None = None,
+        fs: str | None = None,
         tmpfs_mode: int = 0o755,
         inner: bool = False,
         nodev: bool = True,
@@ -70,6 +71,7 @@ class MountSpec:
         self.recursive = recursive
         self.user_volume = user_volume
         self.size = size
+        self.fs = fs  # a perNodeCache's file system, if the user chose one
         self.tmpfs_mode = tmpfs_mode
         self.inner = inner
         self.nodev = nodev
