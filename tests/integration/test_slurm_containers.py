@@ -428,3 +428,31 @@ def test_a_shifter_job_script_with_a_per_node_cache(user_tmp):
     assert len(sizes) == 2 and all(9_000_000 < s <= 10 * 1024 * 1024 for s in sizes), text
     wait_for_idle_cluster()
     assert leftovers() == []
+
+
+def test_the_shipped_gpu_module_passes_its_devices():
+    """slurm_conf/modules/gpu.yaml as shipped, in the box against test device nodes
+    (tools/box/box.py: TEST_DEVICES): the nodes appear in the container, its env is set."""
+    script = "ls -l /dev/nvidia0 /dev/nvidiactl; echo caps=$NVIDIA_DRIVER_CAPABILITIES"
+    result = run_as(["srun", "-N1", "--image=busybox", "--module=gpu", "sh", "-c", script])
+    assert result.returncode == 0, result.stderr
+    devices = [line for line in result.stdout.splitlines() if line.startswith("crw")]
+    assert len(devices) == 2 and all(" 1,   3 " in line for line in devices), result.stdout
+    assert "caps=compute,utility" in result.stdout
+    result = run_as(["srun", "-N1", "--image=busybox", "ls", "/dev/nvidia0"])
+    assert result.returncode != 0  # only with the module
+
+
+def test_the_shipped_mpich_module_injects_the_hosts_mpich():
+    """slurm_conf/modules/mpich.yaml with this host's MPICH (the MPICH ABI, libmpich.so.12)
+    copied in front of the image's: the program links it and two ranks run."""
+    if not list(Path("/usr/lib").glob("*/libmpich.so.12")):
+        pytest.skip("no host MPICH (libmpich.so.12)")
+    ldd = run_as(["srun", "-N1", "--image=mpich-hello", "--module=mpich", "ldd",
+                  "/usr/local/bin/mpi-hello"])  # fmt: skip
+    assert ldd.returncode == 0, ldd.stderr
+    assert "libmpich.so.12 => /opt/udiImage/modules/mpich/lib64/libmpich.so.12" in ldd.stdout
+    hello = run_as(["srun", "--mpi=pmi2", "-N1", "-n2", "--image=mpich-hello", "--module=mpich",
+                    "/usr/local/bin/mpi-hello"])  # fmt: skip
+    assert hello.returncode == 0, hello.stderr
+    assert sorted(re.findall(r"hello from rank (\d) of 2", hello.stdout)) == ["0", "1"]

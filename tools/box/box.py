@@ -40,6 +40,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import string
 import subprocess
 import sys
@@ -421,6 +422,65 @@ def plugin_line(paths: BoxPaths, enabled: bool) -> str:
     return line
 
 
+MODULES = CHECKOUT / "slurm_conf" / "modules"
+# The shipped gpu module's device nodes, made for the box where the host has none: char
+# devices with the numbers of /dev/null (reading gives nothing, writing is dropped).
+TEST_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl")
+
+
+def box_modules() -> dict[str, object]:
+    """The shipped example modules (slurm_conf/modules) wherever this host allows them, so
+    that they are tested: ``gpu`` as shipped, against test device nodes
+    (:func:`ensure_test_devices`); ``mpich`` with this host's MPICH (libmpich.so.12, the
+    MPICH ABI) in place of Cray's, when it is installed."""
+    import glob
+
+    import yaml  # the venv's
+
+    def shipped(name: str) -> dict[str, object]:
+        data: dict[str, dict[str, dict[str, object]]] = yaml.safe_load(
+            (MODULES / f"{name}.yaml").read_text()
+        )
+        return data["modules"][name]
+
+    modules = {"gpu": shipped("gpu")}
+    host_mpich = sorted(glob.glob("/usr/lib/*/libmpich.so.12"))
+    if host_mpich:
+        mpich = shipped("mpich")
+        mpich["copies"] = [f"{host_mpich[0]}*:/opt/udiImage/modules/mpich/lib64/"]
+        modules["mpich"] = mpich
+    return {"modules": modules}
+
+
+def _yaml_dump(data: object) -> str:
+    import yaml
+
+    text: str = yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
+    return text
+
+
+def ensure_test_devices(paths: BoxPaths) -> None:
+    """Make the test device nodes that do not exist; remember them for ``down``."""
+    made = paths.run / "test-devices"
+    for device in TEST_DEVICES:
+        if not os.path.exists(device):
+            os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            os.chmod(device, 0o666)
+            with made.open("a") as fh:
+                fh.write(device + "\n")
+
+
+def remove_test_devices(paths: BoxPaths) -> None:
+    made = paths.run / "test-devices"
+    with contextlib.suppress(FileNotFoundError):
+        for device in made.read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(device)
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3):
+                    os.unlink(device)
+        made.unlink()
+
+
 def rendered_configs(paths: BoxPaths, *, plugin: bool) -> dict[str, str]:
     """File name in ``etc/`` -> the content ``up`` writes there."""
     values = {"box": str(paths.root), "host": socket.gethostname().split(".")[0]}
@@ -428,7 +488,9 @@ def rendered_configs(paths: BoxPaths, *, plugin: bool) -> dict[str, str]:
         "slurm.conf": render("slurm.conf.in", **values),
         "plugstack.conf": render("plugstack.conf.in", plugin_line=plugin_line(paths, plugin)),
         "cgroup.conf": render("cgroup.conf.in"),
-        "shifter.yaml": render("shifter.yaml.in", **values),
+        "shifter.yaml": render("shifter.yaml.in", **values)
+        + "# The shipped example modules this host allows (box_modules).\n"
+        + _yaml_dump(box_modules()),
         "registry.yml": render("registry.yml.in", **values),
         "registry-push.yml": render("registry-push.yml.in", **values),
         "policy.json": json.dumps({"default": [{"type": "insecureAcceptAnything"}]}) + "\n",
@@ -1189,6 +1251,7 @@ def up(paths: BoxPaths = PATHS, *, plugin: bool = True) -> None:
     ensure_fuse_for_users()
     start_munge(paths)
     ensure_node_names()
+    ensure_test_devices(paths)
     start_slurm(paths, changed)
     start_registry(paths, changed)
     failed = seed_images(paths)
@@ -1231,6 +1294,7 @@ def down(paths: BoxPaths = PATHS) -> None:
         d.pidfile.unlink(missing_ok=True)
     wait_reaped(stopped)
     remove_node_names()
+    remove_test_devices(paths)
     left = leftovers(paths)
     if left:
         raise BoxError("box-down left behind: " + "; ".join(left))
