@@ -1253,6 +1253,103 @@ static void execute(const struct op *op, const char *key_hex, char **command)
     }
 }
 
+/* ---- inside a container ------------------------------------------------------------------ */
+
+/* In one of our containers (SHIFTER_RUNTIME=1, and the host's Python is not there), where the
+ * runtime binds this launcher as /usr/bin/shifter: `srun --image=X shifter CMD`, as NERSC's
+ * job scripts say it, runs CMD here. --image may only name this container's image (its
+ * request or id:ID); -V and -m cannot change a running container; -e/--env NAME=VALUE,
+ * -E/--clearenv and -w/--workdir=DIR apply. */
+static int in_container(void)
+{
+    const char *runtime = getenv("SHIFTER_RUNTIME");
+    return runtime && strcmp(runtime, "1") == 0 && access(SHIFTER_PYTHON, X_OK) != 0;
+}
+
+/* The value of the option at argv[*i] (long --name=V / --name V, short -xV / -x V). */
+static const char *option_value(int argc, char **argv, int *i)
+{
+    const char *arg = argv[*i], *eq = strchr(arg, '=');
+    if (arg[1] == '-')
+        return eq ? eq + 1 : (*i + 1 < argc ? argv[++*i] : NULL);
+    return arg[2] ? arg + 2 : (*i + 1 < argc ? argv[++*i] : NULL);
+}
+
+static int same_image(const char *asked)
+{
+    const char *request = getenv("SHIFTER_IMAGEREQUEST"), *id = getenv("SHIFTER_IMAGE");
+    if (request && (strcmp(asked, request) == 0 ||
+                    (strncmp(request, "docker:", 7) == 0 && strcmp(asked, request + 7) == 0)))
+        return 1;
+    if (id && strncmp(asked, "id:", 3) == 0) {
+        const char *hex = asked + 3;
+        if (strncmp(hex, "sha256:", 7) == 0)
+            hex += 7;
+        return strlen(hex) >= 12 && strncmp(id, hex, strlen(hex)) == 0;
+    }
+    return 0;
+}
+
+__attribute__((noreturn)) static void run_in_container(int argc, char **argv)
+{
+    int command = command_index(argc, argv);
+    if (command < 0 || command >= argc) {
+        fprintf(stderr, "shifter: inside a container: usage: shifter [--image=THIS] [-e N=V] "
+                        "[-E] [-w DIR] COMMAND...\n");
+        _exit(EXIT_FAILED);
+    }
+    const char *workdir = NULL;
+    for (int i = 1; i < command; i++) {
+        const char *arg = argv[i];
+        if (strcmp(arg, "--") == 0)
+            break;
+        char kind = arg[1] == '-' ? 0 : arg[1];
+        const char *name = arg[1] == '-' ? arg + 2 : NULL;
+        size_t len = name ? strcspn(name, "=") : 0;
+#define IS(long_name, letter) ((name && len == strlen(long_name) && \
+                                strncmp(name, long_name, len) == 0) || kind == (letter))
+        if (IS("image", 'i')) {
+            const char *asked = option_value(argc, argv, &i);
+            if (!asked || !same_image(asked)) {
+                fprintf(stderr, "shifter: already in the container of %s: it cannot start "
+                                "another image (%s)\n",
+                        getenv("SHIFTER_IMAGEREQUEST") ? getenv("SHIFTER_IMAGEREQUEST") : "?",
+                        asked ? asked : "");
+                _exit(EXIT_FAILED);
+            }
+        } else if (IS("volume", 'V') || IS("module", 'm')) {
+            fprintf(stderr, "shifter: inside a container, %s cannot change it: give volumes "
+                            "and modules to srun or sbatch\n", arg);
+            _exit(EXIT_FAILED);
+        } else if (IS("env", 'e')) {
+            const char *assignment = option_value(argc, argv, &i);
+            const char *eq = assignment ? strchr(assignment, '=') : NULL;
+            if (!eq || eq == assignment) {
+                fprintf(stderr, "shifter: --env needs NAME=VALUE\n");
+                _exit(EXIT_FAILED);
+            }
+            char *copy = strdup(assignment);
+            if (!copy)
+                _exit(EXIT_FAILED);
+            copy[eq - assignment] = 0;
+            set_env(copy, copy + (eq - assignment) + 1);
+        } else if (IS("clearenv", 'E')) {
+            clearenv();
+        } else if (IS("workdir", 'w')) {
+            workdir = strchr(arg, '=') ? strchr(arg, '=') + 1 : (kind && arg[2] ? arg + 2 : NULL);
+        } else if (!(IS("verbose", 'v') || kind == 'n')) {
+            fprintf(stderr, "shifter: inside a container, %s is not supported\n", arg);
+            _exit(EXIT_FAILED);
+        }
+#undef IS
+    }
+    if (workdir && chdir(workdir) != 0) {
+        fprintf(stderr, "shifter: cannot change to %s: %s\n", workdir, strerror(errno));
+        _exit(EXIT_FAILED);
+    }
+    run_command(argv + command);
+}
+
 /* ---- main -------------------------------------------------------------------------------- */
 
 static struct recipe recipe;
@@ -1278,6 +1375,8 @@ int main(int argc, char **argv)
         if (dry[0] == '/')
             return dry_run_file(dry);
     }
+    if (in_container())
+        run_in_container(argc, argv);
     if (getuid() == 0 || geteuid() == 0)
         fallback("run as root", NULL);
     if (getenv("SHIFTER_LAUNCH_DISABLE"))

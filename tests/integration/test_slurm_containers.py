@@ -456,3 +456,20 @@ def test_the_shipped_mpich_module_injects_the_hosts_mpich():
                     "/usr/local/bin/mpi-hello"])  # fmt: skip
     assert hello.returncode == 0, hello.stderr
     assert sorted(re.findall(r"hello from rank (\d) of 2", hello.stdout)) == ["0", "1"]
+
+
+def test_shifter_inside_the_container_runs_the_command_there():
+    """`srun --image=X shifter CMD` (NERSC's job scripts): the launcher, bound into every
+    container as /usr/bin/shifter, runs CMD in the container it is in; it refuses another
+    image and changes to the container, and works in `shifter`'s own containers too."""
+    ok = run_as(["srun", "-N2", "--image=busybox", "shifter", "--image=busybox", "-e", "X=1",
+                 "sh", "-c", "echo $X; cat /etc/shifter-test-image"])  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines().count(BUSYBOX_TEXT) == 2 and ok.stdout.count("1\n") == 2
+    other = run_as(["srun", "-N1", "--image=busybox", "shifter", "--image=mpich-hello", "true"])
+    assert other.returncode != 0
+    assert "already in the container of docker:busybox" in other.stderr
+    volume = run_as(["srun", "-N1", "--image=busybox", "shifter", "-V", "/tmp:/x", "true"])
+    assert volume.returncode != 0 and "cannot change it" in volume.stderr
+    nested = run_as(["shifter", "--image=busybox", "shifter", "cat", "/etc/shifter-test-image"])
+    assert nested.returncode == 0 and nested.stdout.strip() == BUSYBOX_TEXT, nested.stderr

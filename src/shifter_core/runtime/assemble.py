@@ -33,6 +33,7 @@ from .errors import ContainerError, ModuleError, VolumeError
 from .execute import Executor
 from .identity import group_file, passwd_file
 from .mountops import (
+    LAUNCHER_TARGET,
     OVERLAY_FLAGS,
     PER_NODE_CACHE_FLAGS,
     STAGING_FLAGS,
@@ -70,6 +71,18 @@ class BuildResult:
 def _o_path(path: str, directory: bool = False) -> int:
     flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
     return os.open(path, flags)
+
+
+def _launcher_binary() -> str | None:
+    """The C launcher (``shifter``, static) beside this interpreter, if it is installed."""
+    import sys
+
+    path = os.path.join(os.path.dirname(sys.executable), "shifter")
+    try:
+        with open(path, "rb") as fh:
+            return path if fh.read(4) == b"\x7fELF" else None
+    except OSError:
+        return None
 
 
 XFS_MIN_SIZE = 300 << 20  # mkfs.xfs refuses smaller file systems
@@ -177,6 +190,10 @@ class RootBuilder:
                     )
                 )
                 specs.append(MountSpec("/tmp", "/tmp", "tree", fd))
+        launcher = _launcher_binary()
+        if launcher is not None:
+            fd = self._keep(_o_path(launcher))
+            specs.append(MountSpec(LAUNCHER_TARGET, "shifter", "bind", fd, False, read_only=True))
         for volume in plan.site_volumes:
             what = f"site volume {named(volume)}"
             try:

@@ -34,6 +34,9 @@ PER_NODE_CACHE_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV  # a perNodeCache 
 # After every mount: /dev read-only (not recursive: /dev/pts and /dev/shm stay writable).
 FINAL_ATTRS = (("/dev", syscalls.MOUNT_ATTR_RDONLY, False),)
 _ATTR_SAFE = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+# `srun --image=X shifter CMD` (NERSC's job scripts) runs `shifter` inside the container:
+# the launcher (static, beside the interpreter) is bound there and runs CMD in place.
+LAUNCHER_TARGET = "/usr/bin/shifter"
 INNER_DIR_MODE = 0o755  # mount points made inside a fresh tmpfs (/dev, a private /tmp)
 INNER_FILE_MODE = 0o644
 
