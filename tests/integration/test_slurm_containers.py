@@ -473,3 +473,15 @@ def test_shifter_inside_the_container_runs_the_command_there():
     assert volume.returncode != 0 and "cannot change it" in volume.stderr
     nested = run_as(["shifter", "--image=busybox", "shifter", "cat", "/etc/shifter-test-image"])
     assert nested.returncode == 0 and nested.stdout.strip() == BUSYBOX_TEXT, nested.stderr
+
+
+def test_shifter_imagerequest_is_the_image_as_typed(user_tmp):
+    """Job scripts compare SHIFTER_IMAGEREQUEST with the --image they were given (to re-run
+    themselves inside Shifter): it is the text as typed, in the job, its steps and shifter."""
+    script = (
+        'echo "job=$SHIFTER_IMAGEREQUEST"\n'
+        "srun -N1 --image=busybox:latest sh -c 'echo \"step=$SHIFTER_IMAGEREQUEST\"'\n"
+        "srun -N1 shifter sh -c 'echo \"shifter=$SHIFTER_IMAGEREQUEST\"'\n"
+    )
+    output = sbatch(script, "-N1", "--image=busybox", output=user_tmp / "out")
+    assert output.splitlines() == ["job=busybox", "step=busybox:latest", "shifter=busybox"]

@@ -265,7 +265,7 @@ def test_the_submission_check_names_sources_as_the_gateway_does(tmp_path, monkey
         "image_path": str(tmp_path),
         "default_image_type": "docker",
         "runtime": {},
-        "gateway": {"url": "http://127.0.0.1:9"},  # nothing listens there
+        "gateway": {"url": "http://127.0.0.1:9", "user": "shifter"},  # nothing listens there
     }
     monkeypatch.setattr(spank.state, "config", view(site))
     monkeypatch.setenv("SHIFTER_IMAGE", image_id)

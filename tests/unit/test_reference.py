@@ -254,3 +254,24 @@ def test_hex_names_that_are_not_an_id_are_names():
     for text in ("a" * 63, "a" * 65, HEX + ":v1", "x/" + HEX):
         assert ImageRequest.parse(text).type == "docker"
     assert ImageRequest.parse("id:" + HEX).tag == HEX
+
+
+@given(
+    st.sampled_from(["", "docker:", "id:", "id:sha256:"]),
+    st.from_regex(r"[a-f0-9]{64}|[a-z0-9]{1,8}(/[a-z0-9]{1,8})?(:[a-z0-9.]{1,8})?", fullmatch=True),
+)
+def test_a_jobs_request_is_read_back_as_the_parser_reads_it(kind, text):
+    """submit.canonical_request (every srun of a job, no grammar) agrees with the parser on
+    what the job's --image, checked at submission, asks for."""
+    from shifter_core.slurm import submit
+    from shifter_core.slurm.state import state
+
+    try:
+        expected = str(ImageRequest.parse(kind + text))
+    except OptionError:
+        return  # refused at submission: never read back
+    state.config = type("Site", (), {"default_image_type": "docker"})()  # type: ignore[assignment]
+    try:
+        assert submit.canonical_request(kind + text) == expected
+    finally:
+        state.config = None

@@ -15,6 +15,7 @@ class PluginState:
         self.args: dict[str, str] = {}
         self.config: Config | None = None
         self.image: str | None = None  # canonical TYPE:TAG (validated where parsed)
+        self.image_text: str | None = None  # the --image value as the user typed it
         self.volumes: list[str] = []  # every --volume value, each maybe ';'-joined
         self.modules: str | None = None
         self.volumes_from_job = False

@@ -45,11 +45,12 @@ def handle_option(val: int, optarg: str) -> None:
 
     if val == OPT_IMAGE:
         state.image_values.append(optarg)
+        state.image_text = optarg  # SHIFTER_IMAGEREQUEST: the text as typed
         if optarg == os.environ.get(INHERITED_OPTION + "image") and os.environ.get(
             ENV_IMAGEREQUEST
         ):
             # The job's own --image, checked when the job was submitted.
-            state.image = os.environ[ENV_IMAGEREQUEST]
+            state.image = canonical_request(optarg)
             return
         from ..reference import ImageRequest
 
@@ -98,10 +99,22 @@ def _inherited_volumes(optarg: str) -> str | None:
     return os.environ.get(JOB_CONTROL_PREFIX + ENV_VOLUME) or os.environ.get(ENV_VOLUME)
 
 
+def canonical_request(text: str) -> str:
+    """``TYPE:TAG`` of a request that was checked before (the job's own ``--image``), as
+    ``str(ImageRequest.parse(text))`` gives it, without compiling its grammar (every srun
+    of the job pays for that)."""
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "id":
+        return "id:" + rest.removeprefix("sha256:")
+    if sep and kind == "docker":
+        return text
+    return f"{state.site.default_image_type}:{text}"
+
+
 def _exports() -> dict[str, str]:
     exports: dict[str, str] = {}
     if state.image is not None:
-        exports[ENV_IMAGEREQUEST] = state.image
+        exports[ENV_IMAGEREQUEST] = state.image_text or state.image
     if state.volumes:
         from ..options import format_volumes, parse_volumes
 
@@ -194,7 +207,7 @@ def resolve_image(request: str) -> str:
     uid, gids = os.getuid(), {os.getgid(), *os.getgroups()}
     now = time.time()
     claims = []
-    if os.environ.get(ENV_IMAGEREQUEST) == request:
+    if canonical_request(os.environ.get(ENV_IMAGEREQUEST) or ":") == request:
         claims.append(os.environ.get(ENV_IMAGE, ""))
     claims.append(claimed_id(uid, gids, os.environ, request, now) or "")
     for claimed in claims:
