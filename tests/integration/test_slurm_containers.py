@@ -468,7 +468,7 @@ def test_shifter_inside_the_container_runs_the_command_there():
     assert ok.stdout.splitlines().count(BUSYBOX_TEXT) == 2 and ok.stdout.count("1\n") == 2
     other = run_as(["srun", "-N1", "--image=busybox", "shifter", "--image=mpich-hello", "true"])
     assert other.returncode != 0
-    assert "already in the container of docker:busybox" in other.stderr
+    assert "already in the container of busybox" in other.stderr
     volume = run_as(["srun", "-N1", "--image=busybox", "shifter", "-V", "/tmp:/x", "true"])
     assert volume.returncode != 0 and "cannot change it" in volume.stderr
     nested = run_as(["shifter", "--image=busybox", "shifter", "cat", "/etc/shifter-test-image"])

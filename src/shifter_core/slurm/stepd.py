@@ -143,6 +143,8 @@ def hook_task_init_privileged(spank: Spank) -> None:
     pivot_into(state.step_root)
     drop_bounding_set()
     for name, value in state.step_env:
+        if name == ENV_IMAGEREQUEST and spank.getenv(name):
+            continue  # the step's own --image, as its user typed it
         spank.setenv(name, value)
 
 
