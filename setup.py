@@ -26,7 +26,15 @@ setup(
         "cffi_build/build_munge.py:ffibuilder",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "ruff", "mypy==2.4.1", "types-PyYAML", "types-cffi"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2",
+            "hypothesis>=6",
+            "ruff",
+            "mypy==2.4.1",
+            "types-PyYAML",
+            "types-cffi",
+        ],
     },
     entry_points={
         "console_scripts": [

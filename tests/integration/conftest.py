@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -94,3 +95,17 @@ def box() -> Box:
         group=module.GROUP,
         module=module,
     )
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test on the box, cancel the jobs it left (a hang, a timeout) so that one
+    failure does not take the nodes of every test after it."""
+    yield
+    if "box" not in request.fixturenames:
+        return
+    from .slurm import cancel_leftover_jobs
+
+    left = cancel_leftover_jobs()
+    if left:
+        print(f"cancelled jobs left by {request.node.nodeid}: {left}", file=sys.stderr)

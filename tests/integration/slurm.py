@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -43,9 +44,19 @@ def run_as(
         *(f"{k}={v}" for k, v in user_env(**env).items()),
         *argv,
     ]
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, cwd="/tmp", check=False
-    )
+    # A session of its own, so that a timeout kills salloc/srun and what they started, not
+    # only runuser: a client left behind keeps its allocation and the next tests find no node.
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp",
+        start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:  # the timeout here, or pytest-timeout's for the whole test
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -78,3 +89,15 @@ def wait_for_idle_cluster(timeout: float = 60) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"cluster not idle after {timeout} s: jobs {jobs}, node states {states}")
+
+
+def cancel_leftover_jobs(users: tuple[str, ...] = (USER, OTHER_USER)) -> list[str]:
+    """Cancel the test users' jobs still known to slurmctld and wait for an idle cluster.
+
+    Returns the ids cancelled (empty when the test left nothing).
+    """
+    jobs = _slurm(["squeue", "-h", "-t", "PD,R,S", "-u", ",".join(users), "-o", "%i"]).split()
+    if jobs:
+        _slurm(["scancel", *jobs])
+    wait_for_idle_cluster(timeout=120)
+    return jobs

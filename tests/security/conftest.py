@@ -2,4 +2,7 @@
 
 from __future__ import annotations
 
-from tests.integration.conftest import box  # noqa: F401 - the session fixture 'box'
+from tests.integration.conftest import (  # noqa: F401 - fixtures used by name
+    box,
+    no_job_outlives_its_test,
+)
