@@ -61,9 +61,9 @@
 #error "build with -DSHIFTER_PYTHON=\"/path/to/python\" (make launcher)"
 #endif
 
-#define KEY_MAGIC "shifter-launch-recipe-3" /* the first line of a request's key */
+#define KEY_MAGIC "shifter-launch-recipe-4" /* the first line of a request's key */
 #define RECIPE_MAGIC "shifter-recipe"
-#define RECIPE_VERSION "2"
+#define RECIPE_VERSION "3"
 #define SERVER_NAME "shifter-sqfs" /* the image server's name in ps */
 #define EXIT_FAILED 125
 #define EXIT_REFUSED 3 /* the dry run: the recipe would be left to Python */
@@ -362,8 +362,10 @@ static int cache_dir(char *out, size_t size)
 /* The operations, as shifter_core.runtime.recipe.OPERATIONS: the name, the signature (one
  * letter a field: s string, p absolute path, P absolute path or "", e variable name, w word,
  * n number, o octal mode, x slot, m mount flags, a mount attributes, c "recursive" or "",
- * t "dir" or "file", r "", "r" or "rx") and the phase (operations come in non-decreasing
- * phase; before phase 3 the launcher may still fall back to Python). */
+ * g propagation "private" or "slave", t "dir" or "file", r "", "r" or "rx") and the phase
+ * (operations come in non-decreasing phase; before phase 3 the launcher may still fall back
+ * to Python).  New mount namespaces are made slaves of the host's (MS_REC | MS_SLAVE, as the
+ * Python runtime's): nothing propagates out, and a clone keeps its recipe's propagation. */
 enum op_code {
     OP_KEY, OP_DEPENDS, OP_EXPIRES, OP_REQUIRE, OP_JOIN, OP_SERVE, OP_USERNS, OP_CLONE, OP_FUSE,
     OP_OVERLAY, OP_MOUNT, OP_ATTACH, OP_MKDIR, OP_MKFILE, OP_SYMLINK, OP_SETATTR, OP_PIVOT,
@@ -382,7 +384,7 @@ static const struct {
     [OP_JOIN] = {"join", "p", 2},
     [OP_SERVE] = {"serve", "p", 2},
     [OP_USERNS] = {"userns", "P", 3},
-    [OP_CLONE] = {"clone", "xpca", 4},
+    [OP_CLONE] = {"clone", "xpcag", 4},
     [OP_FUSE] = {"fuse", "pms", 4},
     [OP_OVERLAY] = {"overlay", "pms", 4},
     [OP_MOUNT] = {"mount", "spwms", 5},
@@ -546,6 +548,14 @@ static const char *check_field(char kind, const char *text, size_t len, unsigned
         if (*text && strcmp(text, "recursive") != 0)
             return "bad clone flags";
         *num = *text != 0;
+        return NULL;
+    case 'g':
+        if (strcmp(text, "private") == 0)
+            *num = MS_PRIVATE;
+        else if (strcmp(text, "slave") == 0)
+            *num = MS_SLAVE;
+        else
+            return "bad propagation";
         return NULL;
     case 'm':
         return flag_set(text, mount_flag_names, num) ? "unknown flag" : NULL;
@@ -713,6 +723,7 @@ static void print_recipe(const struct recipe *r)
             case 'n': case 'x': printf("%llu", op->num[j]); break;
             case 'o': printf("%llo", op->num[j]); break;
             case 'c': print_text(op->num[j] ? "recursive" : ""); break;
+            case 'g': print_text(op->num[j] == MS_SLAVE ? "slave" : "private"); break;
             case 'm': print_flags(op->num[j], mount_flag_names); break;
             case 'a': print_flags(op->num[j], mount_attr_names); break;
             default: print_text(op->arg[j]);
@@ -733,9 +744,10 @@ static int move_mount_(int from_dfd, const char *from, int to_dfd, const char *t
     return (int)syscall(SYS_move_mount, from_dfd, from, to_dfd, to, flags);
 }
 
-static int mount_setattr_(int dfd, const char *path, unsigned flags, uint64_t set)
+static int mount_setattr_(int dfd, const char *path, unsigned flags, uint64_t set,
+                          uint64_t propagation)
 {
-    struct mount_attr_arg attr = {.attr_set = set};
+    struct mount_attr_arg attr = {.attr_set = set, .propagation = propagation};
     return (int)syscall(SYS_mount_setattr, dfd, path, flags, &attr, sizeof attr);
 }
 
@@ -881,7 +893,7 @@ static int join_user_namespace(const char *path)
         return -1;
     if (getuid() != uid)
         die("the user namespace at %s does not map uid %u", path, (unsigned)uid);
-    if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
+    if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
         die("cannot make a mount namespace");
     return 0;
 }
@@ -898,8 +910,8 @@ static void enter_namespaces(void)
     write_file("/proc/self/uid_map", map);
     snprintf(map, sizeof map, "%u %u 1\n", (unsigned)gid, (unsigned)gid);
     write_file("/proc/self/gid_map", map);
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
-        die("cannot make the mounts private");
+    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
+        die("cannot make the mounts slaves");
 }
 
 static void drop_privileges(void)
@@ -1124,8 +1136,8 @@ static void execute(const struct op *op, const char *key_hex, char **command)
         slot_source[n[0]] = a[1];
         if (slots[n[0]] < 0)
             die("cannot take %s", a[1]);
-        if (n[3] && mount_setattr_(slots[n[0]], "", AT_EMPTY_PATH | (n[2] ? AT_RECURSIVE : 0),
-                                   n[3]) != 0)
+        if (mount_setattr_(slots[n[0]], "", AT_EMPTY_PATH | (n[2] ? AT_RECURSIVE : 0), n[3],
+                           n[4]) != 0)
             die("cannot set the flags of %s", a[1]);
         break;
     case OP_FUSE: {
@@ -1203,7 +1215,7 @@ static void execute(const struct op *op, const char *key_hex, char **command)
         break;
     case OP_SETATTR:
         fd = open_beneath(root_fd, a[0], O_PATH);
-        if (fd < 0 || mount_setattr_(fd, "", AT_EMPTY_PATH | (n[2] ? AT_RECURSIVE : 0), n[1]))
+        if (fd < 0 || mount_setattr_(fd, "", AT_EMPTY_PATH | (n[2] ? AT_RECURSIVE : 0), n[1], 0))
             die("cannot set the flags of %s", a[0]);
         close(fd);
         break;

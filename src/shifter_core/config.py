@@ -415,8 +415,9 @@ class RuntimeConfig:
         default_factory=list,
         metadata=_doc(
             "site file systems bound into every container: SRC:DST[:ro|rw][:rec]"
-            "[:slave|private] (rec: with the mounts below SRC; slave/private: their mount "
-            "propagation)",
+            "[:slave|private] (a bind always comes with the mounts below SRC, so rec changes "
+            "nothing; slave: what the host mounts below SRC later shows in running "
+            "containers; private, the default: it does not; nothing goes back either way)",
             check=_site_volume_list,
         ),
     )

@@ -61,8 +61,9 @@ SIZE_HINT = (
 VOLUME_FLAGS = ("ro", "rw", "perNodeCache=size=SIZE[,bs=SIZE][,method=loop][,fs=xfs|ext4]")
 # Shifter's flags that only its siteFs (udiRoot.conf) may give (VolumeMap.c,
 # validateVolumeMap_siteRequest): rec, a recursive bind (the mounts below the source come
-# along); slave and private, the bind's mount propagation (slave: mounts made later below
-# the source on the host appear in the container, none go back; private: none either way).
+# along: every bind of ours is, so it changes nothing); slave and private, the bind's mount
+# propagation (slave: mounts made later below the source on the host appear in the
+# container, none go back; private: none either way).
 SITE_VOLUME_FLAGS = ("rec", "slave", "private")
 PROPAGATIONS = ("slave", "private")
 PER_NODE_CACHE_METHODS = ("loop",)

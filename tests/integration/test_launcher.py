@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shifter_core.runtime.recipe import Op, parse, render, serialise
+from shifter_core.runtime.recipe import VERSION, Op, parse, render, serialise
 
 from .slurm import user_env
 from .test_runtime_support import (  # noqa: F401 - fixture 'rt'
@@ -242,7 +242,8 @@ def test_the_launcher_executes_the_recorded_operations(rt, fresh_cache, alice_di
     dry = shifter_as(rt, args, SHIFTER_LAUNCH_DRY_RUN="1")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout == render(ops)
-    assert re.search(rf"^clone \d+ {alice_dir} recursive ro,nosuid,nodev$", dry.stdout, re.M)
+    clone = rf"^clone \d+ {alice_dir} recursive ro,nosuid,nodev private$"
+    assert re.search(clone, dry.stdout, re.M)
     assert "env-set A b\\x20c\n" in dry.stdout and dry.stdout.endswith("exec\n")
     assert launched(rt, args)[1]  # the dry run executed nothing and removed nothing
 
@@ -251,7 +252,7 @@ def test_the_launcher_executes_the_recorded_operations(rt, fresh_cache, alice_di
     "damage",
     [
         lambda data: data[: len(data) // 2],  # cut short
-        lambda data: data.replace(b"shifter-recipe\0" + b"2\0", b"shifter-recipe\0" + b"1\0"),
+        lambda data: data.replace(f"recipe\0{VERSION}\0".encode(), b"recipe\x001\x00"),
         lambda data: data.replace(b"pivot\0", b"reboot\0"),  # an unknown operation
         lambda data: data.replace(b"exec\0" + b"0\0", b"exec\0" + b"1\0/bin/sh\0"),
     ],

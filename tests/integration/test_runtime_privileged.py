@@ -8,6 +8,7 @@ import os
 import pwd
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,12 @@ from shifter_core.runtime import (
 )
 from shifter_core.runtime.errors import ModuleError
 
-from .test_runtime_support import (  # noqa: F401 - fixtures 'rt', 'tmp_submount'
+from .test_runtime_support import (  # noqa: F401 - fixtures 'rt', 'tmp_submount', ...
+    config_with_site_volumes,
     host_mounts_with,
     loop_devices_of,
     runtime_fixture,
+    shared_sources_fixture,
     shifter_as,
     tmp_submount_fixture,
 )
@@ -37,8 +40,8 @@ from .test_runtime_support import (  # noqa: F401 - fixtures 'rt', 'tmp_submount
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the privileged path needs root")
 
 
-def make_plan(rt, image_id: str, **request):
-    cfg = config_module.load(str(rt.config))
+def make_plan(rt, image_id: str, config: Path | None = None, **request):
+    cfg = config_module.load(str(config or rt.config))
     user = User.from_uid(1001)
     meta, image_file = resolve_image(f"id:{image_id}", cfg, user)
     req = RunRequest(image=f"id:{image_id}", **request)
@@ -216,6 +219,41 @@ def test_prepare_with_a_mount_below_host_tmp(rt, tmp_submount):
     assert first == "from the host"
     assert {"nosuid", "nodev"} <= set(mount.split()[5].split(","))
     assert host_mounts_with(root) == []
+
+
+def test_site_volume_slave_propagation_in_a_job_root(rt, shared_sources, tmp_path):
+    """A job's root (the prolog's, in the host's mount namespace) and the task that entered
+    it: what the host mounts below a ``:slave`` site volume's source afterwards shows in the
+    task; below a volume without the flag it does not."""
+    slave, plain = shared_sources
+    config = config_with_site_volumes(
+        rt, f"job-propagation-{tmp_path.name}", [f"{slave}:/dws:slave", f"{plain}:/plain"]
+    )
+    script = (
+        "i=0; while [ ! -e /dws/sub/marker ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); "
+        "done; cat /dws/sub/marker; cat /plain/sub/marker 2>/dev/null || echo no-plain-marker"
+    )
+    cfg, plan = make_plan(rt, rt.busybox, config, command=("sh", "-c", script))
+    prepared = privileged.prepare_job(plan, cfg.runtime.run_dir, "n1", "1002")
+
+    def mount_below_the_sources() -> None:
+        for path in (slave, plain):
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "dws", f"{path}/sub"],
+                           check=True)  # fmt: skip
+            (path / "sub" / "marker").write_text(f"{path.name} marker\n")
+
+    timer = threading.Timer(1.0, mount_below_the_sources)  # after the task entered the root
+    timer.start()
+    try:
+        result = enter_and_run(plan, prepared.root)
+    finally:
+        timer.join()
+        assert privileged.teardown_job(cfg.runtime.run_dir, "n1", "1002") == []
+        for path in (slave, plain):
+            subprocess.run(["umount", "-l", f"{path}/sub"], check=False)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines() == [f"{slave.name} marker", "no-plain-marker"]
+    assert host_mounts_with(str(prepared.root)) == []
 
 
 def test_per_node_cache(rt):

@@ -265,6 +265,25 @@ def tmp_submount_fixture() -> Iterator[Path]:
         path.rmdir()
 
 
+@pytest.fixture(name="shared_sources")
+def shared_sources_fixture(rt: Runtime, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Two host directories, each a shared mount (as / is under systemd) with an empty
+    ``sub`` mount point: ``slave`` for a ``:slave`` site volume, ``plain`` for one without."""
+    made: list[Path] = []
+    try:
+        for name in ("slave", "plain"):
+            path = rt.base / f"{name}-{tmp_path.name}"
+            (path / "sub").mkdir(parents=True)
+            path.chmod(0o755)
+            subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+            made.append(path)
+            subprocess.run(["mount", "--make-shared", str(path)], check=True)
+        yield made[0], made[1]
+    finally:
+        for path in reversed(made):
+            subprocess.run(["umount", "-R", "-l", str(path)], check=False)
+
+
 def _cleanup_run_dir(run_dir: str) -> None:
     """Remove the test run directory as the epilog would: never through a mount (a root's
     /tmp is the host's)."""
@@ -337,3 +356,14 @@ def host_mounts_with(fragment: str) -> list[str]:
     """Mount table lines of this (the host's) namespace that mention ``fragment``."""
     with open("/proc/self/mountinfo", encoding="utf-8") as fh:
         return [line.strip() for line in fh if fragment in line]
+
+
+def config_with_site_volumes(rt: Runtime, name: str, volumes: list[str]) -> Path:
+    """The test config with ``runtime.site_volumes``, written to a file of its own."""
+    config = rt.base / f"{name}.yaml"
+    listed = ", ".join(f"'{v}'" for v in volumes)
+    config.write_text(
+        rt.config.read_text().replace("runtime:\n", f"runtime:\n  site_volumes: [{listed}]\n")
+    )
+    config.chmod(0o644)
+    return config

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from .slurm import user_env
-from .test_runtime_support import (  # noqa: F401 - fixtures 'rt', 'tmp_submount'
+from .test_runtime_support import (  # noqa: F401 - fixtures 'rt', 'tmp_submount', ...
     SHIFTER,
+    config_with_site_volumes,
     host_mounts_with,
     loop_devices_of,
     runtime_fixture,
+    shared_sources_fixture,
     shifter_as,
     tmp_submount_fixture,
     user_processes,
@@ -463,3 +465,41 @@ def test_entrypoint_forms(rt):
     assert ok(shifter_as(rt, [image, "--entry", "x"])) == "entry x\n"
     assert ok(shifter_as(rt, [image, "--entrypoint=/bin/echo"])) == "\n"
     assert ok(shifter_as(rt, [image, "--entrypoint=/bin/echo", "y"])) == "y\n"
+
+
+def test_site_volume_slave_propagation(rt, shared_sources, tmp_path):
+    """Shifter's ``slave`` site-volume flag (Cray DWS paths): a file system the host mounts
+    below the source after the container started shows in the container; below a volume
+    without it, it does not; and nothing made in the container reaches the host."""
+    slave, plain = shared_sources
+    config = config_with_site_volumes(
+        rt, f"propagation-{tmp_path.name}", [f"{slave}:/dws:slave", f"{plain}:/plain"]
+    )
+    script = (
+        "echo ready; i=0; while [ ! -e /dws/sub/marker ] && [ $i -lt 100 ]; do sleep 0.05; "
+        "i=$((i+1)); done; cat /dws/sub/marker; cat /plain/sub/marker 2>/dev/null || "
+        "echo no-plain-marker; grep -c ' /dws/sub ' /proc/self/mountinfo"
+    )
+    variables = user_env(SHIFTER_CONFIG=str(config), SHIFTER_LAUNCH_DEBUG="1")
+    command = ["runuser", "-u", "alice", "--", "env", "-i",
+               *(f"{k}={v}" for k, v in variables.items()),
+               SHIFTER, f"--image=id:{rt.busybox}", "sh", "-c", script]  # fmt: skip
+    for attempt in ("python runtime", "launcher"):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd="/tmp", stdin=subprocess.DEVNULL)  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n", proc.communicate(timeout=30)
+            for path in (slave, plain):
+                subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "dws", f"{path}/sub"],
+                               check=True)  # fmt: skip
+                (path / "sub" / "marker").write_text(f"{path.name} marker\n")
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            for path in (slave, plain):
+                subprocess.run(["umount", "-l", f"{path}/sub"], check=False)
+        assert proc.returncode == 0, (attempt, out, err)
+        assert out.splitlines() == [f"{slave.name} marker", "no-plain-marker", "1"], (attempt, err)
+        if attempt == "launcher":
+            assert "running the Python runtime" not in err, err

@@ -158,7 +158,7 @@ def _plans(tmp_path: Path) -> dict[str, tuple[RunRequest, str]]:
                 volumes=(f"{data}:/data", f"{data}/file:/a/b/file:ro", f"{site}:/srv/x:rw"),
                 command=("true",),
             ),
-            f"runtime:\n  site_volumes: ['{site}:/site']\n",
+            f"runtime:\n  site_volumes: ['{site}:/site', '{site}:/dws:slave']\n",
         ),
         "modules with devices": (
             RunRequest(image=f"id:{IMAGE_ID}", modules="gpu", command=("nvidia-smi",)),
@@ -230,17 +230,19 @@ def test_a_job_root_recipe(launcher: str, tmp_path: Path, monkeypatch) -> None:
 def test_the_flags_are_the_builds(tmp_path: Path, monkeypatch) -> None:
     """The recipe's flags are what assemble gives each mount: nosuid everywhere, nodev except
     where devices are passed, noexec for /proc, /sys, /dev and device nodes, read-only /sys,
-    read-only volumes as asked, and a read-only root and /dev."""
+    read-only volumes as asked, and a read-only root and /dev; private mount propagation
+    except for a site volume with ``slave``."""
     request, text = _plans(tmp_path)["volumes"]
     _, ops = plan_ops(tmp_path, monkeypatch, request, text)
     text = render(ops)
-    assert re.search(r"^clone \d+ /proc recursive nosuid,nodev,noexec$", text, re.M)
-    assert re.search(r"^clone \d+ /sys recursive ro,nosuid,nodev,noexec$", text, re.M)
-    assert re.search(r'^clone \d+ /dev/null "" nosuid,noexec$', text, re.M)
-    assert re.search(r"^clone \d+ /dev/pts recursive nosuid$", text, re.M)
+    assert re.search(r"^clone \d+ /proc recursive nosuid,nodev,noexec private$", text, re.M)
+    assert re.search(r"^clone \d+ /sys recursive ro,nosuid,nodev,noexec private$", text, re.M)
+    assert re.search(r'^clone \d+ /dev/null "" nosuid,noexec private$', text, re.M)
+    assert re.search(r"^clone \d+ /dev/pts recursive nosuid private$", text, re.M)
     host = tmp_path / "host"
-    assert re.search(rf"^clone \d+ {host}/data/file recursive ro,nosuid,nodev$", text, re.M)
-    assert re.search(rf"^clone \d+ {host}/site recursive nosuid,nodev$", text, re.M)
+    assert re.search(rf"^clone \d+ {host}/data/file recursive ro,nosuid,nodev private$", text, re.M)
+    assert re.search(rf"^clone \d+ {host}/site recursive nosuid,nodev private$", text, re.M)
+    assert re.search(rf"^clone \d+ {host}/site recursive nosuid,nodev slave$", text, re.M)
     assert "mount tmpfs /dev tmpfs nosuid,noexec mode=755\n" in text
     assert "overlay /tmp/shifter-launch-1001/0123456789abcdef/root nosuid,nodev " in text
     assert "fuse /tmp/shifter-launch-1001/0123456789abcdef/lower ro,nosuid,nodev " in text

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from shifter_core.runtime import recipe
-from shifter_core.runtime.recipe import Op, RecipeError, parse, render, serialise
+from shifter_core.runtime.recipe import VERSION, Op, RecipeError, parse, render, serialise
 
 from .test_recipe_contract import EXIT_REFUSED, LAUNCHER
 
@@ -38,11 +38,11 @@ def _private() -> list[Op]:
         Op("require", f"{d}/upper", "dir", ""),
         Op("serve", "/store/a.squashfs"),
         Op("userns", ""),
-        Op("clone", 0, "/tmp", 1, 6),
+        Op("clone", 0, "/tmp", 1, 6, "private"),
         Op("fuse", f"{d}/lower", 7, "rootmode=40000,user_id=1001,group_id=1001"),
-        Op("clone", 1, "/proc", 1, 14),
-        Op("clone", 2, "/dev/null", 0, 10),
-        Op("clone", 3, "/home/alice/data", 1, 7),
+        Op("clone", 1, "/proc", 1, 14, "private"),
+        Op("clone", 2, "/dev/null", 0, 10, "private"),
+        Op("clone", 3, "/home/alice/data", 1, 7, "private"),
         Op("overlay", f"{d}/root", 7, f"lowerdir={d}/upper:{d}/lower"),
         Op("attach", 1, "/proc"),
         Op("mount", "tmpfs", "/dev", "tmpfs", 10, "mode=755"),
@@ -130,7 +130,8 @@ def mutated(draw: st.DrawFn) -> bytes:
     if kind == "truncate":
         return data[: draw(st.integers(0, len(data) - 1))]
     if kind == "version":
-        fields[1] = draw(st.sampled_from([b"1", b"3", b"02", b"", b"2 ", b"99999999999999999999"]))
+        wrong = [b"1", b"2", b"4", b"03", b"", b"3 ", b"99999999999999999999"]
+        fields[1] = draw(st.sampled_from(wrong))
     elif kind == "unknown":
         fields.insert(index, draw(st.sampled_from([b"rm", b"exec2", b"MOUNT", b"", b"mount "])))
     elif kind == "count":
@@ -202,7 +203,7 @@ def _swap_ops(ops: list[Op], a: int, b: int) -> list[Op]:
 
 def _unchecked(ops: list[Op]) -> bytes:
     """Serialised without the check that serialise makes (so it may be refused)."""
-    fields = [b"shifter-recipe", b"2", str(len(ops)).encode()]
+    fields = [b"shifter-recipe", str(VERSION).encode(), str(len(ops)).encode()]
     for op in ops:
         signature = recipe.OPERATIONS[op.name][0]
         fields += [op.name.encode(), str(len(signature)).encode()]
@@ -213,7 +214,10 @@ def _unchecked(ops: list[Op]) -> bytes:
 CASES = {
     "truncated": (RECIPES[0][: len(RECIPES[0]) // 2], "recipe cut short"),
     "no final NUL": (RECIPES[0][:-1], "recipe cut short"),
-    "wrong version": (_ops_with(lambda f: f.__setitem__(1, b"1")), "not a version 2 recipe"),
+    "wrong version": (
+        _ops_with(lambda f: f.__setitem__(1, b"1")),
+        f"not a version {VERSION} recipe",
+    ),
     "not a recipe": (b"shifter-launch-recipe-1\0", "not a recipe"),
     "unknown op": (
         _ops_with(lambda f: f.__setitem__(f.index(b"pivot"), b"reboot")),
@@ -309,9 +313,13 @@ def test_a_refused_recipe_falls_back_to_python(damage: str) -> None:
         good = _join(fields)
         data = {
             "truncated": good[: len(good) // 2],
-            "wrong version": good.replace(b"shifter-recipe\0" + b"2", b"shifter-recipe\0" + b"1"),
+            "wrong version": good.replace(
+                b"shifter-recipe\0" + str(VERSION).encode(), b"shifter-recipe\0" + b"1"
+            ),
             "unknown op": good.replace(b"pivot\0", b"reboot\0"),
-            "huge count": b"shifter-recipe\0" + b"2\0" + b"9" * 40 + good[good.index(b"\0key"):],
+            "huge count": (
+                f"shifter-recipe\0{VERSION}\0".encode() + b"9" * 40 + good[good.index(b"\0key") :]
+            ),
         }[damage]
         (directory / "recipe").write_bytes(data)
         for path in (xdg, *xdg.rglob("*")):

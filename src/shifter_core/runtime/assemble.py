@@ -209,6 +209,7 @@ class RootBuilder:
                     fd,
                     stat.S_ISDIR(os.fstat(fd).st_mode),
                     read_only=volume.read_only,
+                    propagation=volume.propagation or "private",
                 )
             )
         for name, module in plan.modules:

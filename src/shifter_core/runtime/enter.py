@@ -32,12 +32,14 @@ def chroot(root: str) -> None:
 
 
 def pivot_into(root: str) -> None:
-    """Move this process (still root) into the prepared ``root``: a private mount namespace,
+    """Move this process (still root) into the prepared ``root``: a mount namespace whose
+    mounts are slaves of the host's (nothing propagates out; a site volume with ``slave``
+    still receives what the host mounts below its source),
     :func:`pivot`. The working directory is kept where it exists in the container, else
     ``/``."""
     cwd = os.getcwd()
     syscalls.unshare(syscalls.CLONE_NEWNS)
-    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_SLAVE)
     pivot(root)
     try:  # noqa: SIM105 - contextlib stays out of slurmstepd's path
         os.chdir(cwd)

@@ -14,6 +14,7 @@ import os
 
 from .. import syscalls
 from .paths import fd_path, open_beneath
+from .recipe import PROPAGATIONS
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up time
 
@@ -61,15 +62,17 @@ class Executor:
     def _beneath(self, path: str, directory: bool = False) -> int:
         return open_beneath(self.root_fd, path, directory=directory)
 
-    def _clone(self, slot: int, source: str, recursive: int, attrs: int) -> None:
+    def _clone(self, slot: int, source: str, recursive: int, attrs: int, propagation: str) -> None:
         fd = self.detached.pop(source, None)
         owned = fd is None
         if fd is None:
             flags = syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC
             fd = syscalls.open_tree(source, flags | (syscalls.AT_RECURSIVE if recursive else 0))
         self.slots[slot] = (fd, owned)
-        if attrs:
-            syscalls.mount_setattr("", attrs, dirfd=fd, recursive=bool(recursive))
+        syscalls.mount_setattr(
+            "", attrs, dirfd=fd, recursive=bool(recursive),
+            propagation=PROPAGATIONS[propagation.encode()],
+        )  # fmt: skip
 
     def _attach(self, slot: int, target: str) -> None:
         fd, owned = self.slots.pop(slot)

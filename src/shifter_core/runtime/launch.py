@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-MAGIC = "shifter-launch-recipe-3"  # the key's first line (recipe.VERSION is the format's)
+MAGIC = "shifter-launch-recipe-4"  # the key's first line (recipe.VERSION is the format's)
 MAX_RECIPES = 64  # per user; the oldest go first
 HOST_DEPENDENCIES = ("/etc/passwd", "/etc/group", "/etc/hosts", "/etc/resolv.conf")
 _BAD_PATH_CHARS = (",", ":", "\\", "\n")

@@ -64,6 +64,7 @@ class MountSpec:
         tmpfs_mode: int = 0o755,
         inner: bool = False,
         nodev: bool = True,
+        propagation: str = "private",
     ) -> None:
         self.target = target
         self.what = what
@@ -78,6 +79,7 @@ class MountSpec:
         self.tmpfs_mode = tmpfs_mode
         self.inner = inner
         self.nodev = nodev
+        self.propagation = propagation  # of a clone: "private", or "slave" (a site's choice)
         self.resolved = ""
 
 
@@ -145,7 +147,8 @@ def clone_ops(
     others: list[Op] = []
     for spec in cloned:
         slot = slots[id(spec)] = len(slots)
-        op = Op("clone", slot, source_of(spec), int(bind_recursive(spec)), mount_attrs(spec))
+        recursive = int(bind_recursive(spec))
+        op = Op("clone", slot, source_of(spec), recursive, mount_attrs(spec), spec.propagation)
         (trees if spec.kind == "tree" else others).append(op)
     return slots, trees, others
 

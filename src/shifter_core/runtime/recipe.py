@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 MAGIC = "shifter-recipe"
-VERSION = 2
+VERSION = 3
 MAX_BYTES = 1 << 22
 MAX_OPS = 4096
 MAX_STRING = 131072  # a string field, in bytes (MAX_ARG_STRLEN: no longer value can be exec'd)
@@ -43,7 +43,8 @@ MAX_DIGITS = 18  # decimal numbers stay below 10**18
 # Field types of the signatures:
 #   s string   p absolute path   P absolute path or ""   e environment name   w word
 #   n decimal number   o octal mode   x slot   m mount(2) flags   a mount attributes
-#   c "recursive" or ""   t "dir" or "file"   r access: "", "r" or "rx"
+#   c "recursive" or ""   g propagation: "private" or "slave"   t "dir" or "file"
+#   r access: "", "r" or "rx"
 # Phases: operations come in non-decreasing phase; the launcher may still fall back to
 # Python before phase 3, never after.
 OPERATIONS: dict[str, tuple[str, int]] = {
@@ -54,7 +55,7 @@ OPERATIONS: dict[str, tuple[str, int]] = {
     "join": ("p", 2),  # share a sibling's container, meeting in DIR (runtime/siblings.py)
     "serve": ("p", 2),  # start the image server (libsquashfuse) for this squashfs file
     "userns": ("P", 3),  # join the user namespace pinned at PATH, else make one; new mount ns
-    "clone": ("xpca", 4),  # SLOT := a detached copy of host SOURCE, with mount attributes
+    "clone": ("xpcag", 4),  # SLOT := a detached copy of host SOURCE: attributes, propagation
     "fuse": ("pms", 4),  # mount the served image at host TARGET (DATA, plus fd=N)
     "overlay": ("pms", 4),  # mount an overlay at host TARGET: the container's root from now
     "mount": ("spwms", 5),  # mount(SOURCE, TARGET in the root, FSTYPE, FLAGS, DATA)
@@ -88,6 +89,8 @@ MOUNT_ATTRS = (
     ("noexec", syscalls.MOUNT_ATTR_NOEXEC),
 )
 _FLAG_TABLES = {"m": MOUNT_FLAGS, "a": MOUNT_ATTRS}
+#: A clone's mount propagation (``g`` fields) and its mount_setattr(2) value.
+PROPAGATIONS = {b"private": syscalls.MS_PRIVATE, b"slave": syscalls.MS_SLAVE}
 _CONTAINER_OPS = ("mount", "attach", "mkdir", "mkfile", "symlink", "setattr")
 
 
@@ -177,7 +180,7 @@ def _flags(text: bytes, table: tuple[tuple[str, int], ...]) -> int:
 
 def _field(kind: str, raw: bytes) -> str | int:
     """One field of type ``kind`` (see OPERATIONS), as the launcher checks it."""
-    if kind in "sPpewtr":
+    if kind in "sPpewtrg":
         if len(raw) > MAX_STRING:
             raise RecipeError("field too long")
         text = raw.decode("utf-8", "surrogateescape")
@@ -195,6 +198,8 @@ def _field(kind: str, raw: bytes) -> str | int:
                 raise RecipeError("bad type")
         elif kind == "r" and raw not in (b"", b"r", b"rx"):
             raise RecipeError("bad access")
+        elif kind == "g" and raw not in PROPAGATIONS:
+            raise RecipeError("bad propagation")
         return text
     if kind == "n":
         return _number(raw, 10**MAX_DIGITS, "number")
@@ -284,7 +289,7 @@ def parse(data: bytes) -> list[Op]:
     if take() != MAGIC.encode():
         raise RecipeError("not a recipe")
     if take() != str(VERSION).encode():
-        raise RecipeError("not a version 2 recipe")
+        raise RecipeError(f"not a version {VERSION} recipe")
     count = _number(take(), MAX_OPS + 1, "operation count")
     if count == 0:
         raise RecipeError("bad operation count")

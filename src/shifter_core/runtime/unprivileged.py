@@ -56,7 +56,8 @@ def _write(path: str, text: str) -> None:
 
 
 def enter_user_namespace(uid: int, gid: int) -> None:
-    """New user + mount namespaces mapping the caller to itself; mounts made private."""
+    """New user + mount namespaces mapping the caller to itself; mounts made slaves
+    (nothing propagates out; clones then get their own propagation)."""
     try:
         syscalls.unshare(syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS)
     except SyscallError as err:
@@ -67,13 +68,13 @@ def enter_user_namespace(uid: int, gid: int) -> None:
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
     _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
-    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_SLAVE)
 
 
 def enter_job_user_namespace(path: str, uid: int) -> bool:
     """Join the user namespace the prolog pinned for this job at ``path`` (owned by the
     user: the caller's uid and all its gids map to themselves, so its groups keep their
-    numbers), then a new mount namespace with mounts made private. False, with nothing
+    numbers), then a new mount namespace with mounts made slaves. False, with nothing
     changed, when the namespace cannot be joined."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -90,7 +91,7 @@ def enter_job_user_namespace(path: str, uid: int) -> bool:
     if os.getuid() != uid:  # there is no way back: a wrong namespace is an error
         raise ContainerError(f"the user namespace at {path} does not map uid {uid}")
     syscalls.unshare(syscalls.CLONE_NEWNS)
-    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_SLAVE)
     return True
 
 
