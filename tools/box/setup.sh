@@ -31,6 +31,8 @@ PACKAGES=(
     debootstrap procps psmisc gcc make
     # perNodeCache volumes: fs=xfs (Shifter's default) and ext4
     xfsprogs e2fsprogs
+    # the gateway's /metrics in the tests (curl); shifteradm doctor reads the plugin's ELF
+    curl binutils
     # the launcher (launcher/shifter_launch.c) serves images with libsquashfuse, linked static
     libsquashfuse-dev libfuse3-dev zlib1g-dev liblzma-dev libzstd-dev liblz4-dev liblzo2-dev
 )

@@ -3,12 +3,16 @@
 Usage::
 
     shifteradm import-udiroot FILE [-o OUT] [--force]
+    shifteradm doctor [--config FILE] [--node NAME] [--slurm-conf FILE] [--json]
 
 ``import-udiroot`` turns a legacy NERSC Shifter ``udiRoot.conf`` into ``shifter.yaml``
 (:mod:`shifter_core.udiroot`): the YAML goes to OUT (written atomically; an existing file
 only with ``--force``) or to stdout, and every setting not carried over, or carried over
 with another behaviour, is one line on stderr. Exit status: 0 when the result validates,
 1 when no valid configuration can be made (or on any other failure), 2 on a usage error.
+
+``doctor`` checks this node (:mod:`shifter_core.doctor`): one line per finding, a problem
+with what to do about it; exit 1 when something a job needs is missing, else 0.
 """
 
 from __future__ import annotations
@@ -97,6 +101,33 @@ def import_udiroot(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor(args: argparse.Namespace) -> int:
+    """Check this node; print the findings (text or JSON)."""
+    import json
+
+    from .. import doctor as node_check
+
+    node = node_check.Node(
+        config=args.config,
+        node=args.node or os.environ.get("SLURMD_NODENAME", "") or os.uname().nodename,
+        slurm_conf=args.slurm_conf or os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"),
+    )
+    findings = node_check.check(node)
+    failed = any(f.level == node_check.ERROR for f in findings)
+    if args.json:
+        report = {"node": node.node, "ok": not failed, "findings": [f.as_dict() for f in findings]}
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        shown = [f for f in findings if args.verbose or f.level != node_check.OK]
+        sys.stdout.write("".join(f.line() + "\n" for f in shown))
+        problems = sum(f.level != node_check.OK for f in findings)
+        verdict = "FAILED" if failed else "passed"
+        sys.stdout.write(f"node {node.node}: {verdict} ({len(findings)} checks, "
+                         f"{problems} problems)\n")  # fmt: skip
+    sys.stdout.flush()
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Shifter administration tools.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -113,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     imp.set_defaults(func=import_udiroot)
+    doc = commands.add_parser(
+        "doctor",
+        help="check that this node can run Shifter jobs",
+        description="Check this node: kernel features, /dev/fuse, the configuration, the SPANK "
+        "plugin, the gateway (through munge), the run directory, the node cache and leftovers "
+        "of dead jobs. One line per problem, with what to do; exits 1 when something a job "
+        "needs is missing.",
+    )
+    doc.add_argument("--config", metavar="FILE", help="shifter.yaml (default: the site's)")
+    doc.add_argument("--node", metavar="NAME", help="this node's Slurm name (default: hostname)")
+    doc.add_argument("--slurm-conf", metavar="FILE", help="slurm.conf (default: $SLURM_CONF)")
+    doc.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doc.add_argument("-v", "--verbose", action="store_true", help="print the passed checks too")
+    doc.set_defaults(func=doctor)
     return parser
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,7 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, munge
 from ..errors import ShifterError
@@ -33,6 +35,7 @@ from ..image.limits import clean_text, human
 from .callers import Caller
 from .changes import wait_for
 from .errors import BadRequest, GatewayError, TooLarge, Unauthenticated, Unavailable
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .models import (
     ExpireRequest,
     Identity,
@@ -298,7 +301,46 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus' text format (:mod:`.metrics`), for any caller: it holds
+    counts and sizes, no name of an image or a user."""
+    gateway = _gateway(request)
+    body = await run_in_threadpool(gateway.metrics.exposition)
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
+
+
+class _RequestTimer:
+    """ASGI middleware: every request's latency, by route template (not path: job ids would
+    make a label per job), method and status."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = next(
+                (r.path for r in ROUTES if r.matches(scope)[0] == Match.FULL), "other"
+            )
+            elapsed = time.monotonic() - start
+            self.gateway.metrics.request(route, scope["method"], status[0], elapsed)
+
+
 ROUTES = [
+    Route("/metrics", metrics, methods=["GET"]),
     Route(f"{API}/ping", json_endpoint(ping), methods=["GET"]),
     Route(f"{API}/pull", json_endpoint(pull), methods=["POST"]),
     Route(f"{API}/jobs", json_endpoint(jobs), methods=["GET"]),
@@ -318,4 +360,5 @@ def create_app(gateway: Gateway, decoder: Decoder = munge.decode) -> Starlette:
     app = Starlette(routes=ROUTES, exception_handlers={HTTPException: http_error})
     app.state.gateway = gateway
     app.state.decoder = decoder
+    app.add_middleware(_RequestTimer, gateway=gateway)
     return app

@@ -53,6 +53,7 @@ from .changes import StateChanges
 from .db import Database, Job, acl_to_json
 from .errors import BadRequest, Forbidden, NotFound
 from .importer import import_file
+from .metrics import GatewayMetrics
 from .models import (
     ACTIVE_STATES,
     GatewayStats,
@@ -93,6 +94,7 @@ class Gateway:
         self.store = ImageStore(config.image_path)
         self.cache = LayerCache(gw.layer_cache, max_bytes=self.limits.layer_cache_size)
         self.db = Database(gw.database)
+        self.metrics = GatewayMetrics(self.stats)
         reg = config.registries
         self.settings = RegistrySettings(
             mirrors=reg.mirrors,
@@ -351,6 +353,7 @@ class Gateway:
 
     def _set_state(self, job: Job, state: JobState, message: str = "", **values: Any) -> None:
         self.db.update_job(job.id, state=state, message=message, **values)
+        self.metrics.job_state(job.id, job.kind, state.lower(), job.created)
         self.changes.notify()
         detail = f": {message}" if message else ""
         log.info("job %s %s: %s %s%s", job.id, state, job.kind, job.reference, detail)
@@ -443,6 +446,7 @@ class Gateway:
                 client.close()
         self.db.set_tag(job.reference, job.platform, meta.id, job.acl)
         self.db.touch_image(meta.id)
+        self.metrics.image_made(meta.size)
         self._set_state(job, JobState.READY, image_id=meta.id, finished=time.time())
 
     def _prove_access(
@@ -634,6 +638,7 @@ class Gateway:
         self.db.set_tag(job.reference, plat, meta.id, None)
         self.db.touch_image(meta.id)
         self.db.update_job(job.id, platform=plat)
+        self.metrics.image_made(meta.size)
         self._set_state(job, JobState.READY, image_id=meta.id, finished=time.time())
 
     # -- administration ------------------------------------------------------------------------

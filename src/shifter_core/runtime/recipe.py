@@ -180,7 +180,7 @@ def _flags(text: bytes, table: tuple[tuple[str, int], ...]) -> int:
 
 def _field(kind: str, raw: bytes) -> str | int:
     """One field of type ``kind`` (see OPERATIONS), as the launcher checks it."""
-    if kind in "sPpewtrg":
+    if kind in "sPpewtr":
         if len(raw) > MAX_STRING:
             raise RecipeError("field too long")
         text = raw.decode("utf-8", "surrogateescape")
@@ -198,8 +198,6 @@ def _field(kind: str, raw: bytes) -> str | int:
                 raise RecipeError("bad type")
         elif kind == "r" and raw not in (b"", b"r", b"rx"):
             raise RecipeError("bad access")
-        elif kind == "g" and raw not in PROPAGATIONS:
-            raise RecipeError("bad propagation")
         return text
     if kind == "n":
         return _number(raw, 10**MAX_DIGITS, "number")
@@ -216,6 +214,10 @@ def _field(kind: str, raw: bytes) -> str | int:
         if raw not in (b"", b"recursive"):
             raise RecipeError("bad clone flags")
         return int(raw == b"recursive")
+    if kind == "g":
+        if raw not in PROPAGATIONS:
+            raise RecipeError("bad propagation")
+        return raw.decode()
     return _flags(raw, _FLAG_TABLES[kind])
 
 

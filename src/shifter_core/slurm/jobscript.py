@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import time
 import traceback
 from collections.abc import Mapping
 
@@ -161,18 +162,34 @@ def _job_script(what: str) -> None:
     api.route_logging()
     config = load(state.args.get("config"), privileged=True)
     node, job = os.environ.get("SLURMD_NODENAME", ""), os.environ.get("SLURM_JOB_ID", "")
+    start = time.monotonic()
+    result = "node_fault"  # unless the script ends
+    try:
+        result = _run_job_script(what, config, node, job, shifter_job)
+    finally:
+        if config.slurm.metrics_dir:
+            from .nodemetrics import record
+
+            record(config.slurm.metrics_dir, node, what, result, time.monotonic() - start)
+
+
+def _run_job_script(what: str, config: Config, node: str, job: str, shifter_job: bool) -> str:
+    """The prolog or epilog itself: "ok", or "job_error" when the job's image or request
+    failed it (a NodeFault raises)."""
     if what == "epilog":
         if shifter_job or os.path.lexists(job_dir(config.runtime.run_dir, node, job)):
             api.log(api.INFO, f"epilog: job {job} on node {node}")
             epilog(config, node, job)
         else:  # the shim could not tell by itself (config_file.shim_hint)
             api.log(api.INFO, f"epilog: job {job} on node {node}: nothing of it here")
-        return
+        return "ok"
     request = os.environ[PROLOG_PREFIX + ENV_IMAGEREQUEST]
     api.log(api.INFO, f"prolog: job {job} on node {node}: image {request}")
     problem = prolog(config, os.environ)
-    if problem is not None:
-        _tell_job(job, problem)
+    if problem is None:
+        return "ok"
+    _tell_job(job, problem)
+    return "job_error"
 
 
 def _tell_job(job: str, problem: str) -> None:
