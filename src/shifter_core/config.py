@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from . import config_file
 from .config_file import ENV_VAR, check_privileged_file, config_path
 from .errors import ConfigError, ShifterError
+from .logformat import LOG_FORMATS
 
 T = TypeVar("T")
 
@@ -70,6 +71,10 @@ def _size(value: str) -> str | None:
 
 def _size_or_zero(value: str) -> str | None:
     return None if value == "0" else _size(value)
+
+
+def _log_format(value: str) -> str | None:
+    return None if value in LOG_FORMATS else f"must be one of {', '.join(LOG_FORMATS)}"
 
 
 def _listen_or_socket(value: str) -> str | None:
@@ -172,6 +177,14 @@ class GatewayConfig:
     )
     workers: int = field(
         default=2, metadata=_doc("pulls and conversions that run at once", check=_positive)
+    )
+    log_format: str = field(
+        default="text",
+        metadata=_doc(
+            "the gateway's log lines: text (for people), json or keyvalue (one line per "
+            "event: time, level, logger, msg)",
+            check=_log_format,
+        ),
     )
     admins: list[str] = field(
         default_factory=lambda: ["root"],

@@ -799,3 +799,26 @@ def test_admins_remove_and_expire_images_others_may_not(world: World) -> None:
         assert client.expire(ids=[keep[:12]]) == [keep]
     assert not (gw.store / f"{old}.squashfs").exists()
     assert not (gw.store / f"{keep}.json").exists()
+
+
+def test_structured_logs_are_one_json_event_per_line(world: World) -> None:
+    """gateway.log_format: json makes every line the gateway writes one JSON event."""
+    gw = world.gateway
+    gw.stop()
+    offset = gw.log.stat().st_size
+    text = gw.config.read_text()
+    gw.config.write_text(text.replace("gateway:\n", "gateway:\n  log_format: json\n"))
+    try:
+        gw.start()
+        pull = gw.shifterimg("pull", f"{world.anon.name}/t/oci:1")
+        assert pull.returncode == 0, pull.stderr
+        gw.stop()
+        with open(gw.log, "rb") as fh:
+            fh.seek(offset)
+            lines = fh.read().decode().splitlines()
+        events = [json.loads(line) for line in lines]  # every line: one JSON object
+        assert events and all({"time", "level", "logger", "msg"} <= set(e) for e in events)
+        assert any("READY" in e["msg"] for e in events), lines
+    finally:
+        gw.write_config()
+        gw.start()

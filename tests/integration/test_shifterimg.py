@@ -48,6 +48,11 @@ def test_pull_busybox_then_images_lists_it_ready(box) -> None:
     entries = [e for e in json.loads(as_json.stdout) if e["id"] == image_id]
     assert entries and all(e["size"] == st.st_size for e in entries), as_json.stdout
     assert all(set(e) == set(ImageEntry._fields) for e in entries), as_json.stdout
+    # every field the gateway knows: the store's record, as on disk (<id>.json)
+    stored = json.loads((Path(box.image_path) / f"{image_id}.json").read_text())
+    for entry in entries:
+        assert entry["record"]["id"] == image_id and entry["record"]["env"] == stored["env"]
+        assert entry["record"]["digest"] == stored["digest"]
     assert pwd.getpwuid(st.st_uid).pw_name == "shifter"
     assert (Path(box.image_path) / f"{image_id}.json").exists()
 

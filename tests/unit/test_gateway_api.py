@@ -152,6 +152,12 @@ def test_client_pull_wait_lookup_images_remove(setup) -> None:
         image = client.lookup(f"{REGISTRY}/pub/app:1")
         assert image.id == final.image_id
         assert [i.id for i in client.images()] == [image.id]
+        # the listing carries the store's whole record, as lookup gives it
+        (record,) = [i.record for i in client.images()]
+        assert record is not None and record["id"] == image.id
+        looked_up = image.to_dict()
+        assert json.loads(json.dumps({k: looked_up[k] for k in record})) == record
+        assert {"digest", "env", "entrypoint", "workdir", "layers"} <= set(record)
         assert client.stats().layer_cache.downloads == 1
         assert client.remove(image.id[:12]) == [image.id]
         with pytest.raises(GatewayError) as err:

@@ -51,6 +51,8 @@ def test_answers_survive_json() -> None:
     assert "progress" not in job._replace(progress=None).to_dict()
     entry = ImageEntry(JobState.READY, IMAGE_ID, "r", "linux/amd64", 1.0, True, 7)
     assert roundtrip(entry) == entry and "job" not in entry.to_dict()
+    recorded = entry._replace(record={"id": IMAGE_ID, "env": ["A=1"], "workdir": "/w"})
+    assert roundtrip(recorded) == recorded and "record" not in entry.to_dict()
     pending = ImageEntry(JobState.PENDING, None, "r", "linux/amd64", 1.0, job="j1")
     assert roundtrip(pending) == pending
     meta = ImageMetadata(

@@ -66,6 +66,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "shifter_core.access",
             "shifter_core.mounts",
             "shifter_core.udiroot",
+            "shifter_core.logformat",
         ),
     ),
 )

@@ -415,7 +415,9 @@ class JobInfo(NamedTuple):
 
 class ImageEntry(NamedTuple):
     """One line of ``GET /images``: a READY image under one reference, or a pull in
-    progress (``id`` None, ``job`` its job)."""
+    progress (``id`` None, ``job`` its job). ``record`` is the store's whole record of a
+    READY image (what ``GET /lookup`` answers: digest, env, entrypoint, workdir, labels,
+    layers, ACL...), None for a pull in progress."""
 
     status: JobState
     id: str | None
@@ -425,6 +427,7 @@ class ImageEntry(NamedTuple):
     private: bool = False
     size: int = 0
     job: str | None = None
+    record: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -438,6 +441,8 @@ class ImageEntry(NamedTuple):
         }
         if self.job is not None:
             data["job"] = self.job
+        if self.record is not None:
+            data["record"] = self.record
         return data
 
     @classmethod
@@ -452,6 +457,7 @@ class ImageEntry(NamedTuple):
             private=_bool(d, "private", False),
             size=_int(d, "size", 0),
             job=_opt_str(d, "job"),
+            record=d["record"] if isinstance(d.get("record"), dict) else None,
         )
 
 

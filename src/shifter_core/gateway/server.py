@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from .. import config
+from .. import config, logformat
 from ..errors import ConfigError, ShifterError
 
 log = logging.getLogger("shifter_core.gateway")
@@ -52,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=args.log_level, format=logformat.TEXT_FORMAT, stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per registry request
     # The database and private images are for the gateway's eyes only; the store's public
     # files are given their modes explicitly.
@@ -66,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ShifterError as err:
         log.error("%s", err)
         return 1
+    logformat.apply(cfg.gateway.log_format)
     if os.geteuid() == 0:
         log.warning("running as root: the gateway needs no privilege, run it as a service user")
 

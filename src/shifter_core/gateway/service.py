@@ -548,6 +548,7 @@ class Gateway:
                     pulled=tag.updated,
                     private=private,
                     size=meta.size,
+                    record=dataclasses.asdict(meta),
                 )
             )
         for job in self.db.jobs(states=ACTIVE_STATES, limit=1000):
