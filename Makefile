@@ -34,8 +34,9 @@ $(LAUNCHER): launcher/shifter_launch.c
 setup:
 	bash tools/box/setup.sh
 
+# make box NODES=N: a box of N nodes (default 3, the tests' size; up to 64)
 box: setup
-	$(PYTHON) tools/box/box.py up
+	SHIFTER_BOX_NODES=$(NODES) $(PYTHON) tools/box/box.py up
 
 box-down:
 	@if [ -x $(PYTHON) ]; then $(PYTHON) tools/box/box.py down; else python3 tools/box/box.py down; fi

@@ -120,3 +120,27 @@ def test_daemons_listen_on_loopback_only(box: Box):
         if any(name in line for name in ('"slurmctld"', '"slurmd"', '"docker-registry"')):
             local = line.split()[3]
             assert local.startswith("127.0.0.1:"), line
+
+
+def test_the_node_count_comes_from_make_box_nodes_or_the_running_box(tmp_path, monkeypatch):
+    """``make box NODES=N`` (SHIFTER_BOX_NODES); without it, the size slurm.conf was written
+    with (so box-down stops all of them); else 3. slurm.conf names N nodes and N ports.
+    (A 32-node box was brought up by hand: 32 idle nodes, srun -N32 --image=busybox ran 32
+    tasks in the image, box-down left nothing; see README.)"""
+    from .conftest import load_box_module
+
+    module = load_box_module()
+    conf = tmp_path / "slurm.conf"
+    monkeypatch.delenv(module.NODE_COUNT_VAR, raising=False)
+    assert module.node_count(conf) == 3  # no box yet
+    monkeypatch.setattr(module, "NODES", tuple(f"n{i}" for i in range(1, 33)))
+    text = module.rendered_configs(module.PATHS, plugin=True)["slurm.conf"]
+    assert "NodeName=n[1-32] " in text and " Port=[17001-17032] " in text
+    assert "PartitionName=debug Nodes=n[1-32] " in text
+    conf.write_text(text)
+    assert module.node_count(conf) == 32  # a running 32-node box
+    monkeypatch.setenv(module.NODE_COUNT_VAR, "8")
+    assert module.node_count(conf) == 8
+    monkeypatch.setenv(module.NODE_COUNT_VAR, "0")
+    with pytest.raises(SystemExit, match="give 1 to 64"):
+        module.node_count(conf)

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -59,7 +60,33 @@ PLUGIN = CHECKOUT / "build" / "shifter_spank.so"
 VENV_PYTHON = CHECKOUT / ".venv" / "bin" / "python"
 BOX_ENV = CHECKOUT / "box.env"
 
-NODES = ("n1", "n2", "n3")
+DEFAULT_NODE_COUNT = 3
+MAX_NODE_COUNT = 64
+NODE_COUNT_VAR = "SHIFTER_BOX_NODES"  # make box NODES=N
+_COUNT_IN_CONF = re.compile(r"^PartitionName=debug Nodes=n\[1-(\d+)\]", re.M)
+
+
+def node_count(slurm_conf: Path = CHECKOUT / ".box" / "etc" / "slurm.conf") -> int:
+    """How many nodes the box has: $SHIFTER_BOX_NODES when set (``make box NODES=N``), else
+    as many as the box's slurm.conf was written with, else 3."""
+    wanted = os.environ.get(NODE_COUNT_VAR, "").strip()
+    if wanted:
+        if not wanted.isdigit() or not 1 <= int(wanted) <= MAX_NODE_COUNT:
+            raise SystemExit(f"[box] {NODE_COUNT_VAR}={wanted!r}: give 1 to {MAX_NODE_COUNT}")
+        return int(wanted)
+    return written_node_count(slurm_conf) or DEFAULT_NODE_COUNT
+
+
+def written_node_count(slurm_conf: Path) -> int | None:
+    """The node count a box's slurm.conf was written with, if there is one."""
+    try:
+        found = _COUNT_IN_CONF.search(slurm_conf.read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
+NODES = tuple(f"n{i}" for i in range(1, node_count() + 1))
 # The plugin's prepared job roots (runtime.run_dir in the box's shifter.yaml). Not below the
 # checkout, which may live under /tmp: every container shows the host's /tmp, and job roots
 # mounted below it would show up there too.
@@ -484,8 +511,10 @@ def remove_test_devices(paths: BoxPaths) -> None:
 def rendered_configs(paths: BoxPaths, *, plugin: bool) -> dict[str, str]:
     """File name in ``etc/`` -> the content ``up`` writes there."""
     values = {"box": str(paths.root), "host": socket.gethostname().split(".")[0]}
+    count = len(NODES)
+    nodes = {"nodes": f"n[1-{count}]", "ports": f"[17001-{17000 + count}]"}
     return {
-        "slurm.conf": render("slurm.conf.in", **values),
+        "slurm.conf": render("slurm.conf.in", **values, **nodes),
         "plugstack.conf": render("plugstack.conf.in", plugin_line=plugin_line(paths, plugin)),
         "cgroup.conf": render("cgroup.conf.in"),
         "shifter.yaml": render("shifter.yaml.in", **values)
@@ -1244,6 +1273,12 @@ def up(paths: BoxPaths = PATHS, *, plugin: bool = True) -> None:
     """Start everything that does not run yet."""
     require_root()
     started = time.monotonic()
+    running = written_node_count(paths.slurm_conf)
+    if running is not None and running != len(NODES) and slurmctld_daemon(paths).pid():
+        raise BoxError(
+            f"the box runs {running} nodes, not {len(NODES)}: make box-down first, then "
+            f"make box NODES={len(NODES)}"
+        )
     make_dirs(paths)
     changed = write_configs(paths, plugin=plugin)
     ensure_users()
@@ -1295,6 +1330,9 @@ def down(paths: BoxPaths = PATHS) -> None:
     wait_reaped(stopped)
     remove_node_names()
     remove_test_devices(paths)
+    # The node count lives in slurm.conf: the next box has the default size unless
+    # NODES=N asks for another.
+    paths.slurm_conf.unlink(missing_ok=True)
     left = leftovers(paths)
     if left:
         raise BoxError("box-down left behind: " + "; ".join(left))
