@@ -19,6 +19,7 @@ setup(
         "uvicorn>=0.29",
         "rich>=13",
         "prometheus_client>=0.17",  # the gateway's /metrics
+        "oras>=0.2.25,<0.3",  # images as OCI artifacts (image/artifact.py)
     ],
     # shifter_core._syscalls: mount, unshare, loop ioctls ... (compiled, cffi API mode).
     setup_requires=["cffi>=1.15"],

@@ -232,6 +232,68 @@ class RegistriesConfig:
     )
 
 
+def _repository(value: str) -> str | None:
+    from .reference import REPOSITORY_RE
+
+    return None if REPOSITORY_RE.fullmatch(value) else "must be a repository name (a/b, lower case)"
+
+
+def _url_or_empty(value: str) -> str | None:
+    return None if value == "" else _url(value)
+
+
+def _absolute_or_empty(value: str) -> str | None:
+    return None if value == "" else _absolute(value)
+
+
+@dataclass(frozen=True)
+class ArtifactsConfig:
+    """The site registry that holds every image as an OCI artifact (the squashfs and its
+    record), for nodes that cannot read image_path (slurm.image_source: registry)."""
+
+    registry: str = field(
+        default="",
+        metadata=_doc(
+            "URL of the artifact registry the gateway publishes to (empty: images are not "
+            "published as artifacts)",
+            check=_url_or_empty,
+        ),
+    )
+    node_registry: str = field(
+        default="",
+        metadata=_doc(
+            "URL nodes pull artifacts from, e.g. their rack's pull-through mirror of "
+            "registry (empty: registry itself)",
+            check=_url_or_empty,
+        ),
+    )
+    repository: str = field(
+        default="shifter/images",
+        metadata=_doc(
+            "repository of the artifacts; each is tagged with its image id", check=_repository
+        ),
+    )
+    push_credentials: str = field(
+        default="",
+        metadata=_doc(
+            "the gateway's credential for the registry: a file USER:PASSWORD owned by the "
+            "gateway's user, mode 0600 (empty: anonymous)",
+            check=_absolute_or_empty,
+        ),
+    )
+    node_credentials: str = field(
+        default="",
+        metadata=_doc(
+            "the nodes' read credential: a file USER:PASSWORD owned by root, mode 0600 "
+            "(empty: anonymous, for a registry only nodes can reach)",
+            check=_absolute_or_empty,
+        ),
+    )
+    timeout: float = field(
+        default=60.0, metadata=_doc("seconds per network operation", check=_positive)
+    )
+
+
 @dataclass(frozen=True)
 class ConversionConfig:
     """How images are turned into squashfs files."""
@@ -481,11 +543,13 @@ class RuntimeConfig:
 class SlurmConfig:
     """How the Slurm plugin prepares containers for jobs."""
 
-    stage_images: bool = field(
-        default=True,
+    image_source: typing.Literal["stage", "mount", "registry"] = field(
+        default="stage",
         metadata=_doc(
-            "copy images into a node-local cache in the prolog (false: mount them straight "
-            "from image_path)"
+            "where the prolog gets images: stage (copy from image_path into the node cache), "
+            "mount (loop-mount straight from image_path, no copy) or registry (pull the "
+            "artifact the gateway published to artifacts.registry into the node cache; "
+            "nodes need no access to image_path)"
         ),
     )
     node_cache: str = field(
@@ -540,6 +604,10 @@ class Config:
     )
     registries: RegistriesConfig = field(
         default_factory=RegistriesConfig, metadata={"doc": "container registries"}
+    )
+    artifacts: ArtifactsConfig = field(
+        default_factory=ArtifactsConfig,
+        metadata={"doc": "images published as OCI artifacts to a site registry"},
     )
     conversion: ConversionConfig = field(
         default_factory=ConversionConfig, metadata={"doc": "squashfs conversion"}

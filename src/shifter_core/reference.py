@@ -46,6 +46,7 @@ _REFERENCE_RE = re.compile(
     rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$",
     re.ASCII,
 )
+REPOSITORY_RE = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*", re.ASCII)  # fullmatch
 _ID_RE = re.compile(r"^(?:sha256:)?(?P<hex>[0-9a-f]{12,64})$", re.ASCII)
 _IDENTIFIER_RE = re.compile(r"[a-f0-9]{64}", re.ASCII)  # fullmatch: an image id, not a name
 _DIGEST_HEX_RE = re.compile(r"[a-f0-9]+", re.ASCII)  # fullmatch

@@ -77,6 +77,7 @@ IMAGE_RANKS: dict[str, int] = {
     "shifter_core.image.pipeline": 4,
     "shifter_core.image.convert": 3,
     "shifter_core.image.nodecache": 3,
+    "shifter_core.image.artifact": 3,
     "shifter_core.image.flatten": 2,
     "shifter_core.image.registry": 2,
     "shifter_core.image.layercache": 1,

@@ -48,6 +48,7 @@ from ..image.registry.settings import RegistrySettings
 from ..image.store import IMAGE_ID_RE, Acl, ImageMetadata, ImageStore
 from ..reference import DockerReference
 from . import login
+from .artifacts import Publisher, artifact_registry
 from .callers import Caller, identify, resolve_names
 from .changes import StateChanges
 from .db import Database, Job, acl_to_json
@@ -92,6 +93,7 @@ class Gateway:
         gw = config.gateway
         self.limits = GatewayLimits.from_config(gw)
         self.store = ImageStore(config.image_path)
+        self.artifacts = Publisher(artifact_registry(config), self.store)
         self.cache = LayerCache(gw.layer_cache, max_bytes=self.limits.layer_cache_size)
         self.db = Database(gw.database)
         self.metrics = GatewayMetrics(self.stats)
@@ -132,6 +134,7 @@ class Gateway:
         if pruned:
             log.info("forgot %d job(s) finished more than %d days ago", pruned, KEEP_JOBS_DAYS)
         self.recover()
+        self.artifacts.start_reconciling()
         for i in range(self.config.gateway.workers):
             thread = threading.Thread(target=self._worker, name=f"gateway-worker-{i}", daemon=True)
             thread.start()
@@ -441,6 +444,7 @@ class Gateway:
                         limits=self.limits.pull,
                         deadline=deadline,
                     )
+                self.artifacts.publish(meta)  # under the lock: the latest ACL wins
         finally:
             if client is not self._client:
                 client.close()
@@ -633,8 +637,10 @@ class Gateway:
                 Deadline(self.limits.pull.pull_timeout, f"the import of {job.reference}"),
             ),
         )
-        if meta.private:
-            meta = self._merge_visibility(meta, None)
+        with self._image_lock(meta.id):
+            if meta.private:
+                meta = self._merge_visibility(meta, None)
+            self.artifacts.publish(meta)
         plat = platform_name(Platform.parse(meta.platform)) if meta.platform else self.host_platform
         self.db.set_tag(job.reference, plat, meta.id, None)
         self.db.touch_image(meta.id)
@@ -655,6 +661,7 @@ class Gateway:
         with self._image_lock(image_id):
             self.store.remove(image_id)
             self.db.delete_image(image_id)
+            self.artifacts.withdraw(image_id)
         log.info("removed image %s (%s)", image_id, why)
 
     def remove(self, caller: Caller, target: Any, platform: Any = None) -> list[str]:

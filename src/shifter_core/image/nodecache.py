@@ -34,7 +34,9 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Protocol
 
 from ..errors import ShifterError
 from .store import check_image_id
@@ -65,7 +67,7 @@ STORAGE_ERRNOS = {
 }
 CACHE_FULL_HINT = (
     "the image is larger than the node cache's free space; ask your site to enlarge the "
-    "node cache or to mount images from the store (slurm.stage_images: false)"
+    "node cache or to mount images from the store (slurm.image_source: mount)"
 )
 
 
@@ -80,6 +82,43 @@ def storage_error(err: OSError, what: str) -> ShifterError | None:
     if reason is None:
         return None
     return NodeCacheError(f"{what}: {reason[0]} ({err.strerror})", hint=reason[1])
+
+
+class Blob(Protocol):
+    """Where a copy comes from: a file of the store or an artifact of a registry."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def public(self) -> bool:
+        """Whether users may read the copy (a private image's copy stays root's)."""
+        ...
+
+    def open(self) -> contextlib.AbstractContextManager[IO[bytes]]: ...
+
+
+@dataclass(frozen=True)
+class FileBlob:
+    """An image file of the store."""
+
+    path: Path
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    @property
+    def public(self) -> bool:
+        # Readable by all only if the store's file is: a private image stays root's (the
+        # prolog mounts it, users never read the copy).
+        return bool(os.stat(self.path).st_mode & stat.S_IROTH)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def open(self) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return open(self.path, "rb")
 
 
 class NodeCache:
@@ -155,8 +194,9 @@ class NodeCache:
 
     # -- staging ------------------------------------------------------------------------
 
-    def stage(self, image_id: str, source: Path, sha256: str, holder: str) -> Path:
-        """A verified local copy of ``source`` for ``holder``; copied only if not cached.
+    def stage(self, image_id: str, source: Path | Blob, sha256: str, holder: str) -> Path:
+        """A verified local copy of ``source`` (a store file or a :class:`Blob`) for
+        ``holder``; copied only if not cached.
 
         Concurrent calls for the same image (two jobs starting on one node) copy it once:
         the second waits for the lock and finds the entry. A full disk, an exhausted quota
@@ -165,11 +205,12 @@ class NodeCache:
         found before anything is copied.
         """
         target = self.path(image_id)
+        blob = FileBlob(source) if isinstance(source, Path) else source
         try:
             with self._locked():
                 self.hold(image_id, holder)
                 try:
-                    return self._stage_locked(image_id, source, sha256, target)
+                    return self._stage_locked(image_id, blob, sha256, target)
                 except BaseException:
                     self._unhold(image_id, holder)
                     raise
@@ -182,13 +223,13 @@ class NodeCache:
             log.error("%s", error)
             raise error from None
 
-    def _stage_locked(self, image_id: str, source: Path, sha256: str, target: Path) -> Path:
+    def _stage_locked(self, image_id: str, source: Blob, sha256: str, target: Path) -> Path:
         if target.exists():
             os.utime(target)  # recently used
             self._count("hits")
             log.info("node cache hit for image %s", image_id)
             return target
-        size = source.stat().st_size
+        size = source.size
         self._evict(needed=size, keep=image_id)
         free = self._free_bytes()
         if size > free:
@@ -213,27 +254,29 @@ class NodeCache:
         reserve = min(RESERVE, fs.f_blocks * fs.f_frsize // 20)
         return max(0, fs.f_bavail * fs.f_frsize - reserve)
 
-    def _copy(self, source: Path, target: Path, sha256: str) -> None:
+    def _copy(self, source: Blob, target: Path, sha256: str) -> None:
         partial = self.directory / f".{target.stem}.{os.getpid()}.partial"
         digest = hashlib.sha256()
         started = time.monotonic()
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            copied = 0
+            with source.open() as src, os.fdopen(fd, "wb") as dst:
                 while chunk := src.read(CHUNK):
+                    copied += len(chunk)
+                    if copied > source.size:
+                        break  # a source longer than announced is corrupt: no need to read it all
                     digest.update(chunk)
                     dst.write(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())
-            if sha256 and digest.hexdigest() != sha256:
+            if (sha256 and digest.hexdigest() != sha256) or copied != source.size:
                 raise NodeCacheError(
-                    f"the copy of {source} is corrupt: sha256 {digest.hexdigest()}, "
-                    f"expected {sha256}",
+                    f"the copy of {source} is corrupt: {copied} bytes with sha256 "
+                    f"{digest.hexdigest()}, expected {source.size} bytes with sha256 {sha256}",
                     hint="the image in the store is damaged; ask an administrator to pull it again",
                 )
-            # Readable by all only if the store's file is (a private image stays root's: the
-            # prolog mounts it, users never read the copy).
-            if os.stat(source).st_mode & stat.S_IROTH:
+            if source.public:
                 partial.chmod(0o644)
             partial.replace(target)
         finally:

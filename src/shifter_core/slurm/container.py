@@ -8,10 +8,12 @@ be visible to the job's uid and gids before anything is staged, copied or mounte
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from ..config import Config
-from ..errors import ShifterError
+from ..errors import NodeFault, ShifterError
+from ..image.artifact import ArtifactRegistry, CredentialError, read_credential
 from ..image.nodecache import NodeCache
 from ..image.store import ImageMetadata, ImageStore, check_image_id
 from ..options import parse_modules, parse_size, parse_volumes
@@ -40,16 +42,26 @@ def prepare_container(
     """Build the container ``request`` asks for, for the prolog (the job's root) or, with
     ``shared``, for steps that ask for something else than the job: the request parsed
     again as root, its image found and visible to ``user`` before anything is staged or
-    mounted, staged into the node cache (``slurm.stage_images``), planned,
+    mounted, staged into the node cache from the store or the artifact registry, or mounted
+    from the store (``slurm.image_source``), planned,
     built and recorded (:func:`.privileged.prepare_job`, :func:`.privileged.shared_root`).
     (root, container environment). Errors are the job's, except a
     :class:`~shifter_core.errors.NodeFault`."""
-    image, store = checked_image(config, request, user)
-    image_file = str(store.image_file(image.id))
-    if config.slurm.stage_images:
-        staged = node_cache(config, node).stage(image.id, store.image_file(image.id),
+    check_request(request, config.default_image_type)
+    source = config.slurm.image_source
+    if source == "registry":
+        artifacts = node_artifacts(config)
+        image = visible_image(artifacts.metadata(request["image_id"]), request, user)
+        staged = node_cache(config, node).stage(image.id, artifacts.squashfs(image),
                                                 image.sha256, job)  # fmt: skip
         image_file = str(staged)
+    else:
+        image, store = find_image(config, request, user)
+        image_file = str(store.image_file(image.id))
+        if source == "stage":
+            staged = node_cache(config, node).stage(image.id, store.image_file(image.id),
+                                                    image.sha256, job)  # fmt: skip
+            image_file = str(staged)
     plan = container_plan(config, request, image, image_file, user)
     run_dir = config.runtime.run_dir
     if shared:
@@ -72,13 +84,39 @@ def check_request(request: Mapping[str, str], default_type: str) -> None:
         parse_modules(request["module"])
 
 
+def node_artifacts(config: Config) -> ArtifactRegistry:
+    """The artifact registry as this node reads it (``artifacts.node_registry``, else
+    ``artifacts.registry``), with the node's credential, which must be root's alone."""
+    settings = config.artifacts
+    url = settings.node_registry or settings.registry
+    if not url:
+        raise NodeFault(
+            "slurm.image_source is registry, but artifacts.registry is not set",
+            hint="set artifacts.registry in shifter.yaml (see shifteradm doctor)",
+        )
+    credential = None
+    if settings.node_credentials:
+        try:
+            credential = read_credential(settings.node_credentials, owner=os.geteuid())
+        except CredentialError as err:
+            raise NodeFault(err.message, hint=err.hint) from None
+    return ArtifactRegistry(url, settings.repository, credential, settings.timeout)
+
+
 def find_image(
     config: Config, request: Mapping[str, str], user: User
 ) -> tuple[ImageMetadata, ImageStore]:
     """The image the job asked for, if ``user`` may use it: checked before anything is
     staged or copied."""
     store = ImageStore(config.image_path)
-    image = store.get(request["image_id"])
+    return visible_image(store.get(request["image_id"]), request, user), store
+
+
+def visible_image(
+    image: ImageMetadata | None, request: Mapping[str, str], user: User
+) -> ImageMetadata:
+    """``image`` (the record of the job's image id, None if gone) if ``user`` may use it,
+    else the job's error."""
     text = request["image_request"]
     # Not compared with the name: the same content pulled under a second name keeps the
     # first name's record, and the name grants nothing the id and the ACL do not.
@@ -87,15 +125,7 @@ def find_image(
             f"image {text} is no longer in the image store (or not shared with {user.name})",
             hint="pull it again with shifterimg pull, then resubmit",
         )
-    return image, store
-
-
-def checked_image(
-    config: Config, request: Mapping[str, str], user: User
-) -> tuple[ImageMetadata, ImageStore]:
-    """The request parsed again and its image found, or the job's error."""
-    check_request(request, config.default_image_type)
-    return find_image(config, request, user)
+    return image
 
 
 def container_plan(
