@@ -284,6 +284,21 @@ def gateway(loaded: Config) -> Finding:
     return ok("gateway", f"{site.url} answers, munge works")
 
 
+def artifact_registry(loaded: Config) -> Finding:
+    """In registry mode: the node's credential is root's alone and the registry takes it."""
+    from .errors import NodeFault
+    from .slurm.container import node_artifacts
+
+    try:
+        registry = node_artifacts(loaded)
+        registry.metadata("0" * 64)  # any answer but 401/403 proves the credential
+    except NodeFault as err:
+        return problem("artifacts", err.message, err.hint or "see artifacts in shifter.yaml")
+    except ShifterError as err:
+        return problem("artifacts", err.message, err.hint or "is the artifact registry up?")
+    return ok("artifacts", f"{registry.url} answers and takes the node's credential")
+
+
 # ---- node directories -------------------------------------------------------------------------
 
 
@@ -387,8 +402,11 @@ def check(node: Node) -> list[Finding]:
     findings.append(found)
     findings.extend(spank_plugin(node))
     if loaded is not None:
-        image_path = loaded.image_path
-        findings.append(posix_acls("store", image_path, "private images need them"))
+        if loaded.slurm.image_source == "registry":
+            findings.append(artifact_registry(loaded))
+        else:
+            why = "private images need them"
+            findings.append(posix_acls("store", loaded.image_path, why))
         findings.append(gateway(loaded))
         findings.extend(run_dir(loaded, node))
         findings.extend(node_cache(loaded, node))

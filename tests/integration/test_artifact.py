@@ -298,3 +298,33 @@ def test_no_registry_no_artifacts(tmp_path: Path):
     publisher.publish(meta)
     publisher.withdraw(meta.id)
     assert publisher.reconcile([meta]) == 0 and publisher.start_reconciling() is None
+
+
+# -- shifteradm doctor in registry mode -----------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the node credential is root's")
+@pytest.mark.parametrize(
+    ("password", "mode", "level", "says"),
+    [
+        ("node-secret", 0o600, "ok", "takes the node's credential"),
+        ("node-secret", 0o644, "error", "is not safe"),
+        ("wrong", 0o600, "error", "refused"),
+    ],
+)
+def test_doctor_checks_the_node_credential(
+    registry: RegistryProcess, tmp_path: Path, password: str, mode: int, level: str, says: str
+):
+    from shifter_core import doctor
+    from shifter_core.config import load
+
+    credential = tmp_path / "node.credential"
+    credential.write_text(f"node:{password}\n")
+    credential.chmod(mode)
+    config = tmp_path / "shifter.yaml"
+    config.write_text(
+        f"artifacts: {{registry: {registry.url}, node_credentials: {credential}}}\n"
+        "slurm: {image_source: registry}\n"
+    )
+    finding = doctor.artifact_registry(load(str(config)))
+    assert finding.level == level and says in finding.line(), finding.line()

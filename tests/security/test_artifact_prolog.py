@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProce
     reg = start_registry(tmp_path_factory.mktemp("artifact-prolog"), users=USERS)
     yield reg
     reg.stop()
+
+
+@pytest.fixture(autouse=True)
+def run_dir_unmounted(tmp_path: Path) -> Iterator[None]:
+    """The prolog makes the run directory a private mount point (as on a node, where it
+    stays one); unmount it after each test."""
+    yield
+    run = tmp_path / "run"
+    if any(line.split()[1] == str(run) for line in Path("/proc/mounts").read_text().splitlines()):
+        subprocess.run(["umount", "-l", str(run)], check=True)
 
 
 @pytest.fixture
