@@ -31,9 +31,14 @@ def user_env(**extra: str) -> dict[str, str]:
 
 
 def run_as(
-    argv: list[str], user: str = USER, timeout: float = 120, **env: str
+    argv: list[str],
+    user: str = USER,
+    timeout: float = 120,
+    input_text: str | None = None,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` as ``user`` (in /tmp) and capture its output."""
+    """Run ``argv`` as ``user`` (in /tmp), with ``input_text`` on its standard input, and
+    capture its output."""
     command = [
         "runuser",
         "-u",
@@ -48,10 +53,11 @@ def run_as(
     # only runuser: a client left behind keeps its allocation and the next tests find no node.
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp",
+        stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,
         start_new_session=True,
     ) as proc:  # fmt: skip
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
+            stdout, stderr = proc.communicate(input_text, timeout=timeout)
         except BaseException:  # the timeout here, or pytest-timeout's for the whole test
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
