@@ -121,3 +121,20 @@ def test_a_private_image_stays_private(box: Box):
         )  # fmt: skip
         assert anonymous.stdout == "401"
     assert os.stat(node_credential).st_mode & 0o777 == 0o600
+
+
+def test_shifter_on_a_node_uses_the_node_cache_copy(box: Box):
+    """Nodes without the store: `shifter` runs images the node has a copy of (the prolog
+    of a job asking for it made one) and says what to do for others."""
+    pull("busybox")
+    other = pull("mpich-hello")
+    drop_from_node_caches(other)
+    with nodes_read_the_registry(box):
+        cat = ["shifter", "--image=busybox", "cat", "/etc/shifter-test-image"]
+        inside = run_as(["srun", "-N1", "-w", "n1", "--image=busybox", *cat])
+        assert inside.returncode == 0 and inside.stdout.strip() == BUSYBOX_TEXT, inside.stderr
+        copy = run_as(["srun", "-N1", "-w", "n1", *cat])  # no --image: the cached copy
+        assert copy.returncode == 0 and copy.stdout.strip() == BUSYBOX_TEXT, copy.stderr
+        missing = run_as(["srun", "-N1", "-w", "n1", "shifter", "--image=mpich-hello", "true"])
+        assert missing.returncode != 0
+        assert "is not on this node" in missing.stderr and "srun --image" in missing.stderr

@@ -213,4 +213,20 @@ def resolve_image(text: str, config: Config, user: User) -> tuple[Any, str]:
             )
         hint = f"pull it first: shifterimg pull {request.tag}" if request.type == "docker" else None
         raise ImageError(f"image {text!r} not found", hint=hint)
+    if config.slurm.image_source == "registry":
+        return meta, _node_copy(config, meta.id, text)
     return meta, image_file(config.image_path, meta.id)
+
+
+def _node_copy(config: Config, image_id: str, text: str) -> str:
+    """Where nodes read images from the artifact registry, they have no store: ``shifter``
+    uses this node's cached copy, which the prolog of a job asking for the image made."""
+    node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]
+    path = os.path.join(config.slurm.node_cache.replace("%n", node), f"{image_id}.squashfs")
+    if not os.access(path, os.R_OK):
+        raise ImageError(
+            f"image {text!r} is not on this node (its nodes read images from the artifact "
+            "registry, and no job here has asked for this one)",
+            hint="run it in a job that asks for it: srun --image=... or sbatch --image=...",
+        )
+    return path
