@@ -8,7 +8,7 @@ LAUNCHER := $(ROOT)/build/shifter
 # ld warns that libfuse3's module loader would need shared libraries: it is never used).
 LAUNCHER_LIBS := -lsquashfuse_ll -lsquashfuse -lfuse3 -lz -llzma -lzstd -llz4 -llzo2 -lpthread -ldl
 
-.PHONY: setup plugin launcher box box-down demo test lint typecheck bench bench-spank bench-pull bench-start clean
+.PHONY: setup plugin launcher box box-down demo test lint typecheck bench bench-spank bench-pull bench-start bench-scale clean
 
 plugin: $(PLUGIN)
 
@@ -69,6 +69,12 @@ bench-pull: box
 # shifter --image=X true against ch-run (same squashfs) and bwrap: medians and ratios.
 bench-start: box
 	$(PYTHON) tools/bench/bench_start.py
+
+# Cost of a container job against its node count: boxes of 3, 8, 16 and 32 nodes (brought up
+# and down in turn; the box is left as it was found), busybox and debian:bookworm, each store
+# mode, cold and warm; e.g. BENCH_SCALE_ARGS="--nodes 3,8 --modes stage,mount --json out.json"
+bench-scale: setup
+	$(PYTHON) tools/bench/bench_scale.py $(BENCH_SCALE_ARGS)
 
 clean:
 	rm -rf build

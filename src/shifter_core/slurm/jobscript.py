@@ -162,15 +162,19 @@ def _job_script(what: str) -> None:
     api.route_logging()
     config = load(state.args.get("config"), privileged=True)
     node, job = os.environ.get("SLURMD_NODENAME", ""), os.environ.get("SLURM_JOB_ID", "")
+    cpu_start = None  # CPU seconds (nodemetrics.cpu_seconds) when the script starts
+    if config.slurm.metrics_dir:  # imported before the clocks start: not the script's cost
+        from .nodemetrics import cpu_seconds, record
+
+        cpu_start = cpu_seconds()
     start = time.monotonic()
     result = "node_fault"  # unless the script ends
     try:
         result = _run_job_script(what, config, node, job, shifter_job)
     finally:
-        if config.slurm.metrics_dir:
-            from .nodemetrics import record
-
-            record(config.slurm.metrics_dir, node, what, result, time.monotonic() - start)
+        if config.slurm.metrics_dir and cpu_start is not None:
+            seconds, cpu = time.monotonic() - start, cpu_seconds() - cpu_start
+            record(config.slurm.metrics_dir, node, what, result, seconds, cpu)
 
 
 def _run_job_script(what: str, config: Config, node: str, job: str, shifter_job: bool) -> str:
