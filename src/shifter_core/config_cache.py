@@ -37,7 +37,7 @@ def view(values: dict[str, object]) -> Config:
     cache holds every field, defaults included: none is restated here)."""
     children: dict[str, object] = {
         name: Section(section)
-        for name in ("gateway", "registries", "conversion", "slurm")
+        for name in ("gateway", "registries", "conversion", "artifacts", "slurm")
         if isinstance(section := values.get(name), dict)
     }
     gateway = values.get("gateway")

@@ -103,7 +103,8 @@ def test_a_private_image_stays_private(box: Box):
     meta = ImageStore(box.image_path).get(image_id)
     assert meta is not None and meta.private
     with nodes_read_the_registry(box):
-        own = run_as(["srun", "-N3", f"--image={ref}", "cat", "/etc/shifter-test-image"])
+        cat = ["/bin/busybox", "cat", "/etc/shifter-test-image"]
+        own = run_as(["srun", "-N3", f"--image={ref}", *cat])
         assert own.returncode == 0, own.stderr
         assert own.stdout.split() == [f"library/{name}"] * 3
         theirs = run_as(["srun", "-N1", f"--image=id:{image_id}", "true"], user=OTHER_USER)

@@ -60,3 +60,29 @@ def test_a_forged_cache_for_another_file_is_ignored(conf, tmp_path):
     os.replace(conf.with_name(".shifter.yaml.cache"), tmp_path / ".other.yaml.cache")
     assert config_file.read(str(other)) is None
     assert config_cache.load(str(other)).image_path == "/other"
+
+
+def _same(cached: object, parsed: object, where: str) -> None:
+    """Every field of the schema object ``parsed`` is in ``cached``, with the same value,
+    sections as sections (attribute access), all the way down."""
+    import dataclasses
+
+    for field in dataclasses.fields(parsed):  # type: ignore[arg-type]
+        value = getattr(parsed, field.name)
+        if field.metadata.get("internal"):
+            continue
+        assert hasattr(cached, field.name), f"{where}.{field.name} is missing from the view"
+        mirror = getattr(cached, field.name)
+        if dataclasses.is_dataclass(value):
+            assert not isinstance(mirror, dict), f"{where}.{field.name} is a dict in the view"
+            _same(mirror, value, f"{where}.{field.name}")
+        elif isinstance(value, tuple | list):
+            assert list(mirror) == list(value), f"{where}.{field.name}"
+        elif not isinstance(value, dict):
+            assert mirror == value, f"{where}.{field.name}"
+
+
+def test_the_view_has_every_section_and_field_of_the_schema(conf):
+    """A new section of the schema must reach the view (a missing one was a dict there)."""
+    parsed = config.load(str(conf))
+    _same(config_cache.load(str(conf)), parsed, "config")

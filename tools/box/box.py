@@ -17,6 +17,12 @@ cgroup.conf, shifter.yaml, registry.yml, registry-push.yml and the push credenti
 ``log/gateway.log``.
 The templates are in ``slurm_conf/box/``. ``up`` writes ``<checkout>/box.env`` to source.
 
+A third registry, on 127.0.0.1:5002 with htpasswd auth and storage in ``artifacts/``, is
+the site's artifact registry (``artifacts.registry`` in shifter.yaml): the gateway publishes
+every image there as an OCI artifact with its credential (``etc/artifacts-gateway.credential``,
+the service user's alone) and the nodes read it with theirs (``etc/artifacts-node.credential``,
+root's alone) when ``slurm.image_source`` is ``registry``. Users have no credential for it.
+
 The registry is the box's docker.io mirror, and a mirror is trusted (it serves tags): users
 only pull from it. It serves ``registry/`` read-only on 127.0.0.1:5000, to anyone; the box
 writes (seeds) it through a second registry process on the same storage, on 127.0.0.1:5001,
@@ -94,6 +100,8 @@ RUN_DIR = Path("/run/shifter-box")
 REGISTRY_ADDR = "127.0.0.1:5000"  # the docker.io mirror: read-only, pulls by anyone
 REGISTRY_PUSH_ADDR = "127.0.0.1:5001"  # the same storage: pushes with the box's credentials
 REGISTRY_PUSH_USER = "box-seed"
+ARTIFACTS_ADDR = "127.0.0.1:5002"  # the artifact registry (htpasswd: the gateway, the nodes)
+ARTIFACT_USERS = ("gateway", "node")
 USERS = ("alice", "bob")
 GROUP = "science"
 SERVICE_USER = "shifter"  # the image gateway's system user: owns the store and gateway/
@@ -194,6 +202,23 @@ class BoxPaths:
         return self.etc / "registry-push-auth.json"
 
     @property
+    def artifacts(self) -> Path:
+        """The artifact registry's storage."""
+        return self.root / "artifacts"
+
+    @property
+    def artifacts_yml(self) -> Path:
+        return self.etc / "registry-artifacts.yml"
+
+    @property
+    def artifacts_htpasswd(self) -> Path:
+        return self.etc / "registry-artifacts.htpasswd"
+
+    def artifact_credential(self, user: str) -> Path:
+        """USER:PASSWORD for the artifact registry (the gateway's or the nodes')."""
+        return self.etc / f"artifacts-{user}.credential"
+
+    @property
     def policy_json(self) -> Path:
         return self.etc / "policy.json"
 
@@ -211,6 +236,7 @@ class BoxPaths:
             self.log,
             self.run,
             self.registry,
+            self.artifacts,
             self.images,
             self.cache,
             self.gateway,
@@ -347,6 +373,15 @@ def registry_push_daemon(paths: BoxPaths = PATHS) -> Daemon:
         "docker-registry",
         paths.run / "registry-push.pid",
         (str(paths.registry_push_yml),),
+    )
+
+
+def registry_artifacts_daemon(paths: BoxPaths = PATHS) -> Daemon:
+    return Daemon(
+        "registry-artifacts",
+        "docker-registry",
+        paths.run / "registry-artifacts.pid",
+        (str(paths.artifacts_yml),),
     )
 
 
@@ -522,6 +557,7 @@ def rendered_configs(paths: BoxPaths, *, plugin: bool) -> dict[str, str]:
         + _yaml_dump(box_modules()),
         "registry.yml": render("registry.yml.in", **values),
         "registry-push.yml": render("registry-push.yml.in", **values),
+        "registry-artifacts.yml": render("registry-artifacts.yml.in", **values),
         "policy.json": json.dumps({"default": [{"type": "insecureAcceptAnything"}]}) + "\n",
     }
 
@@ -917,6 +953,58 @@ def ensure_push_credentials(paths: BoxPaths) -> bool:
     return True
 
 
+def artifact_credential(paths: BoxPaths, user: str) -> tuple[str, str]:
+    name, _, password = paths.artifact_credential(user).read_text().strip().partition(":")
+    return name, password
+
+
+def ensure_artifact_credentials(paths: BoxPaths) -> bool:
+    """The artifact registry's users (random passwords, made once): the htpasswd file and
+    one credential file each, the gateway's owned by the service user, the nodes' by root,
+    both 0600 (what the gateway and the prolog demand); True when they were (re)made."""
+    service = pwd.getpwnam(SERVICE_USER)
+    owners = {"gateway": (service.pw_uid, service.pw_gid), "node": (0, 0)}
+    try:
+        if paths.artifacts_htpasswd.stat().st_size > 0 and all(
+            artifact_credential(paths, u)[1] for u in ARTIFACT_USERS
+        ):
+            for user, (uid, gid) in owners.items():
+                os.chown(paths.artifact_credential(user), uid, gid)
+            return False
+    except OSError:
+        pass
+    lines = []
+    for user in ARTIFACT_USERS:
+        password = secrets.token_urlsafe(24)
+        proc = subprocess.run(
+            ["htpasswd", "-i", "-B", "-n", user],
+            input=password + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise BoxError(f"htpasswd exited {proc.returncode}: {proc.stderr.strip()}")
+        lines.append(proc.stdout.strip())
+        _write_secret(paths.artifact_credential(user), f"{user}:{password}\n")
+        os.chown(paths.artifact_credential(user), *owners[user])
+    _write_secret(paths.artifacts_htpasswd, "\n".join(lines) + "\n")
+    log.info("made the artifact registry's credentials (%s)", paths.etc)
+    return True
+
+
+def registry_artifacts_ok(paths: BoxPaths = PATHS) -> bool:
+    """The artifact registry answers, and accepts the nodes' credential."""
+    try:
+        user, password = artifact_credential(paths, "node")
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        url = f"http://{ARTIFACTS_ADDR}/v2/"
+        return http_get(url, headers={"Authorization": f"Basic {basic}"})[0] == 200
+    except (OSError, ValueError):
+        return False
+
+
 def registry_ok() -> bool:
     """The read-only mirror answers."""
     try:
@@ -956,6 +1044,15 @@ def start_registry(paths: BoxPaths, changed: Iterable[str] = ()) -> None:
         REGISTRY_PUSH_ADDR,
         lambda: registry_push_ok(paths),
         restart="registry-push.yml" in changed or new_credentials,
+    )
+    new_artifact_credentials = ensure_artifact_credentials(paths)
+    _start_registry_daemon(
+        paths,
+        registry_artifacts_daemon(paths),
+        paths.artifacts_yml,
+        ARTIFACTS_ADDR,
+        lambda: registry_artifacts_ok(paths),
+        restart="registry-artifacts.yml" in changed or new_artifact_credentials,
     )
 
 
@@ -1315,8 +1412,9 @@ def down(paths: BoxPaths = PATHS) -> None:
     stop_pids(stray)
     stopped += stray.values()
     reg, push = registry_daemon(paths), registry_push_daemon(paths)
+    artifacts = registry_artifacts_daemon(paths)
     gateway = gateway_daemon(paths)
-    for daemon in (gateway, slurmctld_daemon(paths), reg, push):
+    for daemon in (gateway, slurmctld_daemon(paths), reg, push, artifacts):
         if pid := daemon.pid():
             stop_pids({daemon.name: pid})
             stopped.append(pid)
@@ -1325,7 +1423,7 @@ def down(paths: BoxPaths = PATHS) -> None:
         unmount_all(root)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     detach_loops(paths.root)
-    for d in (*slurm_daemons(paths), reg, push, gateway):
+    for d in (*slurm_daemons(paths), reg, push, artifacts, gateway):
         d.pidfile.unlink(missing_ok=True)
     wait_reaped(stopped)
     remove_node_names()
@@ -1350,6 +1448,7 @@ def leftovers(paths: BoxPaths) -> list[str]:
             *slurm_daemons(paths),
             registry_daemon(paths),
             registry_push_daemon(paths),
+            registry_artifacts_daemon(paths),
             gateway_daemon(paths),
         )
         if (pid := d.pid())
@@ -1401,12 +1500,13 @@ def is_up(paths: BoxPaths = PATHS) -> bool:
         *slurm_daemons(paths),
         registry_daemon(paths),
         registry_push_daemon(paths),
+        registry_artifacts_daemon(paths),
         munged_daemon(),
         gateway_daemon(paths),
     ]
     if not all(d.pid() for d in daemons) or not configs_current(paths):
         return False
-    if not registry_ok() or not registry_push_ok(paths):
+    if not registry_ok() or not registry_push_ok(paths) or not registry_artifacts_ok(paths):
         return False
     if not gateway_ok():
         return False
@@ -1421,6 +1521,7 @@ def status(paths: BoxPaths = PATHS) -> int:
         *slurm_daemons(paths),
         registry_daemon(paths),
         registry_push_daemon(paths),
+        registry_artifacts_daemon(paths),
         gateway_daemon(paths),
     ]
     ok = True
