@@ -13,13 +13,16 @@ from collections.abc import Mapping
 
 from ..config import Config
 from ..errors import NodeFault, ShifterError
-from ..image.artifact import ArtifactRegistry, CredentialError, read_credential
 from ..image.nodecache import NodeCache
 from ..image.store import ImageMetadata, ImageStore, check_image_id
 from ..options import parse_modules, parse_size, parse_volumes
 from ..reference import ImageRequest
 from ..runtime.plan import Plan, RunRequest, User, build_plan
 from ..runtime.privileged import prepare_job, shared_root
+
+TYPE_CHECKING = False  # typing is not imported at run time: the prolog's start-up path
+if TYPE_CHECKING:
+    from ..image.artifact import ArtifactRegistry
 
 
 def node_cache(config: Config, node: str) -> NodeCache:
@@ -87,6 +90,9 @@ def check_request(request: Mapping[str, str], default_type: str) -> None:
 def node_artifacts(config: Config) -> ArtifactRegistry:
     """The artifact registry as this node reads it (``artifacts.node_registry``, else
     ``artifacts.registry``), with the node's credential, which must be root's alone."""
+    # Imported here: oras and requests cost the prolog of other modes 0.1 s of CPU.
+    from ..image.artifact import ArtifactRegistry, CredentialError, read_credential
+
     settings = config.artifacts
     url = settings.node_registry or settings.registry
     if not url:
