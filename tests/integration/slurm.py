@@ -53,7 +53,7 @@ def run_as(
     # only runuser: a client left behind keeps its allocation and the next tests find no node.
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp",
-        stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,
+        stdin=None if input_text is None else subprocess.PIPE,
         start_new_session=True,
     ) as proc:  # fmt: skip
         try:
