@@ -328,3 +328,85 @@ def test_doctor_checks_the_node_credential(
     )
     finding = doctor.artifact_registry(load(str(config)))
     assert finding.level == level and says in finding.line(), finding.line()
+
+
+# -- a rack's pull-through mirror (artifacts.node_registry) ---------------------------------------
+
+
+def start_mirror(directory: Path, upstream: RegistryProcess) -> RegistryProcess:
+    """A docker-registry pull-through cache of ``upstream``, taking the nodes' credential.
+    Its upstream is anonymous: distribution 2.8's proxy cannot authenticate to an htpasswd
+    registry (it looks basic credentials up by the request's URL, not the realm)."""
+    import json as _json
+    import subprocess as _subprocess
+
+    from tests.fixtures.registries import free_port
+
+    directory.mkdir(parents=True)
+    htpasswd = directory / "htpasswd"
+    _subprocess.run(["htpasswd", "-Bbc", str(htpasswd), "node", USERS["node"]],
+                    check=True, capture_output=True)  # fmt: skip
+    port = free_port()
+    config = {
+        "version": 0.1,
+        "log": {"level": "info", "accesslog": {"disabled": False}},
+        "storage": {"filesystem": {"rootdirectory": str(directory / "storage")}},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": "not-secret"},
+        "auth": {"htpasswd": {"realm": "mirror", "path": str(htpasswd)}},
+        "proxy": {"remoteurl": upstream.url},
+    }
+    (directory / "config.yml").write_text(_json.dumps(config))
+    log_path = directory / "registry.log"
+    with open(log_path, "wb") as sink:
+        process = _subprocess.Popen(["docker-registry", "serve", str(directory / "config.yml")],
+                                    stdout=sink, stderr=_subprocess.STDOUT)  # fmt: skip
+    mirror = RegistryProcess(port, directory, log_path, process, {"node": USERS["node"]})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"{mirror.url}/v2/", timeout=1)
+            return mirror
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    mirror.stop()
+    raise RuntimeError(f"the mirror did not start: {mirror.log()[-2000:]}")
+
+
+def test_nodes_behind_a_rack_mirror_read_the_image_from_the_site_registry_once_or_twice(
+    tmp_path: Path,
+):
+    site = start_registry(tmp_path / "site")  # anonymous: see start_mirror
+    try:
+        mirror = start_mirror(tmp_path / "mirror", site)
+        try:
+            meta, squashfs = make_image(tmp_path, 40, size=4_000_000)
+            ArtifactRegistry(site.url, REPO, None).publish(meta, squashfs)
+            rack = ArtifactRegistry(mirror.url, REPO, ("node", USERS["node"]))
+            for node in range(6):
+                found = rack.metadata(meta.id)
+                assert found == meta
+                cache = NodeCache(tmp_path / f"n{node}")
+                copy = cache.stage(meta.id, rack.squashfs(found), found.sha256, "job")
+                assert copy.read_bytes() == squashfs.read_bytes()
+            # distribution 2.8's proxy fetches a new blob twice (one stream to the client,
+            # one to its storage), then serves it itself: 2 reads, not 6.
+            assert site.blob_gets(f"sha256:{meta.sha256}") <= 2
+            with pytest.raises(ArtifactError, match="HTTP 401"):
+                ArtifactRegistry(mirror.url, REPO, None).metadata(meta.id)  # users: no
+        finally:
+            mirror.stop()
+    finally:
+        site.stop()
+
+
+def test_nodes_use_node_registry_when_set(tmp_path: Path):
+    from shifter_core.config import load
+    from shifter_core.slurm.container import node_artifacts
+
+    config = tmp_path / "shifter.yaml"
+    config.write_text(
+        "artifacts: {registry: 'http://site:5000', node_registry: 'http://rack7-mirror:5000'}\n"
+    )
+    assert node_artifacts(load(str(config))).url == "http://rack7-mirror:5000"
+    config.write_text("artifacts: {registry: 'http://site:5000'}\n")
+    assert node_artifacts(load(str(config))).url == "http://site:5000"
