@@ -361,8 +361,8 @@ class LoopSampler:
 
 
 class RegistryLog:
-    """Bytes of blob GETs the box registries served from now on (``http.response.written``
-    in their logs)."""
+    """Bytes of blob GETs the box's artifact registry served from now on
+    (``http.response.written`` in its log)."""
 
     LINE = re.compile(
         r'http\.request\.method=GET .*?http\.request\.uri="[^"]*/blobs/[^"]*".*?'
@@ -374,7 +374,8 @@ class RegistryLog:
 
     @staticmethod
     def logs() -> list[Path]:
-        return sorted((BOX / "log").glob("registry*.log"))
+        # The artifact registry's (the mirror's and the seeding registry's serve no node).
+        return sorted((BOX / "log").glob("registry-artifacts*.log"))
 
     def written(self) -> int:
         total = 0
