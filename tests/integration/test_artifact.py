@@ -178,7 +178,7 @@ def test_a_registry_that_is_down_fails_at_once(tmp_path: Path):
 
     node = ArtifactRegistry(f"http://127.0.0.1:{free_port()}", REPO, ("node", "x"), timeout=5)
     started = time.monotonic()
-    with pytest.raises(ArtifactError, match="cannot look up image eeeeeeeeeeee at the artifact"):
+    with pytest.raises(ArtifactError, match="cannot reach the artifact registry http://127"):
         node.metadata("e" * 64)
     assert time.monotonic() - started < 5
 
@@ -410,3 +410,45 @@ def test_nodes_use_node_registry_when_set(tmp_path: Path):
     assert node_artifacts(load(str(config))).url == "http://rack7-mirror:5000"
     config.write_text("artifacts: {registry: 'http://site:5000'}\n")
     assert node_artifacts(load(str(config))).url == "http://site:5000"
+
+
+# -- a registry with bearer tokens (auth: token, as Harbor or a cloud registry) ---------------
+
+
+def gateway_pushes_nodes_pull(user: str | None, repository: str, actions: list[str]) -> list[str]:
+    if user == "gateway":
+        return list(actions)
+    return ["pull"] if user == "node" and "pull" in actions else []
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    from tests.fixtures.registries import TokenServer
+
+    directory = tmp_path_factory.mktemp("token-artifacts")
+    server = TokenServer(directory, users=dict(USERS), policy=gateway_pushes_nodes_pull).start()
+    reg = start_registry(directory / "registry", token_server=server)
+    yield reg
+    reg.stop()
+    server.stop()
+
+
+def test_a_token_registry_takes_the_gateways_pushes_and_the_nodes_pulls(
+    token_registry: RegistryProcess, tmp_path: Path
+):
+    meta, squashfs = make_image(tmp_path, 50)
+    gateway = ArtifactRegistry(token_registry.url, REPO, ("gateway", USERS["gateway"]))
+    gateway.publish(meta, squashfs)  # pull then push scopes: a fresh token for each
+    gateway.publish(dataclasses.replace(meta, acl=Acl(users=(1001,), groups=())), squashfs)
+    node = ArtifactRegistry(token_registry.url, REPO, ("node", USERS["node"]))
+    found = node.metadata(meta.id)
+    assert found is not None and found.acl == Acl(users=(1001,), groups=())
+    staged = NodeCache(tmp_path / "cache").stage(meta.id, node.squashfs(found), found.sha256, "j")
+    assert staged.read_bytes() == squashfs.read_bytes()
+    # The nodes' credential reads and never writes; no credential, or a wrong one, reads nothing.
+    with pytest.raises(ArtifactError):
+        node.publish(dataclasses.replace(meta, acl=None), squashfs)
+    for credential in (None, ("node", "wrong")):
+        with pytest.raises(ArtifactError, match="HTTP 401"):
+            ArtifactRegistry(token_registry.url, REPO, credential).metadata(meta.id)
+    assert gateway.withdraw(meta.id) and node.metadata(meta.id) is None

@@ -30,6 +30,7 @@ sets no network timeout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ from urllib.parse import urlsplit
 
 import oras.auth.base
 import oras.auth.basic
+import oras.auth.token
 import oras.container
 import oras.oci
 import oras.provider
@@ -133,6 +135,32 @@ class _SiteCredential(oras.auth.basic.BasicAuth):  # type: ignore[misc]
         return None
 
 
+class _SiteToken(oras.auth.token.TokenAuth):  # type: ignore[misc]
+    """Bearer tokens (a registry with ``auth: token``, Harbor, a cloud registry), fetched
+    from the registry's token service with the site's credential only (never
+    ``~/.docker``). oras keeps one token for every scope and asks again only on a 403;
+    distribution answers 401 to a token of another scope (a pull token for a push), so
+    every challenge gets a fresh token for what it asks."""
+
+    def __init__(self) -> None:
+        oras.auth.base.AuthBackend.__init__(self)
+        self.token: str | None = None
+        self._basic_auth: str | None = None
+
+    def load_configs(self, container: Any, configs: Any = None) -> None:
+        return None
+
+    def authenticate_request(
+        self, original: requests.Response, headers: dict[str, str], refresh: bool = False
+    ) -> tuple[dict[str, str], bool]:
+        result: tuple[dict[str, str], bool] = super().authenticate_request(
+            original, headers, refresh=True
+        )
+        # No token (no or a wrong credential): ask again without one, so that the answer
+        # is the registry's 401, not oras's "cannot respond".
+        return result[0], True
+
+
 class _Registry(oras.provider.Registry):  # type: ignore[misc]
     # One attempt per request (oras retries for about two minutes).
     do_request = oras.provider.Registry.do_request.__wrapped__
@@ -156,17 +184,32 @@ class ArtifactRegistry:
     def host(self) -> str:
         return urlsplit(self.url).netloc
 
+    @functools.cached_property
+    def _bearer(self) -> bool:
+        """Whether the registry asks for bearer tokens (its answer to ``GET /v2/``), else
+        basic auth or none."""
+        try:
+            response = requests.get(f"{self.url}/v2/", timeout=self.timeout)
+        except requests.RequestException as err:
+            raise ArtifactError(
+                f"cannot reach the artifact registry {self.url}: {err}",
+                hint="check that the registry runs and this host reaches it",
+            ) from None
+        return response.headers.get("Www-Authenticate", "").lower().startswith("bearer")
+
     def _client(self) -> oras.provider.Registry:
         secure = urlsplit(self.url).scheme == "https"
         registry = _Registry(hostname=self.host, insecure=not secure, auth_backend="basic")
         registry.session.mount("http://", _Timeout(self.timeout))
         registry.session.mount("https://", _Timeout(self.timeout))
-        auth = _SiteCredential()
+        auth = _SiteToken() if self._bearer else _SiteCredential()
         auth.session, auth.prefix, auth._tls_verify = registry.session, registry.prefix, True
         if self.credential is not None:
             auth.set_basic_auth(*self.credential)
-            # Sent with every request, not after a 401 (oras waits for one: twice the trips).
-            registry.session.auth = self.credential
+            if not self._bearer:
+                # Sent with every request, not after a 401 (oras waits for one: twice the
+                # trips).
+                registry.session.auth = self.credential
         registry.auth = auth
         return registry
 
