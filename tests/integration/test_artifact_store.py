@@ -27,13 +27,16 @@ from .test_slurm_containers import BUSYBOX_TEXT, NODE_CACHE, _private_test_image
 
 pytestmark = pytest.mark.usefixtures("box")
 
-ARTIFACTS_LOG = Path(__file__).resolve().parents[2] / ".box" / "log" / "registry-artifacts.log"
+LOGS = Path(__file__).resolve().parents[2] / ".box" / "log"
+ARTIFACTS_LOG = LOGS / "registry-artifacts.log"  # the registry the gateway publishes to
+TOKEN_FRONT_LOG = LOGS / "registry-artifacts-token.log"  # its storage, as the mirror reads it
+MIRROR_LOG = LOGS / "registry-mirror.log"  # the box's rack mirror
 
 
-def blob_gets(digest: str) -> int:
-    """Blob GETs the artifact registry answered with 200 (its access log)."""
+def blob_gets(digest: str, log: Path = ARTIFACTS_LOG) -> int:
+    """Blob GETs a registry answered with 200 (its access log)."""
     pattern = re.compile(rf'"GET /v2/[^ ]*/blobs/{re.escape(digest)} HTTP/[0-9.]+" 200 ')
-    return len(pattern.findall(ARTIFACTS_LOG.read_text(errors="replace")))
+    return len(pattern.findall(log.read_text(errors="replace")))
 
 
 def write_config(path: Path, text: str) -> None:
@@ -44,12 +47,15 @@ def write_config(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def nodes_read_the_registry(box: Box) -> Iterator[Path]:
+def nodes_read_the_registry(box: Box, through: str = "") -> Iterator[Path]:
     """The box's shifter.yaml as nodes without the store have it (the gateway keeps the
-    configuration it started with); restored afterwards."""
+    configuration it started with), reading ``through`` a mirror if given; restored
+    afterwards."""
     original = box.shifter_config.read_text()
     data = yaml.safe_load(original)
     data.setdefault("slurm", {})["image_source"] = "registry"
+    if through:
+        data.setdefault("artifacts", {})["node_registry"] = through
     nowhere = box.root / "no-store-on-the-nodes"
     data["image_path"] = str(nowhere)
     write_config(box.shifter_config, yaml.safe_dump(data))
@@ -139,3 +145,32 @@ def test_shifter_on_a_node_uses_the_node_cache_copy(box: Box):
         missing = run_as(["srun", "-N1", "-w", "n1", "shifter", "--image=mpich-hello", "true"])
         assert missing.returncode != 0
         assert "is not on this node" in missing.stderr and "srun --image" in missing.stderr
+
+
+def test_a_rack_mirror_serves_the_nodes(box: Box):
+    """Nodes reading the box's rack mirror (artifacts.node_registry): a job on cold nodes
+    makes the mirror fetch the image from the artifact storage (distribution 2.8 does not
+    merge simultaneous fetches: at most once per node, plus one for its own storage); the
+    next job on cold nodes reads nothing from the storage: the mirror serves it."""
+    from .test_pull_on_submit import push_image
+
+    name, marker = push_image()
+    image_id = pull(name)
+    digest = f"sha256:{ImageStore(box.image_path).get(image_id).sha256}"  # type: ignore[union-attr]
+    mirror = f"http://{box.module.MIRROR_ADDR}"
+    with nodes_read_the_registry(box, through=mirror):
+        first = run_as(["srun", "-N3", f"--image={name}", "cat", "/marker"])
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.split("\n")[:3] == [marker] * 3
+        fetched = blob_gets(digest, TOKEN_FRONT_LOG)
+        assert 1 <= fetched <= 4 and blob_gets(digest, ARTIFACTS_LOG) == 0
+        drop_from_node_caches(image_id)
+        served = blob_gets(digest, MIRROR_LOG)
+        again = run_as(["srun", "-N3", f"--image={name}", "cat", "/marker"])
+        assert again.returncode == 0, again.stderr
+        assert blob_gets(digest, MIRROR_LOG) == served + 3  # once per node
+        assert blob_gets(digest, TOKEN_FRONT_LOG) == fetched  # nothing more from storage
+    # The mirror takes the nodes' credential and no other.
+    anonymous = run_as(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                        f"{mirror}/v2/shifter/images/manifests/{image_id}"])  # fmt: skip
+    assert anonymous.stdout == "401"

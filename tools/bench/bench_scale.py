@@ -22,8 +22,13 @@ and measures, per job:
   (``stats.json``) x the image's size; ``mount``: what the loop devices backed by the
   store's file read (``/sys/block/loopN/stat`` read sectors x 512, sampled while the job runs:
   every task sleeps a second after its timestamp, so the epilog detaches them after the last
-  sample); ``registry``: ``http.response.written`` of the blob GETs in the box registries'
-  logs during the job (the loop devices' reads are kept in the JSON for every mode);
+  sample); ``registry``: ``http.response.written`` of the blob GETs in the artifact
+  registry's log during the job; ``mirror`` (registry mode with the nodes reading the box's
+  rack mirror, ``artifacts.node_registry``, emptied before each cold run): the same, of
+  the token front the mirror reads the artifact storage through; ``mirror-hit``: the same
+  with the mirror holding the image already, as for a job on other nodes of the rack (the
+  loop devices' reads
+  are kept in the JSON for every mode);
 - the image gateway's CPU seconds (utime + stime, children included, ``/proc/PID/stat``)
   from submission until the cluster is idle again (epilogs done).
 
@@ -34,7 +39,8 @@ node caches, mounts below the run directory or the node caches, job directories,
 holds, partial copies: there must be none) and PASS/FAIL for the targets: per-node prolog
 CPU of a warm image flat in N (the fitted rise over the N range at most 50 ms or 25% of
 its mean) and <= 0.2 s on every node; store bytes per staged job <= N x image size;
-``registry`` reads about one image size per job (reported, not judged). A mode whose patch
+``registry`` and ``mirror`` bytes per job against the image size (reported, not judged:
+about one image size is the aim with a mirror). A mode whose patch
 the configuration schema refuses, or ``registry`` while the box's shifter.yaml sets no
 ``artifacts.registry`` (the prolog would fail and drain the nodes), is reported as not run.
 Progress goes to stderr, the results as JSON to ``--json``.
@@ -52,6 +58,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +76,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.integration.conftest import load_box_module  # noqa: E402
 from tests.integration.slurm import (  # noqa: E402
     BOX,
     SHIFTER_CONFIG,
@@ -84,6 +92,12 @@ MODES: dict[str, dict[str, Any]] = {
     "stage": {"slurm": {"image_source": "stage"}},  # copied into the node cache, loop-mounted
     "mount": {"slurm": {"image_source": "mount"}},  # loop-mounted straight from the store
     "registry": {"slurm": {"image_source": "registry"}},  # the artifact, into the node cache
+    # the same through the box's rack mirror (a pull-through cache of the artifact storage)
+    "mirror": {"slurm": {"image_source": "registry"},
+               "artifacts": {"node_registry": "http://127.0.0.1:5004"}},
+    # ... and the mirror holds the image already (a job on other nodes of the rack)
+    "mirror-hit": {"slurm": {"image_source": "registry"},
+                   "artifacts": {"node_registry": "http://127.0.0.1:5004"}},
 }
 IMAGES = {"busybox": "busybox", "debian": "debian:bookworm"}  # name in the table: request
 DEBIAN_BUILDER = ROOT / "tools" / "images" / "debian.py"
@@ -193,7 +207,8 @@ def mode_config(base_text: str, mode: str) -> tuple[str | None, str]:
         config = parse(text, str(SHIFTER_CONFIG))
     except Exception as err:
         return None, f"{MODES[mode]} is not a valid configuration here ({err})"
-    if mode == "registry" and not getattr(getattr(config, "artifacts", None), "registry", ""):
+    artifacts = getattr(config, "artifacts", None)
+    if mode.startswith(("registry", "mirror")) and not getattr(artifacts, "registry", ""):
         # the prolog would fail with a NodeFault, and Slurm drain every node
         return None, "the box's shifter.yaml sets no artifacts.registry"
     return text, ""
@@ -240,6 +255,41 @@ def push_debian() -> None:
     )  # fmt: skip
     if result.returncode != 0:
         raise SystemExit(f"{DEBIAN_BUILDER} --push failed:\n{result.stderr[-3000:]}")
+
+
+def empty_the_mirror() -> None:
+    """Restart the box's rack mirror with an empty cache (a cold mirror)."""
+    box = load_box_module()
+    daemon = box.registry_mirror_daemon(box.PATHS)
+    if pid := daemon.pid():
+        box.stop_pids({daemon.name: pid})
+    shutil.rmtree(box.PATHS.mirror, ignore_errors=True)
+    box.PATHS.mirror.mkdir(mode=0o755)
+    box.start_registry(box.PATHS)
+
+
+def prime_the_mirror(image_id: str) -> None:
+    """Read the image once through the rack mirror (as a job on other nodes would have)."""
+    from shifter_core.config import load
+    from shifter_core.image.artifact import ArtifactRegistry, read_credential
+
+    config = load(str(SHIFTER_CONFIG), privileged=True)
+    credential = read_credential(config.artifacts.node_credentials, owner=0)
+    mirror = ArtifactRegistry("http://127.0.0.1:5004", config.artifacts.repository, credential)
+    meta = mirror.metadata(image_id)
+    if meta is not None:
+        with mirror.open_squashfs(meta) as stream:
+            while stream.read(1 << 20):
+                pass
+    # The mirror stores what it fetched in the background: wait until the artifact storage
+    # has served it (its logs stop growing), so that the job's count starts after that.
+    sizes: list[int] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        sizes.append(sum(p.stat().st_size for p in RegistryLog.logs()))
+        if len(sizes) > 4 and len(set(sizes[-4:])) == 1:
+            break
+        time.sleep(0.25)
 
 
 def evict_page_cache(path: Path) -> None:
@@ -374,7 +424,8 @@ class RegistryLog:
 
     @staticmethod
     def logs() -> list[Path]:
-        # The artifact registry's (the mirror's and the seeding registry's serve no node).
+        # The artifact storage's two fronts: the registry the nodes read in registry mode,
+        # the token front the rack mirror reads in mirror mode (not the mirror's own log).
         return sorted((BOX / "log").glob("registry-artifacts*.log"))
 
     def written(self) -> int:
@@ -552,6 +603,8 @@ def run_job(
             "stage": run.copies * size,
             "mount": run.loop_store_bytes,
             "registry": run.registry_bytes,
+            "mirror": run.registry_bytes,
+            "mirror-hit": run.registry_bytes,
         }.get(run.mode)
     for _ in range(10):  # the last epilog's detach may still be on its way
         run.leftovers = leftovers(nodes, caches)
@@ -642,16 +695,17 @@ def print_table(rows: list[Row], warm: int, baseline: int) -> None:
           "and max over the nodes\nprocs CPU: the prolog and epilog processes per node, "
           "whole (Slurm, Python's start, the plugin; slurmd's cutime+cstime), median\n"
           "store/job: bytes read from the image store per job (stage: node-cache copies x "
-          "image size; mount: loop-device reads; registry: blob bytes served)\n"
+          "image size; mount: loop-device reads; registry, mirror: blob bytes the artifact "
+          "storage served)\n"
           "gw CPU: the gateway's CPU seconds over the job")  # fmt: skip
-    header = (f"{'N':>3} {'image':<7} {'mode':<8} {'run':<4} {'start med':>9} {'start max':>9} "
+    header = (f"{'N':>3} {'image':<7} {'mode':<10} {'run':<4} {'start med':>9} {'start max':>9} "
               f"{'prolog CPU':>10} {'max':>7} {'procs CPU':>9} {'store/job':>10} "
               f"{'(N x img)':>10} {'gw CPU':>7}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
-            f"{row.nodes:>3} {row.image:<7} {row.mode:<8} {row.kind:<4} "
+            f"{row.nodes:>3} {row.image:<7} {row.mode:<10} {row.kind:<4} "
             f"{fmt(row.start_median, ' s'):>9} {fmt(row.start_max, ' s'):>9} "
             f"{fmt(row.cpu_median, ' s', 3):>10} {fmt(row.cpu_max, ' s', 3):>7} "
             f"{fmt(row.procs_cpu, ' s'):>9} {fmt_bytes(row.store_bytes):>10} "
@@ -690,7 +744,7 @@ def growth(rows: list[Row]) -> dict[str, dict[str, float | None]]:
         result[f"{image}/{mode}/{kind}"] = slopes
         store = slopes["store bytes/job"]
         print(
-            f"  {image:<7} {mode:<8} {kind:<4} start med {fmt_ms(slopes['start median'])}, "
+            f"  {image:<7} {mode:<10} {kind:<4} start med {fmt_ms(slopes['start median'])}, "
             f"start max {fmt_ms(slopes['start max'])}, prolog CPU "
             f"{fmt_ms(slopes['prolog CPU/node'])}, procs CPU {fmt_ms(slopes['procs CPU/node'])}"
             f", store {fmt_bytes(store)}/node, "
@@ -738,12 +792,12 @@ def targets(rows: list[Row]) -> list[dict[str, Any]]:
                            "bytes": row.store_bytes, "limit": limit, "pass": ok})  # fmt: skip
             print(f"  {'PASS' if ok else 'FAIL'} store bytes, stage, N={row.nodes} {row.image} "
                   f"{row.kind}: {fmt_bytes(row.store_bytes)} <= {fmt_bytes(limit)}")
-        if row.mode == "registry" and row.store_bytes is not None:
+        if row.mode.startswith(("registry", "mirror")) and row.store_bytes is not None:
             ratio = row.store_bytes / row.image_bytes if row.image_bytes else math.nan
             checks.append({"target": "registry bytes per job about one image size",
                            "nodes": row.nodes, "image": row.image, "kind": row.kind,
                            "bytes": row.store_bytes, "ratio": ratio, "pass": None})  # fmt: skip
-            print(f"  INFO registry bytes, N={row.nodes} {row.image} {row.kind}: "
+            print(f"  INFO {row.mode} bytes, N={row.nodes} {row.image} {row.kind}: "
                   f"{fmt_bytes(row.store_bytes)} = {ratio:.2f} x image size (target ~1)")
     return checks
 
@@ -800,6 +854,10 @@ def sweep_size(
                         for cache in caches:
                             (cache / f"{ids[image]}.squashfs").unlink(missing_ok=True)
                         evict_page_cache(stores[image])
+                        if mode == "mirror":
+                            empty_the_mirror()
+                        elif mode == "mirror-hit":
+                            prime_the_mirror(ids[image])
                     run = run_job(Run(nodes, image, mode, kind), IMAGES[image], ids[image],
                                   stores[image], names, caches)  # fmt: skip
                     runs.append(run)
@@ -812,7 +870,7 @@ def sweep_size(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="3,8,16,32", help="node counts (default 3,8,16,32)")
-    parser.add_argument("--modes", default="stage,mount,registry",
+    parser.add_argument("--modes", default="stage,mount,registry,mirror,mirror-hit",
                         help=f"store modes, of {', '.join(MODES)} (default all)")  # fmt: skip
     parser.add_argument("--images", default="busybox,debian",
                         help=f"images, of {', '.join(IMAGES)} (default both)")  # fmt: skip

@@ -101,6 +101,9 @@ REGISTRY_ADDR = "127.0.0.1:5000"  # the docker.io mirror: read-only, pulls by an
 REGISTRY_PUSH_ADDR = "127.0.0.1:5001"  # the same storage: pushes with the box's credentials
 REGISTRY_PUSH_USER = "box-seed"
 ARTIFACTS_ADDR = "127.0.0.1:5002"  # the artifact registry (htpasswd: the gateway, the nodes)
+TOKEN_SERVICE_ADDR = "127.0.0.1:5003"  # tokens for the artifact storage's token front
+ARTIFACTS_TOKEN_ADDR = "127.0.0.1:5005"  # the same storage, read with tokens (the mirror)
+MIRROR_ADDR = "127.0.0.1:5004"  # a rack's pull-through mirror of the artifacts (nodes)
 ARTIFACT_USERS = ("gateway", "node")
 USERS = ("alice", "bob")
 GROUP = "science"
@@ -214,6 +217,28 @@ class BoxPaths:
     def artifacts_htpasswd(self) -> Path:
         return self.etc / "registry-artifacts.htpasswd"
 
+    @property
+    def artifacts_token_yml(self) -> Path:
+        return self.etc / "registry-artifacts-token.yml"
+
+    @property
+    def mirror_yml(self) -> Path:
+        """The rack mirror's configuration: it holds the nodes' password (root's only)."""
+        return self.etc / "registry-mirror.yml"
+
+    @property
+    def mirror(self) -> Path:
+        """The rack mirror's cache."""
+        return self.root / "mirror"
+
+    @property
+    def token_cert(self) -> Path:
+        return self.etc / "token-service.crt"
+
+    @property
+    def token_key(self) -> Path:
+        return self.etc / "token-service.key"
+
     def artifact_credential(self, user: str) -> Path:
         """USER:PASSWORD for the artifact registry (the gateway's or the nodes')."""
         return self.etc / f"artifacts-{user}.credential"
@@ -237,6 +262,7 @@ class BoxPaths:
             self.run,
             self.registry,
             self.artifacts,
+            self.mirror,
             self.images,
             self.cache,
             self.gateway,
@@ -383,6 +409,37 @@ def registry_artifacts_daemon(paths: BoxPaths = PATHS) -> Daemon:
         paths.run / "registry-artifacts.pid",
         (str(paths.artifacts_yml),),
     )
+
+
+def token_service_daemon(paths: BoxPaths = PATHS) -> Daemon:
+    script = str(CHECKOUT / "tools" / "box" / "token_service.py")
+    return Daemon("token-service", "python", paths.run / "token-service.pid", (script,))
+
+
+def registry_artifacts_token_daemon(paths: BoxPaths = PATHS) -> Daemon:
+    return Daemon(
+        "registry-artifacts-token",
+        "docker-registry",
+        paths.run / "registry-artifacts-token.pid",
+        (str(paths.artifacts_token_yml),),
+    )
+
+
+def registry_mirror_daemon(paths: BoxPaths = PATHS) -> Daemon:
+    return Daemon(
+        "registry-mirror", "docker-registry", paths.run / "registry-mirror.pid",
+        (str(paths.mirror_yml),),
+    )  # fmt: skip
+
+
+def artifact_daemons(paths: BoxPaths = PATHS) -> list[Daemon]:
+    """The artifact registry, its token service and token front, and the rack mirror."""
+    return [
+        registry_artifacts_daemon(paths),
+        token_service_daemon(paths),
+        registry_artifacts_token_daemon(paths),
+        registry_mirror_daemon(paths),
+    ]
 
 
 def gateway_daemon(paths: BoxPaths = PATHS) -> Daemon:
@@ -558,6 +615,7 @@ def rendered_configs(paths: BoxPaths, *, plugin: bool) -> dict[str, str]:
         "registry.yml": render("registry.yml.in", **values),
         "registry-push.yml": render("registry-push.yml.in", **values),
         "registry-artifacts.yml": render("registry-artifacts.yml.in", **values),
+        "registry-artifacts-token.yml": render("registry-artifacts-token.yml.in", **values),
         "policy.json": json.dumps({"default": [{"type": "insecureAcceptAnything"}]}) + "\n",
     }
 
@@ -1005,6 +1063,89 @@ def registry_artifacts_ok(paths: BoxPaths = PATHS) -> bool:
         return False
 
 
+def ensure_token_key_pair(paths: BoxPaths) -> bool:
+    """The token service's signing key (root's) and certificate (the token front trusts
+    it), made once; True when they were made."""
+    if paths.token_key.exists() and paths.token_cert.exists():
+        return False
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+         "-subj", "/CN=shifter-box-token-service", "-keyout", str(paths.token_key),
+         "-out", str(paths.token_cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    paths.token_key.chmod(0o600)
+    log.info("made the token service's key pair (%s)", paths.token_cert)
+    return True
+
+
+def start_token_service(paths: BoxPaths, restart: bool) -> None:
+    daemon = token_service_daemon(paths)
+    pid = daemon.pid()
+    if pid and not restart and token_front_ok(TOKEN_SERVICE_ADDR, path="/token"):
+        log.info("token-service is running (pid %d)", pid)
+        return
+    if pid:
+        stop_pids({daemon.name: pid})
+    logfile = paths.log / "token-service.log"
+    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
+    port = TOKEN_SERVICE_ADDR.rpartition(":")[2]
+    with logfile.open("ab") as sink:
+        proc = subprocess.Popen(
+            [str(python), str(CHECKOUT / "tools" / "box" / "token_service.py"), "--port", port,
+             "--cert", str(paths.token_cert), "--key", str(paths.token_key),
+             "--credential", str(paths.artifact_credential("node"))],
+            stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, cwd=paths.root,
+            env={"PATH": DAEMON_PATH, "LANG": "C.UTF-8"}, start_new_session=True,
+        )  # fmt: skip
+    daemon.pidfile.write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 20
+    while not token_front_ok(TOKEN_SERVICE_ADDR, path="/token"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BoxError(f"the token service does not answer\n{tail(logfile)}")
+        time.sleep(0.1)
+    log.info("token-service is up (pid %d)", proc.pid)
+
+
+def token_front_ok(addr: str, path: str = "/v2/") -> bool:
+    """Something answers HTTP on ``addr`` (a 401 is an answer)."""
+    try:
+        http_get(f"http://{addr}{path}")
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def mirror_config(paths: BoxPaths) -> str:
+    """The rack mirror: a pull-through cache of the token front, which it reads with the
+    nodes' credential; it takes the artifact registry's users (htpasswd) itself."""
+    user, password = artifact_credential(paths, "node")
+    return _yaml_dump({
+        "version": 0.1,
+        "log": {"level": "info", "accesslog": {"disabled": False}},
+        "storage": {"filesystem": {"rootdirectory": str(paths.mirror)},
+                    "delete": {"enabled": True}},
+        "http": {"addr": MIRROR_ADDR, "secret": "box-not-secret"},
+        "auth": {"htpasswd": {"realm": "shifter-box-mirror",
+                              "path": str(paths.artifacts_htpasswd)}},
+        "proxy": {"remoteurl": f"http://{ARTIFACTS_TOKEN_ADDR}", "username": user,
+                  "password": password},
+    })  # fmt: skip
+
+
+def registry_mirror_ok(paths: BoxPaths = PATHS) -> bool:
+    """The rack mirror answers and takes the nodes' credential."""
+    try:
+        user, password = artifact_credential(paths, "node")
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        url = f"http://{MIRROR_ADDR}/v2/"
+        return http_get(url, headers={"Authorization": f"Basic {basic}"})[0] == 200
+    except (OSError, ValueError):
+        return False
+
+
 def registry_ok() -> bool:
     """The read-only mirror answers."""
     try:
@@ -1053,6 +1194,31 @@ def start_registry(paths: BoxPaths, changed: Iterable[str] = ()) -> None:
         ARTIFACTS_ADDR,
         lambda: registry_artifacts_ok(paths),
         restart="registry-artifacts.yml" in changed or new_artifact_credentials,
+    )
+    new_key_pair = ensure_token_key_pair(paths)
+    start_token_service(paths, restart=new_key_pair or new_artifact_credentials)
+    _start_registry_daemon(
+        paths,
+        registry_artifacts_token_daemon(paths),
+        paths.artifacts_token_yml,
+        ARTIFACTS_TOKEN_ADDR,
+        lambda: token_front_ok(ARTIFACTS_TOKEN_ADDR),
+        restart="registry-artifacts-token.yml" in changed or new_key_pair,
+    )
+    text = mirror_config(paths)
+    try:
+        mirror_changed = paths.mirror_yml.read_text() != text
+    except OSError:
+        mirror_changed = True
+    if mirror_changed:
+        _write_secret(paths.mirror_yml, text)
+    _start_registry_daemon(
+        paths,
+        registry_mirror_daemon(paths),
+        paths.mirror_yml,
+        MIRROR_ADDR,
+        lambda: registry_mirror_ok(paths),
+        restart=mirror_changed,
     )
 
 
@@ -1412,9 +1578,9 @@ def down(paths: BoxPaths = PATHS) -> None:
     stop_pids(stray)
     stopped += stray.values()
     reg, push = registry_daemon(paths), registry_push_daemon(paths)
-    artifacts = registry_artifacts_daemon(paths)
+    artifacts = artifact_daemons(paths)
     gateway = gateway_daemon(paths)
-    for daemon in (gateway, slurmctld_daemon(paths), reg, push, artifacts):
+    for daemon in (gateway, slurmctld_daemon(paths), reg, push, *artifacts):
         if pid := daemon.pid():
             stop_pids({daemon.name: pid})
             stopped.append(pid)
@@ -1423,7 +1589,7 @@ def down(paths: BoxPaths = PATHS) -> None:
         unmount_all(root)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     detach_loops(paths.root)
-    for d in (*slurm_daemons(paths), reg, push, artifacts, gateway):
+    for d in (*slurm_daemons(paths), reg, push, *artifacts, gateway):
         d.pidfile.unlink(missing_ok=True)
     wait_reaped(stopped)
     remove_node_names()
@@ -1448,7 +1614,7 @@ def leftovers(paths: BoxPaths) -> list[str]:
             *slurm_daemons(paths),
             registry_daemon(paths),
             registry_push_daemon(paths),
-            registry_artifacts_daemon(paths),
+            *artifact_daemons(paths),
             gateway_daemon(paths),
         )
         if (pid := d.pid())
@@ -1500,13 +1666,15 @@ def is_up(paths: BoxPaths = PATHS) -> bool:
         *slurm_daemons(paths),
         registry_daemon(paths),
         registry_push_daemon(paths),
-        registry_artifacts_daemon(paths),
+        *artifact_daemons(paths),
         munged_daemon(),
         gateway_daemon(paths),
     ]
     if not all(d.pid() for d in daemons) or not configs_current(paths):
         return False
     if not registry_ok() or not registry_push_ok(paths) or not registry_artifacts_ok(paths):
+        return False
+    if not registry_mirror_ok(paths):
         return False
     if not gateway_ok():
         return False
@@ -1521,7 +1689,7 @@ def status(paths: BoxPaths = PATHS) -> int:
         *slurm_daemons(paths),
         registry_daemon(paths),
         registry_push_daemon(paths),
-        registry_artifacts_daemon(paths),
+        *artifact_daemons(paths),
         gateway_daemon(paths),
     ]
     ok = True
