@@ -22,6 +22,11 @@ the site's artifact registry (``artifacts.registry`` in shifter.yaml): the gatew
 every image there as an OCI artifact with its credential (``etc/artifacts-gateway.credential``,
 the service user's alone) and the nodes read it with theirs (``etc/artifacts-node.credential``,
 root's alone) when ``slurm.image_source`` is ``registry``. Users have no credential for it.
+A rack's pull-through mirror of it runs on 127.0.0.1:5004 (``artifacts.node_registry``
+points nodes at it; it takes the nodes' credential). Distribution 2.8's proxy can
+authenticate to its upstream with tokens only, so the mirror reads the artifact storage
+through a token front, 127.0.0.1:5005, whose token service (``tools/box/token_service.py``,
+127.0.0.1:5003) grants the nodes' credential pull and nothing else.
 
 The registry is the box's docker.io mirror, and a mirror is trusted (it serves tags): users
 only pull from it. It serves ``registry/`` read-only on 127.0.0.1:5000, to anyone; the box
