@@ -37,7 +37,8 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -63,6 +64,9 @@ CONFIG_MEDIA_TYPE = "application/vnd.shifter.image.config.v1+json"
 SQUASHFS_MEDIA_TYPE = "application/vnd.shifter.image.squashfs.v1"
 MAX_MANIFEST = 64 << 10
 CHUNK = 1 << 20
+# A registry's or mirror's passing 5xx (distribution 2.8's proxy answers some simultaneous
+# first fetches of a blob with 500) is asked again after these pauses; nothing else is.
+RETRY_PAUSES = (0.2, 0.5, 1.0)
 
 
 class ArtifactError(ShifterError):
@@ -310,10 +314,10 @@ class ArtifactRegistry:
         registry = self._client()
         container = self._container(image_id)
         with self._talking(f"look up image {image_id[:12]}"):
-            response = registry.do_request(
+            response = _again_on_5xx(lambda: registry.do_request(
                 f"{registry.prefix}://{container.manifest_url()}", "GET",
                 headers={"Accept": MANIFEST_MEDIA_TYPE},
-            )  # fmt: skip
+            ))  # fmt: skip
             if response.status_code == 404:
                 return None
             self._check(response, f"look up image {image_id[:12]}")
@@ -321,7 +325,10 @@ class ArtifactRegistry:
             config, layer = manifest["config"], manifest["layers"][0]
             if config["size"] > MAX_METADATA_TEXT:
                 raise self._damaged(image_id, "its record is too large")
-            blob = self._check(registry.get_blob(container, config["digest"]), "read a record")
+            blob = self._check(
+                _again_on_5xx(lambda: registry.get_blob(container, config["digest"])),
+                "read a record",
+            )
         text = blob.content
         if len(text) != config["size"] or _sha256(text) != config["digest"]:
             raise self._damaged(image_id, "its record does not match its digest")
@@ -345,7 +352,9 @@ class ArtifactRegistry:
         registry = self._client()
         container = self._container(meta.id)
         with self._talking(f"read the squashfs of image {meta.id[:12]}"):
-            response = registry.get_blob(container, f"sha256:{meta.sha256}", stream=True)
+            response = _again_on_5xx(
+                lambda: registry.get_blob(container, f"sha256:{meta.sha256}", stream=True)
+            )
             self._check(response, f"read the squashfs of image {meta.id[:12]}")
         try:
             response.raw.decode_content = True
@@ -403,6 +412,19 @@ class ArtifactBlob:
 
     def open(self) -> contextlib.AbstractContextManager[IO[bytes]]:
         return self.registry.open_squashfs(self.meta)
+
+
+def _again_on_5xx(request: Callable[[], requests.Response]) -> requests.Response:
+    """``request()``, made again after each of :data:`RETRY_PAUSES` while it answers 5xx."""
+    response = request()
+    for pause in RETRY_PAUSES:
+        if response.status_code < 500:
+            break
+        log.info("the artifact registry answered %d; asking again", response.status_code)
+        response.close()
+        time.sleep(pause)
+        response = request()
+    return response
 
 
 def _sha256(data: bytes) -> str:
